@@ -29,21 +29,29 @@ _DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
+def _show(value: object) -> str:
+    """A bad value as it appears in an error, shortened."""
+    text = value if isinstance(value, str) else repr(value)
+    if isinstance(value, str):
+        text = '"' + value + '"'
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def parse_duration(value: object) -> float:
     """``"1h30m"``, ``"200ms"``, ``"30s"`` or a number of seconds -> seconds."""
     if isinstance(value, bool):
-        raise ValueError(f"{value!r} is not a duration")
+        raise ValueError(f"{_show(value)} is not a duration")
     if isinstance(value, int | float):
         if value < 0:
-            raise ValueError(f"{value!r} is negative")
+            raise ValueError(f"{_show(value)} is negative")
         return float(value)
     if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{value!r} is not a duration (use 200ms, 30s, 5m, 1h)")
+        raise ValueError(f"{_show(value)} is not a duration (use 200ms, 30s, 5m, 1h)")
     text, total = value.strip(), 0.0
     while text:
         m = _DURATION_RE.match(text)
         if not m:
-            raise ValueError(f"{value!r} is not a duration (use 200ms, 30s, 5m, 1h)")
+            raise ValueError(f"{_show(value)} is not a duration (use 200ms, 30s, 5m, 1h)")
         total += float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
         text = text[m.end() :]
     return total
@@ -56,13 +64,13 @@ def parse_signal(value: object) -> signal.Signals:
     try:
         return signal.Signals[name]
     except KeyError:
-        raise ValueError(f"{value!r} is not a signal name") from None
+        raise ValueError(f"{_show(value)} is not a signal name") from None
 
 
 def parse_mode(value: object) -> int:
     text = str(value) if not isinstance(value, int) else f"{value:o}"
     if not re.fullmatch(r"0?[0-7]{3,4}", text):
-        raise ValueError(f"{value!r} is not an octal mode")
+        raise ValueError(f"{_show(value)} is not an octal mode")
     return int(text, 8)
 
 
@@ -170,6 +178,11 @@ class Config:
     proxy: Mapping[str, Any] | None = None  # validated by the proxy package
     source_path: Path | None = None
 
+    @property
+    def base_dir(self) -> Path:
+        """Relative paths in the config are relative to the config file's directory."""
+        return self.source_path.parent if self.source_path else Path.cwd()
+
     def needs_vault(self) -> bool:
         return any(s.kind != "file" for s in self.secrets.values())
 
@@ -183,14 +196,6 @@ class _Problems:
 
     def add(self, path: str, message: str) -> None:
         self.items.append(f"{path}: {message}" if path else message)
-
-
-def _show(value: object) -> str:
-    """A bad value as it appears in an error, shortened."""
-    text = value if isinstance(value, str) else repr(value)
-    if isinstance(value, str):
-        text = '"' + value + '"'
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 class _Section:
@@ -207,7 +212,9 @@ class _Section:
         self.raw = raw
         for key in raw:
             if key not in known:
-                problems.add(self.key(str(key)), f"unknown key (expected one of: {', '.join(known)})")
+                problems.add(
+                    self.key(str(key)), f"unknown key (expected one of: {', '.join(known)})"
+                )
 
     def key(self, name: str) -> str:
         return f"{self.path}.{name}" if self.path else name
@@ -279,7 +286,7 @@ def _str_map(value: object) -> Mapping[str, str]:
     return {str(k): str(v) for k, v in value.items()}
 
 
-def _any_map(value: object) -> Mapping[str, Any]:
+def _any_map(value: Any) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
         raise ValueError("must be a mapping")
     return dict(value)
@@ -332,7 +339,9 @@ def _auth(problems: _Problems, raw: object, env: Mapping[str, str], base: Path) 
 
     method = s.get("method", _str, "token")
     if method not in AUTH_METHODS:
-        problems.add("vault.auth.method", f"{_show(method)} is not one of {', '.join(AUTH_METHODS)}")
+        problems.add(
+            "vault.auth.method", f"{_show(method)} is not one of {', '.join(AUTH_METHODS)}"
+        )
     auth = AuthConfig(
         method=method,
         token=s.get("token", _str, None, secret=True),
@@ -405,7 +414,7 @@ def _secret(problems: _Problems, name: str, raw: object, base: Path) -> SecretCo
     where = s.required("path", _str, "")
     if kind == "file" and where:
         where = str(base / where)
-    params = s.get("params", _any_map, {})
+    params: Mapping[str, Any] = s.get("params", _any_map, {})
     if kind == "pki" and "common_name" not in params:
         problems.add(f"{path}.params.common_name", "is required for a pki secret")
     return SecretConfig(

@@ -9,8 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from pathlib import Path
+
+from agent.config import TemplateConfig
+from agent.errors import RenderError
+
+MEMORY_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
+MOUNTINFO = Path("/proc/self/mountinfo")
 
 
 def atomic_write(
@@ -55,3 +62,73 @@ def _fsync_dir(directory: Path) -> None:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+
+def write_destination(cfg: TemplateConfig, data: bytes) -> bool:
+    """Write a template's output to its destination with its perms/uid/gid, refusing a
+    disk-backed destination unless ``allow_disk``. Returns whether the file changed."""
+    if not cfg.allow_disk:
+        check_memory_backed(cfg.destination)
+    try:
+        return atomic_write(cfg.destination, data, mode=cfg.perms, uid=cfg.uid, gid=cfg.gid)
+    except OSError as exc:
+        raise RenderError(
+            f"template {cfg.name}: cannot write {cfg.destination}: {exc.strerror or exc}"
+        ) from None
+
+
+def check_memory_backed(path: Path) -> None:
+    """Raise RenderError unless ``path``'s directory is on tmpfs or ramfs.
+
+    Secrets written to a disk-backed filesystem survive the pod and land in backups.
+    The mount is the longest mount point that prefixes the resolved directory.
+    """
+    directory = path.parent.resolve()
+    try:
+        mounts = parse_mountinfo(MOUNTINFO.read_text())
+    except OSError as exc:
+        raise RenderError(
+            f"{path}: cannot tell whether it is memory-backed ({MOUNTINFO}: {exc.strerror}); "
+            "set allow_disk: true on the template to write it anyway"
+        ) from None
+    found = mount_of(directory, mounts)
+    if found is None:
+        raise RenderError(
+            f"{path}: no mount found for {directory}; set allow_disk: true to write it anyway"
+        )
+    mount_point, fstype = found
+    if fstype not in MEMORY_FILESYSTEMS:
+        raise RenderError(
+            f"{path}: refusing to write a secret to {directory}, which is on {fstype} "
+            f"(mounted at {mount_point}), not memory-backed (tmpfs/ramfs). Use an in-memory "
+            "volume (emptyDir medium: Memory, /dev/shm) or set allow_disk: true on the "
+            "template to override"
+        )
+
+
+def parse_mountinfo(text: str) -> list[tuple[str, str]]:
+    """(mount point, filesystem type) per line of /proc/<pid>/mountinfo, in order."""
+    mounts = []
+    for line in text.splitlines():
+        left, sep, right = line.partition(" - ")
+        fields = left.split()
+        if not sep or len(fields) < 5 or not right.split():
+            continue
+        mounts.append((_unescape(fields[4]), right.split()[0]))
+    return mounts
+
+
+def mount_of(directory: Path, mounts: list[tuple[str, str]]) -> tuple[str, str] | None:
+    """The mount holding ``directory``: longest prefix; among equal ones the last (on top)."""
+    best: tuple[str, str] | None = None
+    text = str(directory)
+    for point, fstype in mounts:
+        inside = point == "/" or text == point or text.startswith(point.rstrip("/") + "/")
+        if inside and (best is None or len(point) >= len(best[0])):
+            best = (point, fstype)
+    return best
+
+
+def _unescape(field: str) -> str:
+    # the kernel writes space, tab, newline and backslash as \ooo octal escapes
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)

@@ -41,7 +41,7 @@ def _wait_until(check: Any, timeout: float, what: str) -> None:
         try:
             if check():
                 return
-        except Exception as exc:  # noqa: BLE001 - any failure means "not yet"
+        except Exception as exc:  # any failure means "not yet"
             last = exc
         time.sleep(0.05)
     raise TimeoutError(f"{what} did not become ready within {timeout}s (last error: {last})")
@@ -270,7 +270,9 @@ class PostgresCluster:
         self.stop()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def dsn(self, user: str | None = None, password: str | None = None, db: str = "postgres") -> str:
+    def dsn(
+        self, user: str | None = None, password: str | None = None, db: str = "postgres"
+    ) -> str:
         from urllib.parse import quote
 
         user = user or self.superuser
@@ -336,7 +338,8 @@ def configure_database_engine(
         name=role,
         db_name="pg",
         creation_statements=[
-            "CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';",
+            "CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' "
+            "VALID UNTIL '{{expiration}}';",
             'GRANT pg_read_all_data TO "{{name}}";',
         ],
         revocation_statements=[
@@ -356,3 +359,120 @@ def leases_under(bao: OpenBaoServer, prefix: str) -> list[str]:
         keys = client.sys.list_leases(prefix)["data"]["keys"]
         return [prefix + k for k in keys]
     return []
+
+
+class FaultRelay:
+    """A TCP relay in front of a server that a test can cut and restore.
+
+    ``cut()`` drops every open connection and refuses new ones (connection refused,
+    as if the server had gone away); ``restore()`` accepts again. Runs in a thread so
+    it works the same for sync and async tests.
+    """
+
+    def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
+        import threading
+
+        self.target = (target_host, target_port)
+        self.port = free_port()
+        self._lock = threading.Lock()
+        self._conns: set[socket.socket] = set()
+        self._listener: socket.socket | None = None
+        self._closed = False
+        self.restore()
+
+    @property
+    def address(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def restore(self) -> None:
+        import threading
+
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def cut(self) -> None:
+        with self._lock:
+            listener, self._listener = self._listener, None
+            conns, self._conns = self._conns, set()
+        if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
+            listener.close()
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            conn.close()
+
+    def close(self) -> None:
+        self.cut()
+
+    def _accept(self, listener: socket.socket) -> None:
+        import threading
+
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                if self._listener is not listener:
+                    client.close()
+                    upstream.close()
+                    return
+                self._conns.update((client, upstream))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
+
+
+class SecretAudit:
+    """Collects every secret value the tests create and every log they capture.
+
+    ``leaks()`` returns (secret fingerprint, log file) pairs where a secret appears
+    in a log; the test session fails when there is any.
+    """
+
+    def __init__(self) -> None:
+        self.secrets: set[str] = set()
+        self.logs: list[Path] = []
+
+    def secret(self, value: object) -> None:
+        text = str(value)
+        if len(text) >= 6:  # shorter strings match by accident (and are no real secrets)
+            self.secrets.add(text)
+
+    def log(self, path: Path) -> None:
+        self.logs.append(path)
+
+    def leaks(self) -> list[tuple[str, str]]:
+        found = []
+        for path in self.logs:
+            try:
+                text = path.read_text(errors="replace")
+            except FileNotFoundError:
+                continue
+            for secret in self.secrets:
+                if secret in text:
+                    found.append((secret[:3] + "...", str(path)))
+        return found
+
+
+AUDIT = SecretAudit()

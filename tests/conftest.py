@@ -1,15 +1,48 @@
 """Session-wide real servers: one OpenBao dev server and one PostgreSQL cluster.
 
 Tests that need isolation from each other use their own mounts, roles or
-databases on these servers rather than mocks.
+databases on these servers rather than mocks. Every log line of the session (in
+process and from agent subprocesses) is checked at the end for every secret value
+the tests created.
 """
 
 from __future__ import annotations
 
+import logging
+import shutil
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
-from devservers import OpenBaoServer, PostgresCluster
+from devservers import AUDIT, ROOT_TOKEN, OpenBaoServer, PostgresCluster, SecretAudit
+
+
+@pytest.fixture(scope="session", autouse=True)
+def secret_audit() -> Iterator[SecretAudit]:
+    from agent.logs import JsonFormatter
+
+    path = Path(tempfile.mkdtemp(prefix="credsidecar-logs-")) / "in-process.log"
+    handler = logging.FileHandler(path)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)  # every event the agent code logs in process is audited
+    AUDIT.log(path)
+    AUDIT.secret(ROOT_TOKEN)
+    yield AUDIT
+    root.removeHandler(handler)
+    handler.close()
+    leaks = AUDIT.leaks()
+    assert not leaks, f"secret values found in logs: {leaks}"
+
+
+@pytest.fixture
+def shm() -> Iterator[Path]:
+    """A memory-backed directory for rendered files, removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix="credsidecar-test-", dir="/dev/shm"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -22,5 +55,6 @@ def openbao() -> Iterator[OpenBaoServer]:
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[PostgresCluster]:
     cluster = PostgresCluster().start()
+    AUDIT.secret(cluster.password)
     yield cluster
     cluster.remove()

@@ -1,0 +1,5 @@
+"""``python -m agent`` is ``credsidecar``."""
+
+from agent.cli import main
+
+main()

@@ -1,0 +1,154 @@
+"""The lease ledger on the state dir, so a restarted agent adopts its leases.
+
+One JSON file per secret (``<name>.json``) and one list of replaced leases still to
+revoke (``retired-leases.json``; the dash keeps it apart from secret names, which
+are identifiers). Files are ``0600`` in a ``0700`` directory: they hold the
+credential itself, because Vault cannot hand a dynamic password out twice. A
+corrupt file is logged and ignored; the worst case is one extra lease.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.files import atomic_write
+from agent.logs import event
+from agent.secret import SecretValue
+
+RETIRED_FILE = "retired-leases.json"
+
+
+@dataclass(frozen=True)
+class Entry:
+    value: SecretValue
+    # expiry of the token that created the lease, as last known: Vault revokes the
+    # lease with that token, so an adopted lease must be replaced before it
+    token_expires_at: float | None = None
+    # accessor (not the token) of that token: a restart with the same token renews it
+    token_accessor: str | None = None
+
+
+class Ledger:
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = Path(state_dir)
+
+    # ------------------------------------------------------------------ secrets
+
+    def load(self, name: str) -> SecretValue | None:
+        entry = self.load_entry(name)
+        return entry.value if entry else None
+
+    def load_entry(self, name: str) -> Entry | None:
+        raw = self._read(self._path(name))
+        if raw is None:
+            return None
+        try:
+            value = SecretValue(
+                name=str(raw["name"]),
+                data=dict(raw["data"]),
+                version=str(raw["version"]),
+                issued_at=float(raw["issued_at"]),
+                expires_at=_opt_float(raw.get("expires_at")),
+                lease_id=raw.get("lease_id"),
+                lease_duration=_opt_float(raw.get("lease_duration")),
+                renewable=bool(raw.get("renewable", False)),
+            )
+            token_expires_at = _opt_float(raw.get("token_expires_at"))
+            accessor = raw.get("token_accessor")
+        except (KeyError, TypeError, ValueError) as exc:
+            event("ledger_corrupt", logging.WARNING, file=self._path(name).name, error=repr(exc))
+            return None
+        if value.name != name:
+            event("ledger_corrupt", logging.WARNING, file=self._path(name).name, error="name")
+            return None
+        return Entry(value, token_expires_at, accessor if isinstance(accessor, str) else None)
+
+    def save(
+        self,
+        value: SecretValue,
+        *,
+        token_expires_at: float | None = None,
+        token_accessor: str | None = None,
+    ) -> None:
+        record = {
+            "name": value.name,
+            "data": dict(value.data),
+            "version": value.version,
+            "issued_at": value.issued_at,
+            "expires_at": value.expires_at,
+            "lease_id": value.lease_id,
+            "lease_duration": value.lease_duration,
+            "renewable": value.renewable,
+            "token_expires_at": token_expires_at,
+            "token_accessor": token_accessor,
+        }
+        self._write(self._path(value.name), record)
+
+    def forget(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._path(name).unlink()
+
+    # ------------------------------------------------------------------ retired leases
+
+    def retired(self) -> dict[str, float]:
+        """Replaced leases still to revoke: lease id -> when (epoch seconds)."""
+        raw = self._read(self.state_dir / RETIRED_FILE)
+        if not isinstance(raw, dict):
+            return {}
+        out: dict[str, float] = {}
+        for lease_id, when in raw.items():
+            if isinstance(when, int | float) and not isinstance(when, bool):
+                out[str(lease_id)] = float(when)
+        return out
+
+    def add_retired(self, lease_id: str, revoke_at: float) -> None:
+        items = self.retired()
+        items[lease_id] = revoke_at
+        self._write(self.state_dir / RETIRED_FILE, items)
+
+    def remove_retired(self, lease_id: str) -> None:
+        items = self.retired()
+        if items.pop(lease_id, None) is not None:
+            self._write(self.state_dir / RETIRED_FILE, items)
+
+    # ------------------------------------------------------------------ files
+
+    def _path(self, name: str) -> Path:
+        if not name.isidentifier():
+            raise ValueError(f"{name!r} is not a secret name")
+        return self.state_dir / f"{name}.json"
+
+    def _read(self, path: Path) -> Any:
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            event("ledger_unreadable", logging.WARNING, file=path.name, error=exc.strerror)
+            return None
+        try:
+            return json.loads(text)
+        except ValueError as exc:
+            # the message has a position only, never the (secret) contents
+            event("ledger_corrupt", logging.WARNING, file=path.name, error=str(exc))
+            return None
+
+    def _write(self, path: Path, record: object) -> None:
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self.state_dir.stat().st_mode & 0o077:
+            os.chmod(self.state_dir, 0o700)
+        atomic_write(path, json.dumps(record, sort_keys=True).encode(), mode=0o600)
+
+
+def _opt_float(value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise TypeError("not a number")
+    return float(value)

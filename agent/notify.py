@@ -1,0 +1,234 @@
+"""Tell the application once per burst of changes: a signal to a pid, a pid file's pid or
+every process whose command line matches a regex, or a command.
+
+:class:`Debouncer` is the quiescence window shared with exec mode: a burst ends when
+no trigger came for ``wait.min``, or at the latest ``wait.max`` after its first trigger.
+When a target cannot be signalled, the log line says exactly why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+from agent import metrics
+from agent.config import NotifyConfig, Wait
+from agent.errors import NotifyError
+from agent.logs import event
+
+PROC = Path("/proc")
+_NAMESPACE_HINT = (
+    "it exited, or it runs in another PID namespace (in Kubernetes set "
+    "shareProcessNamespace: true on the pod)"
+)
+
+
+class Debouncer:
+    """Collects triggers into bursts. ``trigger()`` is sync and never blocks."""
+
+    def __init__(self, wait: Wait) -> None:
+        self.wait = wait
+        self._event = asyncio.Event()
+        self._first: float | None = None  # monotonic time of the burst's first trigger
+        self._last = 0.0
+
+    @property
+    def pending(self) -> bool:
+        return self._first is not None
+
+    def trigger(self) -> None:
+        now = time.monotonic()
+        if self._first is None:
+            self._first = now
+        self._last = now
+        self._event.set()
+
+    def take(self) -> bool:
+        """End the current burst now. Returns whether one was pending."""
+        pending = self._first is not None
+        self._first = None
+        self._event.clear()
+        return pending
+
+    async def next_burst(self) -> None:
+        """Return when a burst has settled (and end it)."""
+        while True:
+            await self._event.wait()
+            self._event.clear()
+            while self._first is not None:
+                deadline = min(self._last + self.wait.min, self._first + self.wait.max)
+                delay = deadline - time.monotonic()
+                if delay <= 0:
+                    self.take()
+                    return
+                await asyncio.sleep(delay)
+            # the burst was taken by a flush while we slept: wait for the next one
+
+
+class Notifier:
+    """One notify target. Run :meth:`run` as a task; call :meth:`trigger` after renders."""
+
+    def __init__(self, cfg: NotifyConfig) -> None:
+        self.cfg = cfg
+        self.debouncer = Debouncer(cfg.wait)
+        self._lock = asyncio.Lock()
+        self._regex = re.compile(cfg.process) if cfg.process is not None else None
+
+    def trigger(self) -> None:
+        self.debouncer.trigger()
+
+    @property
+    def pending(self) -> bool:
+        return self.debouncer.pending
+
+    async def run(self) -> None:
+        while True:
+            await self.debouncer.next_burst()
+            await self.deliver()
+
+    async def flush(self) -> None:
+        """Deliver a pending notification now (shutdown)."""
+        if self.debouncer.take():
+            await self.deliver()
+
+    async def deliver(self) -> bool:
+        """Notify the target once. Logs and counts the outcome; never raises."""
+        async with self._lock:
+            try:
+                await self._deliver()
+            except NotifyError as exc:
+                metrics.notifications_total.labels(self.cfg.name, "error").inc()
+                event("notify_failed", logging.WARNING, target=self.cfg.name, reason=str(exc))
+                return False
+            except Exception as exc:  # a bug must not stop future notifications
+                metrics.notifications_total.labels(self.cfg.name, "error").inc()
+                event(
+                    "notify_failed",
+                    logging.ERROR,
+                    target=self.cfg.name,
+                    reason=f"unexpected {type(exc).__name__}: {exc}",
+                )
+                return False
+            metrics.notifications_total.labels(self.cfg.name, "ok").inc()
+            return True
+
+    async def _deliver(self) -> None:
+        cfg = self.cfg
+        if cfg.command is not None:
+            await run_command(cfg.command, cfg.timeout, cfg.name)
+        elif cfg.pid_file is not None:
+            send_signal(read_pid_file(cfg.pid_file), cfg.signal, cfg.name)
+        elif cfg.pid is not None:
+            send_signal(cfg.pid, cfg.signal, cfg.name)
+        elif self._regex is not None:
+            self._signal_matches(self._regex)
+        else:
+            raise NotifyError("no target configured (pid_file, pid, process or command)")
+
+    def _signal_matches(self, regex: re.Pattern[str]) -> None:
+        pids, visible = matching_processes(regex)
+        if not pids:
+            raise NotifyError(
+                f"no process matches {regex.pattern!r} among {visible} visible processes "
+                "(if the application runs in another container, set "
+                "shareProcessNamespace: true on the pod)"
+            )
+        failures: list[str] = []
+        for pid in pids:
+            try:
+                send_signal(pid, self.cfg.signal, self.cfg.name)
+            except NotifyError as exc:
+                failures.append(str(exc))
+        if len(failures) == len(pids):
+            raise NotifyError("; ".join(failures))
+        for reason in failures:  # some matches were signalled: report the others
+            event("notify_failed", logging.WARNING, target=self.cfg.name, reason=reason)
+
+
+def read_pid_file(path: Path) -> int:
+    try:
+        text = path.read_text(encoding="ascii", errors="replace")
+    except FileNotFoundError:
+        raise NotifyError(f"no pid file yet at {path} (has the application started?)") from None
+    except OSError as exc:
+        raise NotifyError(f"pid file {path} is unreadable: {exc.strerror}") from None
+    # never echo the contents: a misconfigured path might point at a secret
+    if not re.fullmatch(r"\s*\d{1,10}\s*", text):
+        raise NotifyError(f"pid file {path} does not hold a process id (one decimal number)")
+    return int(text)
+
+
+def send_signal(pid: int, sig: signal.Signals, target: str) -> None:
+    if pid <= 0:  # 0 and negatives mean process groups to kill(2): never that
+        raise NotifyError(f"pid {pid} is not a process id")
+    if pid == os.getpid():
+        raise NotifyError(f"pid {pid} is the sidecar itself, not the application")
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        raise NotifyError(f"process {pid} is not visible: {_NAMESPACE_HINT}") from None
+    except PermissionError:
+        raise NotifyError(
+            f"not permitted to signal process {pid}: it runs as another user "
+            f"(we are uid {os.getuid()}; run the sidecar with the application's runAsUser)"
+        ) from None
+    event("signalled", target=target, signal=sig.name, pid=pid)
+
+
+def matching_processes(regex: re.Pattern[str]) -> tuple[list[int], int]:
+    """Pids whose NUL-separated command line, joined by spaces, matches; and how many
+    processes were visible at all. Excludes the sidecar itself and kernel threads."""
+    me, pids, visible = os.getpid(), [], 0
+    for entry in PROC.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = (entry / "cmdline").read_bytes()
+        except OSError:  # exited meanwhile, or hidden by hidepid
+            continue
+        visible += 1
+        pid = int(entry.name)
+        if not raw or pid == me:
+            continue
+        cmdline = raw.rstrip(b"\0").replace(b"\0", b" ").decode("utf-8", "replace")
+        if regex.search(cmdline):
+            pids.append(pid)
+    return sorted(pids), visible
+
+
+async def run_command(argv: tuple[str, ...], time_limit: float, target: str) -> None:
+    """Run a notify command (no shell). Its output is discarded: it could echo secrets."""
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+    except OSError as exc:
+        raise NotifyError(f"cannot run command {argv[0]!r}: {exc.strerror}") from None
+    try:
+        code = await asyncio.wait_for(proc.wait(), time_limit)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise NotifyError(f"command {argv[0]!r} did not finish within {time_limit:g}s") from None
+    except asyncio.CancelledError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        raise
+    if code != 0:
+        raise NotifyError(f"command {argv[0]!r} exited with {exit_status(code)}")
+    event("notified", target=target, command=argv[0], exit_code=0)
+
+
+def exit_status(returncode: int) -> int:
+    """A shell-style exit status: killed by signal N -> 128 + N."""
+    return 128 - returncode if returncode < 0 else returncode

@@ -1,0 +1,46 @@
+"""Static database roles (``database/static-creds/<role>``).
+
+Vault rotates the password itself every ``rotation_period``; the answer's ``ttl``
+says when the next rotation is due, so the source reads again just after it and
+publishes the new password. The version is Vault's ``last_vault_rotation``.
+"""
+
+from __future__ import annotations
+
+import time
+
+from agent.errors import VaultError
+from agent.secret import SecretValue
+from agent.sources.polling import PollingSource
+
+SLOP = 0.5  # read this long after the rotation is due: Vault needs a moment to do it
+MIN_RECHECK = 1.0  # not rotated yet when we looked: look again this soon
+
+
+class StaticDatabaseSource(PollingSource):
+    operation = "static_creds"
+
+    async def fetch(self) -> SecretValue:
+        response = await self.vault.read(self.config.path, self.operation)
+        data = response.get("data")
+        if not isinstance(data, dict) or "password" not in data:
+            raise VaultError(f"{self.operation} {self.config.path}: no password in the answer")
+        now = time.time()
+        ttl = float(data.get("ttl") or 0)
+        fields = {k: data[k] for k in ("username", "password") if k in data}
+        return SecretValue(
+            name=self.name,
+            data=fields,
+            version=str(data.get("last_vault_rotation") or ""),
+            issued_at=now,
+            expires_at=now + ttl if ttl > 0 else None,
+            lease_duration=float(data.get("rotation_period") or 0) or None,
+        )
+
+    def next_check(self, value: SecretValue, now: float) -> float:
+        if self.config.refresh is not None and value.expires_at is None:
+            return self.config.refresh
+        remaining = value.remaining(now)
+        if remaining is None:
+            return 300.0
+        return max(remaining + SLOP, MIN_RECHECK if remaining <= 0 else 0.0)

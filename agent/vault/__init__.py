@@ -1,0 +1,1 @@
+"""Async access to a Vault-API server (HashiCorp Vault or OpenBao): client and logins."""

@@ -1,0 +1,182 @@
+"""Run ``credsidecar`` as a real subprocess, as an operator would, and follow its JSON logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+from devservers import AUDIT, ROOT_TOKEN, OpenBaoServer, PostgresCluster, free_port
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def wait_for(check: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
+    """Poll ``check`` until it returns something truthy; fail the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+DB_TEMPLATE = (
+    '{"username": {{ secrets.db.username | tojson }}, '
+    '"password": {{ secrets.db.password | tojson }}}'
+)
+
+
+def agent_config(openbao: OpenBaoServer, shm: Path, path: str, **extra: Any) -> dict[str, Any]:
+    """A config with one database secret ``db`` rendered to ``shm/db.json``, token auth."""
+    token_file = shm / "token"
+    token_file.write_text(ROOT_TOKEN)
+    return {
+        "vault": {
+            "address": openbao.address,
+            "auth": {"method": "token", "token_file": str(token_file)},
+        },
+        "secrets": {"db": {"kind": "database", "path": path}},
+        "templates": [{"destination": str(shm / "db.json"), "contents": DB_TEMPLATE}],
+        "state_dir": str(shm / "state"),
+        **extra,
+    }
+
+
+async def login_with(path: Path, postgres: PostgresCluster) -> str:
+    """Log in to PostgreSQL with a rendered credentials file; returns current_user."""
+    import asyncpg
+
+    creds = json.loads(path.read_text())
+    AUDIT.secret(creds["password"])
+    conn = await asyncpg.connect(
+        host="127.0.0.1",
+        port=postgres.port,
+        user=creds["username"],
+        password=creds["password"],
+        database="postgres",
+    )
+    try:
+        return str(await conn.fetchval("SELECT current_user"))
+    finally:
+        await conn.close()
+
+
+class AgentProcess:
+    """One ``credsidecar run`` process with its config and logs in ``workdir``."""
+
+    def __init__(self, workdir: Path, config: dict[str, Any], *, health: bool = True) -> None:
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port() if health else None
+        if health:
+            config = {**config, "health": {"listen": f"127.0.0.1:{self.port}"}}
+        config.setdefault("state_dir", str(workdir / "state"))
+        self.config_path = workdir / "config.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.log_path = workdir / f"agent-{len(list(workdir.glob('agent-*.log')))}.log"
+        self.out_path = self.log_path.with_suffix(".out")
+        AUDIT.log(self.log_path)
+        AUDIT.log(self.out_path)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def command(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "agent", *args, "-c", str(self.config_path)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=60,
+            env=self._env(),
+        )
+
+    def _env(self) -> dict[str, str]:
+        return {k: v for k, v in os.environ.items() if not k.startswith("VAULT_")}
+
+    def start(self) -> AgentProcess:
+        with open(self.log_path, "ab") as err, open(self.out_path, "ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "agent", "run", "-c", str(self.config_path)],
+                stdout=out,
+                stderr=err,
+                cwd=REPO,
+                env=self._env(),
+                start_new_session=True,
+            )
+        return self
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        out = []
+        try:
+            lines = self.log_path.read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if name is None or record.get("event") == name:
+                out.append(record)
+        return out
+
+    def wait_event(self, name: str, timeout: float = 30.0, count: int = 1) -> list[dict[str, Any]]:
+        def seen() -> list[dict[str, Any]] | None:
+            self._check_alive()
+            found = self.events(name)
+            return found if len(found) >= count else None
+
+        result: list[dict[str, Any]] = wait_for(seen, timeout, f"{count} x event {name!r}")
+        return result
+
+    def _check_alive(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(
+                f"agent exited with {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}"
+            )
+
+    def http(self, path: str, method: str = "GET") -> tuple[int, bytes]:
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        def ready() -> bool:
+            self._check_alive()
+            try:
+                return self.http("/readyz")[0] == 200
+            except OSError:
+                return False
+
+        wait_for(ready, timeout, "/readyz to answer 200")
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+    def kill(self) -> None:
+        """kill -9 the agent and whatever it started."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()

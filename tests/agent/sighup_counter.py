@@ -1,0 +1,81 @@
+"""A stand-in application for notify/exec tests: records what happens to it.
+
+Run as a script: ``sighup_counter.py RECORD_FILE [--term-exit N] [--ignore-term] [MARKER...]``
+appends ``started <pid>`` once its handlers are installed and ``hup <pid>`` for every
+SIGHUP; exits with N on SIGTERM (or ignores SIGTERM). Extra MARKER arguments only make
+its command line unique for ``process:`` regex tests.
+
+Imported by tests: :func:`command` builds that argv, :class:`Record` reads the file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve()
+
+
+def command(record: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(SCRIPT), str(record), *extra]
+
+
+class Record:
+    """What the stand-in application wrote, read with generous wait-until loops."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def lines(self, kind: str) -> list[int]:
+        """Pids of the lines of one kind (``started`` or ``hup``), in order."""
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return []
+        return [int(pid) for k, pid in (line.split() for line in text.splitlines()) if k == kind]
+
+    def count(self, kind: str) -> int:
+        return len(self.lines(kind))
+
+    async def wait_for(self, kind: str, count: int, within: float = 30.0) -> list[int]:
+        await until(lambda: self.count(kind) >= count, within, f"{count} {kind!r} lines")
+        return self.lines(kind)
+
+
+async def until(check: Callable[[], bool], within: float = 30.0, what: str = "") -> None:
+    """Poll ``check`` until it holds; fail after ``within`` seconds (generous by default)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not check():
+        if loop.time() > deadline:
+            raise AssertionError(f"waited {within}s for {what or check}")
+        await asyncio.sleep(0.02)
+
+
+def main() -> None:
+    record = sys.argv[1]
+    term_exit = 0
+    if "--term-exit" in sys.argv:
+        term_exit = int(sys.argv[sys.argv.index("--term-exit") + 1])
+
+    def log(kind: str) -> None:
+        with open(record, "a") as f:
+            f.write(f"{kind} {os.getpid()}\n")
+
+    signal.signal(signal.SIGHUP, lambda *_: log("hup"))
+    if "--ignore-term" in sys.argv:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    else:
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(term_exit))
+    log("started")
+    while True:
+        time.sleep(3600)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""Config validation: every problem is reported with its key path and the bad value."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from agent.config import load_config, parse_config, parse_duration
+from agent.errors import ConfigError
+
+BASE = {
+    "vault": {"address": "http://127.0.0.1:8200", "auth": {"method": "token", "token_file": "t"}},
+    "secrets": {"db": {"kind": "database", "path": "database/creds/app"}},
+    "templates": [{"destination": "/dev/shm/x/db.json", "contents": "{{ secrets.db.username }}"}],
+}
+
+
+def problems_of(raw: object, env: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw, base_dir=Path("/cfg"), env=env or {})
+    return info.value.problems
+
+
+def test_valid_config_parses() -> None:
+    config = parse_config(BASE, base_dir=Path("/cfg"), env={})
+    assert config.vault is not None
+    assert config.vault.auth.token_file == Path("/cfg/t")
+    assert config.secrets["db"].kind == "database"
+    assert config.templates[0].perms == 0o600
+    assert config.state_dir == Path("/dev/shm/credsidecar")
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("200ms", 0.2), ("30s", 30), ("5m", 300), ("1h30m", 5400), (7, 7), (1.5, 1.5), ("2d", 172800)],
+)
+def test_durations(text: object, seconds: float) -> None:
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("bad", ["", "5 minutes", "-1s", "1x", True, [], "s"])
+def test_bad_durations_are_rejected(bad: object) -> None:
+    with pytest.raises(ValueError):
+        parse_duration(bad)
+
+
+@given(st.integers(min_value=0, max_value=10**6), st.sampled_from(["ms", "s", "m", "h"]))
+def test_duration_roundtrip(n: int, unit: str) -> None:
+    factor = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[unit]
+    assert parse_duration(f"{n}{unit}") == pytest.approx(n * factor)
+
+
+def test_every_problem_is_reported_with_its_key_path() -> None:
+    raw = {
+        **BASE,
+        "secrets": {
+            "db": {"kind": "database", "path": "database/creds/app", "refesh": "1s"},
+            "api": {"kind": "kv", "path": "secret/data/app", "refresh": "soon"},
+            "tls": {"kind": "nope", "path": "x"},
+        },
+        "templates": [
+            {"destination": "/dev/shm/a", "contents": "x"},
+            {"destination": "/dev/shm/b", "contents": "x", "perms": "0999"},
+            {"destination": "/dev/shm/c"},
+        ],
+        "notify": {
+            "app": {"signal": "SIGNOPE", "pid_file": "/p", "wait": {"min": "2s", "max": "1s"}}
+        },
+        "bogus": 1,
+    }
+    problems = problems_of(raw)
+    expected = [
+        "secrets.db.refesh: unknown key",
+        'secrets.api.refresh: "soon" is not a duration',
+        'secrets.tls.kind: "nope" is not one of',
+        'templates[1].perms: "0999" is not an octal mode',
+        "templates[2]: needs exactly one of contents or source",
+        'notify.app.signal: "SIGNOPE" is not a signal name',
+        "notify.app.wait.max: 1s is shorter than min 2s",
+        "bogus: unknown key",
+    ]
+    for fragment in expected:
+        assert any(p.startswith(fragment) for p in problems), (fragment, problems)
+    assert len(problems) == len(expected), problems
+
+
+def test_secret_values_are_not_echoed() -> None:
+    raw = {**BASE, "vault": {"address": "http://x:1", "auth": {"token": ["s3cr3t-token"]}}}
+    problems = problems_of(raw)
+    assert "vault.auth.token: (value hidden)" in problems
+    assert not any("s3cr3t" in p for p in problems)
+
+
+def test_vault_environment_is_honoured() -> None:
+    raw = {k: v for k, v in BASE.items() if k != "vault"}
+    env = {
+        "VAULT_ADDR": "https://vault.example:8200/",
+        "VAULT_TOKEN": "hvs.from-env",
+        "VAULT_CACERT": "/etc/ca.pem",
+        "VAULT_NAMESPACE": "team-a",
+    }
+    config = parse_config(raw, base_dir=Path("/cfg"), env=env)
+    assert config.vault is not None
+    assert config.vault.address == "https://vault.example:8200"
+    assert config.vault.auth.token == "hvs.from-env"
+    assert config.vault.ca_cert == Path("/etc/ca.pem")
+    assert config.vault.namespace == "team-a"
+    assert "hvs.from-env" not in repr(config)
+
+
+def test_config_beats_environment() -> None:
+    env = {"VAULT_ADDR": "http://env:1", "VAULT_TOKEN": "env-token"}
+    config = parse_config(BASE, base_dir=Path("/cfg"), env=env)
+    assert config.vault is not None
+    assert config.vault.address == "http://127.0.0.1:8200"
+    assert config.vault.auth.token is None
+
+
+def test_missing_vault_address_says_how_to_fix() -> None:
+    raw = {k: v for k, v in BASE.items() if k != "vault"}
+    problems = problems_of(raw, env={"VAULT_TOKEN": "x"})
+    assert problems == ["vault.address: is required (or set VAULT_ADDR)"]
+
+
+def test_file_only_config_needs_no_vault() -> None:
+    raw = {"secrets": {"dev": {"kind": "file", "path": "creds.json"}}}
+    config = parse_config(raw, base_dir=Path("/cfg"), env={})
+    assert config.vault is None
+    assert config.secrets["dev"].path == "/cfg/creds.json"
+
+
+def test_notify_and_exec_parse() -> None:
+    raw = {
+        **BASE,
+        "notify": {"app": {"signal": "usr1", "process": "^python app", "wait": "500ms"}},
+        "exec": {"command": ["python", "app.py"], "reload": "restart"},
+    }
+    config = parse_config(raw, base_dir=Path("/cfg"), env={})
+    assert config.notify["app"].signal == signal.SIGUSR1
+    assert config.notify["app"].wait.min == pytest.approx(0.5)
+    assert config.exec is not None and config.exec.reload == "restart"
+
+
+def test_exec_command_must_be_a_list() -> None:
+    problems = problems_of({**BASE, "exec": {"command": "python app.py"}})
+    assert len(problems) == 1
+    assert problems[0].startswith("exec.command:")
+    assert "list of strings (no shell)" in problems[0]
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("vault:\n  address: [unclosed\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    (problem,) = info.value.problems
+    assert problem.startswith(f"{path}:")
+    assert "malformed YAML" in problem
+
+
+def test_empty_and_missing_files(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    with pytest.raises(ConfigError, match="empty"):
+        load_config(empty, env={})
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "absent.yaml", env={})
