@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import random
 import signal
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from agent import metrics
 from agent.config import Config, TemplateConfig
-from agent.errors import RenderError, SidecarError
+from agent.errors import RenderError, SidecarError, VaultUnavailable
 from agent.files import check_memory_backed, write_destination
+from agent.leases import Backoff, readiness_margin
 from agent.logs import event
 from agent.render import Template
 from agent.secret import SecretValue
@@ -28,6 +31,7 @@ from agent.sources.base import Source, SourceContext
 
 if TYPE_CHECKING:
     from agent.notify import Notifier
+    from agent.rotate.manager import Outcome, RotationManager
     from agent.supervise import Child
     from agent.vault.client import VaultClient
 
@@ -61,6 +65,7 @@ class Runtime:
         self.child: Child | None = None
         self.proxy: Any = None
         self.proxy_provider: Any = None
+        self.rotations: RotationManager | None = None
         self._dirty = asyncio.Event()
         self._render_lock = asyncio.Lock()
         self._stopping = asyncio.Event()
@@ -68,6 +73,7 @@ class Runtime:
         self.exit_code = 0
         self._tg: asyncio.TaskGroup
         self._tasks: list[asyncio.Task[Any]] = []
+        self._rng = random.Random()
 
     def _compile(self, cfg: TemplateConfig) -> TemplateState:
         template = Template(cfg)
@@ -205,8 +211,6 @@ class Runtime:
     # ------------------------------------------------------------------ observation
 
     def readiness(self) -> tuple[bool, list[str]]:
-        from agent.leases import readiness_margin
-
         reasons = []
         now = time.time()
         for name in self.config.secrets:
@@ -219,6 +223,8 @@ class Runtime:
                 duration = value.lease_duration or max(remaining, 1.0)
                 if remaining <= readiness_margin(duration):
                     reasons.append(f"secret {name}: expires in {remaining:.1f}s")
+        if self.rotations is not None:
+            reasons.extend(self.rotations.not_ready())
         for state in self.templates:
             if state.rendered_at is None:
                 reasons.append(f"template {state.config.name}: not rendered yet")
@@ -277,7 +283,15 @@ class Runtime:
             out["vault"] = {"reachable": self.vault.reachable, "last_error": self.vault.last_error}
         if self.proxy is not None:
             out["proxy"] = self.proxy.status()
+        if self.rotations is not None:
+            out["rotations"] = self.rotations.status()
         return out
+
+    async def rotate(self, name: str) -> Outcome:
+        """Rotate ``name`` now (``POST /rotate/<name>``); KeyError when it is not rotated."""
+        if self.rotations is None:
+            raise KeyError(name)
+        return await self.rotations.rotate_now(name)
 
     def refresh(self, secret: str | None) -> list[str]:
         if secret is not None and secret not in self.sources:
@@ -369,14 +383,27 @@ class Runtime:
             await self._shutdown()
 
     async def _startup(self) -> None:
-        await self._connect_with_retry()
+        await self._retry(self._connect, VaultUnavailable, operation="login")
         if self.vault is not None:
             self._spawn(self.vault.keep_token_fresh(), "vault-token")
-        await asyncio.gather(*(self._start_with_retry(s) for s in self.sources.values()))
+        await asyncio.gather(
+            *(
+                self._retry(functools.partial(self._start_source, s), SidecarError, secret=s.name)
+                for s in self.sources.values()
+            )
+        )
         first = await self.render_all()
         for source in self.sources.values():
             self._spawn(source.run(), f"source-{source.name}")
         self._spawn(self._render_loop(), "render")
+        if self.config.rotate:
+            from agent.rotate.manager import RotationManager
+
+            # after the sources: a rotation logs in with an admin secret of the agent
+            self.rotations = RotationManager(
+                self.config.rotate, self.vault, self.values.get, self._publish
+            )
+            self._spawn(self.rotations.run(), "rotate")
         if self.config.notify:
             from agent.notify import Notifier
 
@@ -392,41 +419,22 @@ class Runtime:
             self.child = Child(self.config.exec)
             await self.child.start()
 
-    async def _connect_with_retry(self) -> None:
-        from agent.errors import VaultUnavailable
-
-        delay = 0.5
+    async def _retry(
+        self, attempt: Callable[[], Awaitable[None]], retryable: type[Exception], **fields: Any
+    ) -> None:
+        """Call ``attempt`` until it succeeds, backing off (with jitter) on ``retryable``."""
+        vault = self.config.vault
+        backoff = Backoff(
+            vault.retry_initial if vault else 0.5, vault.retry_max if vault else 30.0, self._rng
+        )
         while True:
             try:
-                await self._connect()
+                await attempt()
                 return
-            except VaultUnavailable as exc:
-                event(
-                    "vault_unavailable",
-                    logging.WARNING,
-                    operation="login",
-                    error=str(exc),
-                    retry_in=delay,
-                )
+            except retryable as exc:
+                delay = backoff.next()
+                event("startup_retry", logging.WARNING, error=str(exc), retry_in=delay, **fields)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
-
-    async def _start_with_retry(self, source: Source) -> None:
-        delay = 0.5
-        while True:
-            try:
-                await self._start_source(source)
-                return
-            except SidecarError as exc:
-                event(
-                    "source_failed",
-                    logging.WARNING,
-                    secret=source.name,
-                    error=str(exc),
-                    retry_in=delay,
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
 
     async def _shutdown(self) -> None:
         tasks = self._tasks
@@ -434,6 +442,8 @@ class Runtime:
         event("stopping")
         if self.proxy is not None:
             await self.proxy.stop(timeout=10.0)
+        if self.rotations is not None:
+            await self.rotations.drain(30.0)  # half a rotation costs a claim timeout
         for task in tasks:
             if task.get_name().startswith(("source-", "vault-token")):
                 task.cancel()
@@ -444,14 +454,9 @@ class Runtime:
             await notifier.flush()
         for task in tasks:
             task.cancel()
-        if self.config.revoke_on_shutdown:
-            for source in self.sources.values():
-                with contextlib.suppress(SidecarError):
-                    await source.close(revoke=True)
-        else:
-            for source in self.sources.values():
-                with contextlib.suppress(SidecarError):
-                    await source.close(revoke=False)
+        for source in self.sources.values():
+            with contextlib.suppress(SidecarError):
+                await source.close(revoke=self.config.revoke_on_shutdown)
         if self.child is not None:
             code = await self.child.stop()
             if code is not None and self.exit_code == 0:

@@ -198,6 +198,48 @@ async def test_kv_changes_reach_the_file(openbao: OpenBaoServer, shm: Path) -> N
         assert agent.stop() == 0
 
 
+def test_a_burst_is_fully_written_before_anyone_is_notified(
+    openbao: OpenBaoServer, shm: Path
+) -> None:
+    """The notify command reads both files of a burst; it must never see them disagree."""
+    client = openbao.client()
+    client.secrets.kv.v2.create_or_update_secret(path="burst", secret={"v": "generation-0"})
+    record = shm / "seen"
+    reader = (
+        "import sys; a, b, out = sys.argv[1:]; "
+        "open(out, 'a').write(open(a).read() + '|' + open(b).read() + '\\n')"
+    )
+    config = agent_config(openbao, shm, "unused")
+    config["secrets"] = {"kv": {"kind": "kv", "path": "secret/data/burst", "refresh": "1h"}}
+    config["templates"] = [
+        {"destination": str(shm / name), "contents": "{{ secrets.kv.v }}"} for name in ("a", "b")
+    ]
+    config["notify"] = {
+        "reader": {
+            "command": [sys.executable, "-c", reader, str(shm / "a"), str(shm / "b"), str(record)],
+            "wait": {"min": "0s", "max": "0s"},
+        }
+    }
+    agent = AgentProcess(shm, config).start()
+    try:
+        agent.wait_ready()
+        for n in range(1, 4):
+            client.secrets.kv.v2.create_or_update_secret(
+                path="burst", secret={"v": f"generation-{n}"}
+            )
+            agent.http("/refresh", method="POST")
+            wait_for(
+                lambda n=n: record.exists() and f"generation-{n}|" in record.read_text(),
+                15,
+                f"the notification for generation {n}",
+            )
+    finally:
+        assert agent.stop() == 0
+    for line in record.read_text().splitlines():
+        a, b = line.split("|")
+        assert a == b, line
+
+
 @pytest.mark.slow
 def test_vault_outage_keeps_files_and_recovers_without_new_leases(
     openbao: OpenBaoServer, postgres: PostgresCluster, shm: Path
