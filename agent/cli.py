@@ -31,6 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--once", action="store_true", help="render every template once and exit")
     check = sub.add_parser("check", help="validate the config and templates, then exit")
     check.add_argument("-c", "--config", required=True, help="YAML config file")
+    rotate = sub.add_parser("rotate", help="rotate a credential under rotate: now, then exit")
+    rotate.add_argument("name", help="the name under rotate:")
+    rotate.add_argument("-c", "--config", required=True, help="YAML config file")
     sub.add_parser("version", help="print the version")
     return parser
 
@@ -76,8 +79,8 @@ def _check_proxy(config: Config) -> list[str]:
     except ProxyConfigError as exc:
         return list(exc.problems)
     secret = pcfg.credentials.secret
-    if secret is not None and secret not in config.secrets:
-        return [f'proxy.credentials.secret: "{secret}" is not a secret in secrets']
+    if secret is not None and secret not in config.secrets and secret not in config.rotate:
+        return [f'proxy.credentials.secret: "{secret}" is not a secret in secrets or rotate']
     return []
 
 
@@ -94,6 +97,25 @@ async def _once(config: Config) -> list[str]:
     from agent.runtime import Runtime
 
     return await Runtime(config).run_once()
+
+
+def _rotate(config: Config, name: str) -> None:
+    from agent.rotate.once import rotate_once
+
+    if name not in config.rotate:
+        print(f"credsidecar: nothing to rotate named {name!r} under rotate:", file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+    try:
+        outcome = _run_loop(rotate_once(config, name))
+    except SidecarError as exc:
+        print(f"credsidecar: rotation of {name} failed: {exc}", file=sys.stderr)
+        sys.exit(EXIT_FAILURE)
+    if outcome.ok:
+        print(f"credsidecar: rotated {name} to version {outcome.version}")
+        sys.exit(EXIT_OK)
+    reason = outcome.error or "another replica is rotating it right now"
+    print(f"credsidecar: rotation of {name} failed: {reason}", file=sys.stderr)
+    sys.exit(EXIT_FAILURE)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -118,6 +140,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(EXIT_OK)
 
     logs.setup(config.log_level)
+    if args.command == "rotate":
+        _rotate(config, args.name)
     if args.once:
         failures = _run_loop(_once(config))
         for failure in failures:

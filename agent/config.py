@@ -13,11 +13,14 @@ import signal
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 
 from agent.errors import ConfigError
+
+if TYPE_CHECKING:
+    from agent.rotate.config import RotateConfig
 
 T = TypeVar("T")
 
@@ -177,6 +180,7 @@ class Config:
     revoke_on_shutdown: bool = False
     proxy: Mapping[str, Any] | None = None  # validated by the proxy package
     source_path: Path | None = None
+    rotate: Mapping[str, RotateConfig] = field(default_factory=dict)  # agent/rotate/config.py
 
     @property
     def base_dir(self) -> Path:
@@ -184,7 +188,8 @@ class Config:
         return self.source_path.parent if self.source_path else Path.cwd()
 
     def needs_vault(self) -> bool:
-        return any(s.kind != "file" for s in self.secrets.values())
+        # rotated credentials live in a KV v2 store
+        return bool(self.rotate) or any(s.kind != "file" for s in self.secrets.values())
 
 
 # --------------------------------------------------------------------------- reading
@@ -562,7 +567,10 @@ def parse_config(
     else:
         notify = {str(n): _notify(problems, str(n), r, base) for n, r in notify_raw.items()}
 
-    needs_vault = any(s.kind != "file" for s in secrets.values())
+    from agent.rotate.config import parse_rotate
+
+    rotate = parse_rotate(top.raw.get("rotate"), problems.add, secrets, base)
+    needs_vault = bool(rotate) or any(s.kind != "file" for s in secrets.values())
     vault = None
     if "vault" in top.raw or needs_vault:
         vault = _vault(problems, top.raw.get("vault"), env, base)
@@ -593,6 +601,7 @@ def parse_config(
         log_level=level,
         revoke_on_shutdown=top.get("revoke_on_shutdown", _bool, False),
         proxy=proxy,
+        rotate=rotate,
     )
     if problems.items:
         raise ConfigError(problems.items)

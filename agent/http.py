@@ -5,6 +5,7 @@
 ``/metrics``  Prometheus text format.
 ``/status``   JSON: each secret's version and expiry, templates, Vault reachability. No values.
 ``POST /refresh`` checks every source now (``?secret=NAME`` for one).
+``POST /rotate/<name>`` rotates a credential under ``rotate:`` now; answers when done.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ class Observable(Protocol):
     def metrics_text(self) -> bytes: ...
 
     def refresh(self, secret: str | None) -> list[str]: ...
+
+    async def rotate(self, name: str) -> Any: ...  # an agent.rotate.manager.Outcome
 
 
 def build_app(target: Observable) -> web.Application:
@@ -52,12 +55,26 @@ def build_app(target: Observable) -> web.Application:
             return web.json_response({"error": f"no secret named {name!r}"}, status=404)
         return web.json_response({"refreshing": woken}, status=202)
 
+    async def rotate(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        try:
+            outcome = await target.rotate(name)
+        except KeyError:
+            return web.json_response({"error": f"nothing to rotate named {name!r}"}, status=404)
+        body = {"name": name, "result": outcome.result, "version": outcome.version}
+        if outcome.ok:
+            return web.json_response(body)
+        if outcome.result == "busy":
+            return web.json_response({**body, "error": "another replica is rotating"}, status=409)
+        return web.json_response({**body, "error": outcome.error}, status=500)
+
     app = web.Application()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/status", status)
     app.router.add_post("/refresh", refresh)
+    app.router.add_post("/rotate/{name}", rotate)
     return app
 
 

@@ -63,3 +63,15 @@ ready = Gauge(
     "1 when every secret is rendered and valid, else 0.",
     registry=REGISTRY,
 )
+rotations_total = Counter(
+    "credsidecar_rotations_total",
+    "Rotations of credentials the sidecar rotates itself, by result (ok, failed).",
+    ["name", "result"],
+    registry=REGISTRY,
+)
+rotation_age_seconds = Gauge(
+    "credsidecar_rotation_age_seconds",
+    "Seconds since the rotated credential's current version was published.",
+    ["name"],
+    registry=REGISTRY,
+)

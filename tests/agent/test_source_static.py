@@ -25,7 +25,8 @@ async def test_rotated_password_is_published(
         db_name="pg",
         username=user,
         rotation_statements=["ALTER ROLE \"{{name}}\" WITH PASSWORD '{{password}}';"],
-        rotation_period=5,
+        # long enough that a loaded machine checks the logins below before the next one
+        rotation_period=8,
         mount_point=mount,
     )
     try:

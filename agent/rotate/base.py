@@ -1,0 +1,87 @@
+"""What every kind of rotated credential provides to the manager.
+
+The manager owns the protocol (claim, publish, retire, audit); a rotator only
+knows how to make, check, undo and retire one kind of credential.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from agent.errors import SidecarError
+from agent.rotate.config import RotateConfig
+from agent.rotate.store import Record
+from agent.secret import SecretValue
+
+if TYPE_CHECKING:
+    from agent.vault.client import VaultClient
+
+Fields = dict[str, Any]
+
+
+class RotationError(SidecarError):
+    """A rotation step failed. The message names the step and never carries a secret."""
+
+
+@dataclass
+class RotatorContext:
+    vault: VaultClient | None
+    lookup: Callable[[str], SecretValue | None]  # the agent's current secrets, by name
+
+
+class Rotator(ABC):
+    def __init__(self, config: RotateConfig, context: RotatorContext) -> None:
+        self.config = config
+        self.context = context
+
+    @abstractmethod
+    async def create(self, record: Record) -> Fields:
+        """Make the new credential; it is not yet published. ``record`` is the current one."""
+
+    @abstractmethod
+    async def verify(self, new: Mapping[str, Any]) -> None:
+        """Prove the new credential works; raise RotationError if not."""
+
+    async def rollback(self, record: Record, new: Mapping[str, Any]) -> bool:
+        """Undo :meth:`create` after a failed verification; True when undone."""
+        return True  # nothing outside this process changed
+
+    async def retire(self, previous: Mapping[str, Any], current: Mapping[str, Any]) -> None:  # noqa: B027
+        """Retire the previous credential once ``grace`` has passed."""
+
+    def keep_previous(self, current: Mapping[str, Any]) -> Fields:
+        """What of the replaced credential the record keeps until it is retired."""
+        return dict(current)
+
+    def view(self, record: Record) -> Fields:
+        """The fields templates see as ``secrets.<name>.<field>``."""
+        return dict(record.current or {})
+
+    def expires_at(self, record: Record) -> float | None:
+        return None
+
+    def due_at(self, record: Record) -> float:
+        """When the next rotation is due (epoch seconds); now when nothing was rotated."""
+        if record.rotated_at is None or record.current is None:
+            return 0.0
+        return float(record.rotated_at) + self.config.every
+
+
+_KINDS = {
+    "postgres-password": "agent.rotate.postgres:PasswordRotator",
+    "postgres-dual-user": "agent.rotate.postgres:DualUserRotator",
+    "jwt-keys": "agent.rotate.jwtkeys:JwtKeysRotator",
+    "tls-cert": "agent.rotate.tls:TlsCertRotator",
+    "command": "agent.rotate.command:CommandRotator",
+}
+
+
+def create_rotator(config: RotateConfig, context: RotatorContext) -> Rotator:
+    import importlib
+
+    module, _, cls = _KINDS[config.kind].partition(":")
+    rotator_class: type[Rotator] = getattr(importlib.import_module(module), cls)
+    return rotator_class(config, context)

@@ -1,0 +1,39 @@
+"""``credsidecar rotate NAME``: one forced rotation from the command line.
+
+Logs in like the agent, obtains only the secrets the rotation needs (the admin
+login of a PostgreSQL kind), rotates through the same claim/publish protocol as
+the running sidecars, which then adopt the result from the store.
+"""
+
+from __future__ import annotations
+
+from agent.config import Config
+from agent.errors import SidecarError
+from agent.rotate.manager import Outcome, RotationManager
+from agent.secret import SecretValue
+from agent.sources import create as create_source
+from agent.sources.base import SourceContext
+from agent.vault.client import VaultClient
+
+
+async def _ignore(_: SecretValue) -> None:
+    """Nothing renders here: the sidecars adopt the published result."""
+
+
+async def rotate_once(config: Config, name: str) -> Outcome:
+    cfg = config.rotate[name]
+    if config.vault is None:
+        raise SidecarError("rotation needs vault: (the store is KV v2)")
+    vault = VaultClient(config.vault)
+    try:
+        await vault.login()
+        values: dict[str, SecretValue] = {}
+        if cfg.admin is not None:
+            context = SourceContext(publish=_ignore, vault=vault, ledger=None)
+            source = create_source(config.secrets[cfg.admin.secret], context)
+            values[source.name] = await source.start()
+            await source.close(revoke=False)
+        manager = RotationManager({name: cfg}, vault, values.get, _ignore)
+        return await manager.rotate_now(name)
+    finally:
+        await vault.close()

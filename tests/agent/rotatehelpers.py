@@ -1,0 +1,139 @@
+"""Helpers for the rotation tests: configs, an in-process Rotation, a webhook receiver."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+from aiohttp import web
+from devservers import AUDIT, OpenBaoServer, PostgresCluster, free_port
+
+from agent.rotate.base import RotatorContext, create_rotator
+from agent.rotate.config import AdminConfig, RotateConfig
+from agent.rotate.manager import Rotation
+from agent.rotate.store import Record, Store
+from agent.secret import SecretValue
+from agent.vault.client import VaultClient
+
+
+class Published:
+    """The ``publish`` callback of a Rotation: records every value (and audits secrets)."""
+
+    def __init__(self) -> None:
+        self.values: list[SecretValue] = []
+
+    async def __call__(self, value: SecretValue) -> None:
+        for field in ("password", "private_key", "api_key"):
+            if value.data.get(field):
+                AUDIT.secret(value.data[field])
+        self.values.append(value)
+
+    @property
+    def last(self) -> SecretValue:
+        return self.values[-1]
+
+
+def admin_value(pg: PostgresCluster) -> SecretValue:
+    """The agent's admin secret for ``pg`` (its superuser)."""
+    return SecretValue(
+        name="db_admin", data={"username": pg.superuser, "password": pg.password}, version="1"
+    )
+
+
+def config(name: str, kind: str, store: str, **kw: Any) -> RotateConfig:
+    kw.setdefault("retry_initial", 0.2)
+    kw.setdefault("retry_max", 1.0)
+    return RotateConfig(name=name, kind=kind, store=store, **kw)
+
+
+def pg_config(name: str, kind: str, store: str, pg: PostgresCluster, **kw: Any) -> RotateConfig:
+    return config(name, kind, store, admin=AdminConfig("db_admin", port=pg.port), **kw)
+
+
+def rotation(
+    cfg: RotateConfig,
+    vault: VaultClient,
+    pg: PostgresCluster | None = None,
+    owner: str = "test-replica",
+) -> tuple[Rotation, Published]:
+    admin = admin_value(pg) if pg is not None else None
+    context = RotatorContext(vault=vault, lookup=lambda n: admin if n == "db_admin" else None)
+    published = Published()
+    store = Store(vault, cfg.store)
+    return Rotation(cfg, create_rotator(cfg, context), store, published, owner), published
+
+
+def but(cfg: RotateConfig, **changes: Any) -> RotateConfig:
+    return dataclasses.replace(cfg, **changes)
+
+
+async def read_record(vault: VaultClient, path: str) -> Record:
+    return await Store(vault, path).read()
+
+
+def kv_data(openbao: OpenBaoServer, path: str) -> dict[str, Any]:
+    """The stored record, read with the root token (``secret/data/x`` -> data)."""
+    mount, _, rest = path.partition("/data/")
+    response = openbao.client().secrets.kv.v2.read_secret_version(
+        path=rest, mount_point=mount, raise_on_deleted_version=True
+    )
+    data: dict[str, Any] = response["data"]["data"]
+    return data
+
+
+async def can_login(pg: PostgresCluster, user: str, password: str, sql: str | None = None) -> bool:
+    try:
+        conn = await asyncpg.connect(
+            host="127.0.0.1",
+            port=pg.port,
+            user=user,
+            password=password,
+            database="postgres",
+            timeout=10,
+        )
+    except (asyncpg.PostgresError, OSError):
+        return False
+    try:
+        if sql:
+            await conn.execute(sql)
+    finally:
+        await conn.close()
+    return True
+
+
+class Webhook:
+    """A tiny Slack-compatible receiver: collects the JSON bodies posted to it."""
+
+    def __init__(self) -> None:
+        self.bodies: list[dict[str, Any]] = []
+        self.port = free_port()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hooks/T000/B000/not-a-real-token"
+
+    def texts(self) -> list[str]:
+        return [str(b.get("text")) for b in self.bodies]
+
+
+@asynccontextmanager
+async def webhook_server() -> AsyncIterator[Webhook]:
+    hook = Webhook()
+
+    async def receive(request: web.Request) -> web.Response:
+        hook.bodies.append(await request.json())
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/hooks/{tail:.*}", receive)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", hook.port)
+    await site.start()
+    try:
+        yield hook
+    finally:
+        await runner.cleanup()

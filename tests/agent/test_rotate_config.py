@@ -1,0 +1,93 @@
+"""The ``rotate:`` section: every problem reported with its key path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.config import parse_config
+from agent.errors import ConfigError
+
+VAULT = {"address": "http://127.0.0.1:8200", "auth": {"token": "t-not-secret"}}
+ADMIN = {"secret": "db_admin", "host": "db", "port": 5432, "database": "app"}
+
+
+def parse(rotate: dict[str, Any]) -> Any:
+    return parse_config(
+        {
+            "vault": VAULT,
+            "secrets": {"db_admin": {"kind": "file", "path": "admin.json"}},
+            "rotate": rotate,
+        },
+        base_dir=Path("/tmp"),
+        env={},
+    )
+
+
+def problems(rotate: dict[str, Any]) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse(rotate)
+    return info.value.problems
+
+
+def test_a_valid_dual_user_entry() -> None:
+    cfg = parse(
+        {
+            "db-password": {
+                "kind": "postgres-dual-user",
+                "admin": ADMIN,
+                "role": "app",
+                "store": {"vault_kv": "secret/data/app/db"},
+                "every": "24h",
+                "grace": "10m",
+                "notify_webhook": "https://hooks.example.com/services/T/B/x",
+            }
+        }
+    )
+    rot = cfg.rotate["db-password"]
+    assert (rot.every, rot.grace, rot.poll) == (86400.0, 600.0, 30.0)
+    assert rot.admin.host == "db" and rot.admin.database == "app"
+    assert rot.metadata_path == "secret/metadata/app/db"
+    assert cfg.needs_vault()
+    assert "hooks.example.com" not in repr(rot)  # a webhook URL carries a token
+
+
+def test_problems_name_their_key_path() -> None:
+    found = problems(
+        {
+            "db-password": {
+                "kind": "postgres-password",
+                "admin": {**ADMIN, "secret": "nope", "port": 99999},
+                "store": {"vault_kv": "secret/app"},
+                "every": "soon",
+                "colour": "blue",
+            },
+            "keys": {"kind": "jwt-keys", "algorithm": "HS256", "store": {"vault_kv": "s/data/k"}},
+            "cert": {"kind": "tls-cert", "store": {"vault_kv": "s/data/c"}},
+            "api": {
+                "kind": "command",
+                "create": "make-key --new",
+                "store": {"vault_kv": "s/data/a"},
+            },
+            "other": {"kind": "ldap", "store": {"vault_kv": "s/data/o"}},
+            "db_admin": {"kind": "jwt-keys", "store": {"vault_kv": "s/data/k"}},
+        }
+    )
+    expected = [
+        'rotate.db-password.every: "soon" is not a duration (use 200ms, 30s, 5m, 1h)',
+        'rotate.db-password.admin.secret: "nope" is not a secret in secrets',
+        "rotate.db-password.admin.port: 99999 is not a port",
+        "rotate.db-password.role: is required for kind postgres-password",
+        "rotate.db-password.colour: unknown key",
+        'rotate.db-password.store.vault_kv: "secret/app" is not a KV v2 data path',
+        'rotate.keys.algorithm: "HS256" is not one of',
+        "rotate.cert: needs exactly one of pki (Vault PKI issue path) or ca_cert + ca_key",
+        'rotate.api.create: "make-key --new" must be a non-empty list of strings (no shell)',
+        'rotate.other.kind: "ldap" is not one of',
+        "rotate.db_admin: is also the name of a secret in secrets",
+        "rotate.db_admin.store: is already the store of rotate.keys",
+    ]
+    for line in expected:
+        assert any(p.startswith(line) for p in found), (line, found)
