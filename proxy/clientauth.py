@@ -1,0 +1,70 @@
+"""How the proxy checks who a client is: trust, SCRAM against a users file, peer.
+
+The users file uses PgBouncer's ``userlist.txt`` format: one ``"name" "secret"`` per
+line, the secret a SCRAM-SHA-256 verifier (as in ``pg_authid``) or, for tests and
+local setups, a plain password. It is re-read when it changes.
+"""
+
+from __future__ import annotations
+
+import pwd
+import shlex
+import socket
+import struct
+from pathlib import Path
+
+from proxy.protocol.auth import ScramSecret
+
+
+class UsersFile:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._stamp: tuple[float, int] | None = None
+        self._users: dict[str, ScramSecret] = {}
+
+    def lookup(self, user: str) -> ScramSecret | None:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        stamp = (st.st_mtime, st.st_size)
+        if stamp != self._stamp:
+            self._users = parse_users(self.path.read_text())
+            self._stamp = stamp
+        return self._users.get(user)
+
+
+def parse_users(text: str) -> dict[str, ScramSecret]:
+    users: dict[str, ScramSecret] = {}
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith(";") or line.lstrip().startswith("#"):
+            continue
+        try:
+            name, secret = shlex.split(line)[:2]
+        except ValueError:
+            continue  # a malformed line is skipped; never echo it (it may hold a password)
+        if secret.startswith("SCRAM-SHA-256$"):
+            try:
+                users[name] = ScramSecret.parse(secret)
+            except ValueError:
+                continue
+        else:
+            users[name] = ScramSecret.from_password(secret)
+    return users
+
+
+def peer_uid(sock: socket.socket) -> int:
+    """The uid of the process at the other end of a unix socket (SO_PEERCRED)."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", raw)
+    return int(uid)
+
+
+def peer_allowed(uid: int, user: str, allowed_uids: tuple[int, ...]) -> bool:
+    """``allowed_uids`` when configured, else PostgreSQL's rule: OS user name == user."""
+    if allowed_uids:
+        return uid in allowed_uids
+    try:
+        return pwd.getpwuid(uid).pw_name == user
+    except KeyError:
+        return False

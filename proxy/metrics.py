@@ -1,0 +1,101 @@
+"""Prometheus metrics of the proxy, all prefixed ``credsidecar_proxy_``.
+
+Counters and histograms live on the module :data:`REGISTRY` (the agent merges it
+into ``/metrics``). Gauges of live state (clients, server connections per state and
+generation) are computed from the running server by :class:`StateCollector`, which
+:class:`proxy.server.ProxyServer` registers while it runs. Labels carry states and
+reasons, never user names or secrets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+clients_total = Counter(
+    "credsidecar_proxy_clients_total",
+    "Client connections accepted, by result (ok, auth_failed, refused, protocol_error).",
+    ["result"],
+    registry=REGISTRY,
+)
+server_connects_total = Counter(
+    "credsidecar_proxy_server_connects_total",
+    "Upstream connections opened, by result (ok, auth_failed, error, timeout).",
+    ["result"],
+    registry=REGISTRY,
+)
+auth_failures_total = Counter(
+    "credsidecar_proxy_auth_failures_total",
+    "Authentication failures, by side (client, upstream).",
+    ["side"],
+    registry=REGISTRY,
+)
+drains_total = Counter(
+    "credsidecar_proxy_drained_connections_total",
+    "Old-generation server connections closed, by how (idle, after_transaction, timeout).",
+    ["how"],
+    registry=REGISTRY,
+)
+generation_switches_total = Counter(
+    "credsidecar_proxy_generation_switches_total",
+    "New credential generations put into service.",
+    registry=REGISTRY,
+)
+generation_rejections_total = Counter(
+    "credsidecar_proxy_generation_rejections_total",
+    "New credentials that failed the trial login; the old generation kept serving.",
+    registry=REGISTRY,
+)
+wait_seconds = Histogram(
+    "credsidecar_proxy_wait_seconds",
+    "Time clients waited for a server connection.",
+    buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30),
+    registry=REGISTRY,
+)
+cancel_requests_total = Counter(
+    "credsidecar_proxy_cancel_requests_total",
+    "CancelRequests received, by result (forwarded, unknown, idle).",
+    ["result"],
+    registry=REGISTRY,
+)
+
+
+class StateCollector(Collector):
+    """Gauges read from a live ``status()`` snapshot at scrape time."""
+
+    def __init__(self, status: Callable[[], dict[str, Any]]) -> None:
+        self._status = status
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        status = self._status()
+        clients = GaugeMetricFamily(
+            "credsidecar_proxy_client_connections", "Connected clients, by state.", labels=["state"]
+        )
+        for state, count in status["clients"].items():
+            clients.add_metric([state], count)
+        servers = GaugeMetricFamily(
+            "credsidecar_proxy_server_connections",
+            "Upstream connections, by state (idle, active, draining) and generation"
+            " (current, old).",
+            labels=["state", "generation"],
+        )
+        counts: dict[tuple[str, str], int] = {}
+        for pool in status["pools"]:
+            for conn in pool["connections"]:
+                key = (conn["state"], "current" if conn["current"] else "old")
+                counts[key] = counts.get(key, 0) + 1
+        for (state, gen), count in sorted(counts.items()):
+            servers.add_metric([state, gen], count)
+        generation = GaugeMetricFamily(
+            "credsidecar_proxy_credential_generation", "Credential generation in service."
+        )
+        generation.add_metric([], status["generation"] or 0)
+        yield clients
+        yield servers
+        yield generation

@@ -1,0 +1,127 @@
+"""The proxy's side of an upstream conversation (the proxy is the client), sans I/O.
+
+Same shape as :mod:`proxy.protocol.frontend`: :meth:`ServerConnection.receive_data`,
+:meth:`next_event`, :meth:`send`. During startup the events are typed; once the first
+ReadyForQuery arrives every message is a raw :class:`~proxy.protocol.messages.Message`
+and only the transaction status of ReadyForQuery is tracked.
+"""
+
+from __future__ import annotations
+
+from proxy.protocol import events as ev
+from proxy.protocol import messages as m
+from proxy.protocol.errors import ServerProtocolViolation
+from proxy.protocol.states import BACKEND_TYPES, SERVER_RECEIVE, SERVER_SEND, ServerState
+
+_V = ServerProtocolViolation
+_READY = ServerState.READY
+
+
+class ServerConnection:
+    __slots__ = ("_reader", "backend_key", "parameters", "state", "transaction_status")
+
+    def __init__(self) -> None:
+        self.state = ServerState.IDLE
+        self._reader = m.FrameReader(_V)
+        self.parameters: dict[str, str] = {}
+        self.backend_key: ev.BackendKeyData | None = None
+        self.transaction_status = b"I"
+
+    def receive_data(self, data: bytes) -> None:
+        self._reader.feed(data)
+
+    def next_event(self) -> ev.ServerEvent | None:
+        msg = self._reader.next_message()
+        if msg is None:
+            return None
+        t = msg.data[0]
+        if self.state is _READY:
+            if t not in BACKEND_TYPES:
+                raise _V(f"unexpected message type {msg.type!r}")
+            if t == 90:  # 'Z'
+                if len(msg.data) != 6 or msg.data[5:] not in (b"I", b"T", b"E"):
+                    raise _V("malformed ReadyForQuery")
+                self.transaction_status = msg.data[5:]
+            return msg
+        event = self._decode_startup(msg)
+        nxt = SERVER_RECEIVE.get((self.state, type(event).__name__))
+        if nxt is None:
+            raise _V(f"{type(event).__name__} not expected while {self.state.value}")
+        self.state = nxt
+        if isinstance(event, ev.ParameterStatus):
+            self.parameters[event.name] = event.value
+        elif isinstance(event, ev.BackendKeyData):
+            self.backend_key = event
+        elif isinstance(event, ev.ReadyForQuery):
+            self.transaction_status = event.status
+        return event
+
+    def receive_frames(self, data: bytes) -> tuple[bytes, list[tuple[int, int, int]]]:
+        """Bulk path once READY: ``data`` cut into checked ``(type, start, end)`` frames.
+
+        The hot path uses this instead of :meth:`receive_data` + :meth:`next_event` so
+        that runs of messages can be forwarded as one slice.
+        """
+        if self.state is not _READY:
+            raise RuntimeError("receive_frames before the connection is ready")
+        buf, frames = self._reader.frames(data)
+        types = BACKEND_TYPES
+        for t, start, end in frames:
+            if t not in types:
+                raise _V(f"unexpected message type {bytes([t])!r}")
+            if t == 90:  # 'Z'
+                status = buf[start + 5 : end]
+                if end - start != 6 or status not in (b"I", b"T", b"E"):
+                    raise _V("malformed ReadyForQuery")
+                self.transaction_status = status
+        return buf, frames
+
+    def _decode_startup(self, msg: m.Message) -> ev.ServerEvent:
+        body = msg.body
+        t = msg.type
+        if t == b"R":
+            code = m.parse_int32(body, 0, _V)
+            if code == m.AUTH_OK:
+                if len(body) != 4:
+                    raise _V("AuthenticationOk with a payload")
+                return ev.AuthenticationOk()
+            return ev.AuthenticationRequest(code, body[4:])
+        if t == b"E":
+            return ev.ErrorResponse(m.parse_error_fields(body, _V))
+        if t == b"N":
+            return ev.NoticeResponse(m.parse_error_fields(body, _V))
+        if t == b"S":
+            return ev.ParameterStatus(*m.parse_parameter_status(body, _V))
+        if t == b"K":
+            if len(body) != 8:
+                raise _V("BackendKeyData of unexpected length")
+            return ev.BackendKeyData(m.parse_int32(body, 0, _V), m.parse_int32(body, 4, _V))
+        if t == b"Z":
+            if body not in (b"I", b"T", b"E"):
+                raise _V("malformed ReadyForQuery")
+            return ev.ReadyForQuery(body)
+        if t == b"v":
+            minor = m.parse_int32(body, 0, _V)
+            count = m.parse_int32(body, 4, _V)
+            names = m.cstrings(body[8:], _V)
+            if count != len(names):
+                raise _V("NegotiateProtocolVersion count does not match")
+            return ev.NegotiateProtocolVersion(minor, tuple(names))
+        raise _V(f"unexpected message type {t!r} during startup")
+
+    def send(
+        self, event: m.StartupMessage | ev.PasswordMessage | ev.Terminate | m.Message
+    ) -> bytes:
+        if type(event) is m.Message and self.state is _READY:
+            return event.data
+        nxt = SERVER_SEND.get((self.state, type(event).__name__))
+        if nxt is None:
+            raise RuntimeError(f"proxy bug: cannot send {type(event).__name__} in {self.state}")
+        self.state = nxt
+        if isinstance(event, m.StartupMessage):
+            return m.startup_message(event.parameters, event.protocol)
+        if isinstance(event, ev.PasswordMessage):
+            return m.password_message(event.payload)
+        if isinstance(event, ev.Terminate):
+            return m.TERMINATE
+        return event.data

@@ -1,0 +1,121 @@
+"""The proxy's side of a client conversation, sans I/O.
+
+Feed bytes read from the client to :meth:`ClientConnection.receive_data`, take events
+from :meth:`next_event` until it returns ``None`` (needs more data), and turn what the
+proxy wants to say into bytes with :meth:`send`. The states and the legal transitions
+are the tables in :mod:`proxy.protocol.states`.
+"""
+
+from __future__ import annotations
+
+from proxy.protocol import events as ev
+from proxy.protocol import messages as m
+from proxy.protocol.errors import ClientProtocolViolation
+from proxy.protocol.states import CLIENT_RECEIVE, CLIENT_SEND, FRONTEND_TYPES, ClientState
+
+_READY = ClientState.READY
+_Outgoing = (
+    ev.SSLResponse
+    | ev.AuthenticationRequest
+    | ev.AuthenticationOk
+    | ev.ErrorResponse
+    | ev.NegotiateProtocolVersion
+    | m.Message
+)
+
+
+class ClientConnection:
+    __slots__ = ("_reader", "negotiated", "state")
+
+    def __init__(self) -> None:
+        self.state = ClientState.STARTUP
+        self._reader = m.FrameReader(ClientProtocolViolation)
+        self.negotiated: set[str] = set()  # SSLRequest / GSSENCRequest already answered
+
+    def receive_data(self, data: bytes) -> None:
+        self._reader.feed(data)
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet turned into events (must be 0 before a TLS switch)."""
+        return self._reader.pending
+
+    def next_event(self) -> ev.ClientEvent | None:
+        """The next complete event, or ``None`` when more bytes are needed."""
+        state = self.state
+        if state is _READY:
+            msg = self._reader.next_message()
+            if msg is None:
+                return None
+            t = msg.data[0]
+            if t not in FRONTEND_TYPES:
+                raise ClientProtocolViolation(f"unexpected message type {msg.type!r}")
+            if t == 88:  # 'X'
+                self.state = ClientState.CLOSED
+                return ev.Terminate()
+            return msg
+        if state is ClientState.STARTUP:
+            packet = self._reader.next_startup()
+            if packet is None:
+                return None
+            event = m.parse_startup(packet, ClientProtocolViolation)
+            kind = type(event).__name__
+            if kind in self.negotiated:
+                raise ClientProtocolViolation(f"{kind} sent twice")
+            self._advance(CLIENT_RECEIVE, kind)
+            if isinstance(event, m.SSLRequest | m.GSSENCRequest):
+                self.negotiated.add(kind)
+            return event
+        if state is ClientState.PASSWORD:
+            msg = self._reader.next_message()
+            if msg is None:
+                return None
+            if msg.type != b"p":
+                raise ClientProtocolViolation(f"expected a password message, got {msg.type!r}")
+            self._advance(CLIENT_RECEIVE, "PasswordMessage")
+            return ev.PasswordMessage(msg.body)
+        if self._reader.pending:
+            raise ClientProtocolViolation(f"unexpected data while {state.value}")
+        return None
+
+    def receive_frames(self, data: bytes) -> tuple[bytes, list[tuple[int, int, int]]]:
+        """Bulk path once READY: ``data`` cut into checked ``(type, start, end)`` frames.
+
+        A Terminate ends the list (and the conversation: the state becomes CLOSED).
+        """
+        if self.state is not _READY:
+            raise RuntimeError("receive_frames before the client is logged in")
+        buf, frames = self._reader.frames(data)
+        types = FRONTEND_TYPES
+        for index, (t, _, _) in enumerate(frames):
+            if t not in types:
+                raise ClientProtocolViolation(f"unexpected message type {bytes([t])!r}")
+            if t == 88:  # 'X'
+                self.state = ClientState.CLOSED
+                return buf, frames[:index]
+        return buf, frames
+
+    def send(self, event: _Outgoing) -> bytes:
+        """Bytes for ``event``; advances the state (raises on an illegal send)."""
+        if type(event) is m.Message and self.state is _READY:
+            return event.data
+        self._advance(CLIENT_SEND, type(event).__name__)
+        if isinstance(event, ev.SSLResponse):
+            return b"S" if event.accept else b"N"
+        if isinstance(event, ev.AuthenticationRequest):
+            return m.authentication(event.code, event.payload)
+        if isinstance(event, ev.AuthenticationOk):
+            return m.authentication(m.AUTH_OK)
+        if isinstance(event, ev.ErrorResponse):
+            return event.to_bytes()
+        if isinstance(event, ev.NegotiateProtocolVersion):
+            return m.negotiate_protocol_version(event.newest_minor, list(event.unsupported))
+        return event.data
+
+    def _advance(self, table: dict[tuple[ClientState, str], ClientState], kind: str) -> None:
+        nxt = table.get((self.state, kind))
+        if nxt is None:
+            if table is CLIENT_RECEIVE:
+                raise ClientProtocolViolation(f"{kind} not expected while {self.state.value}")
+            raise RuntimeError(f"proxy bug: cannot send {kind} while {self.state.value}")
+        self.state = nxt

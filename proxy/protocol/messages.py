@@ -1,0 +1,325 @@
+"""PostgreSQL v3 wire format: framing, parsing and building of the messages the proxy reads.
+
+Two framings exist: startup-phase packets (``int32 length, int32 code, payload``) and
+regular messages (``byte type, int32 length, payload``); the length counts itself but
+not the type byte. Everything here is pure and byte-exact; no I/O.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+from proxy.protocol.errors import ProtocolViolation
+
+PROTOCOL_3_0 = 196608  # 3 << 16
+SSL_REQUEST_CODE = 80877103
+GSSENC_REQUEST_CODE = 80877104
+CANCEL_REQUEST_CODE = 80877102
+# PostgreSQL refuses startup packets above this size (MAX_STARTUP_PACKET_LENGTH)
+MAX_STARTUP_LENGTH = 10000
+# and regular messages above 1 GB (PQ_LARGE_MESSAGE_LIMIT)
+MAX_MESSAGE_LENGTH = (1 << 30) - 1
+
+_I32 = struct.Struct("!i")
+_I16 = struct.Struct("!h")
+_HDR = struct.Struct("!ci")
+_unpack_i32 = _I32.unpack_from
+
+
+# --- startup-phase packets (client -> server) -------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SSLRequest:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class GSSENCRequest:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class CancelRequest:
+    process_id: int
+    secret_key: int = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class StartupMessage:
+    parameters: dict[str, str]
+    protocol: int = PROTOCOL_3_0
+
+
+StartupPacket = SSLRequest | GSSENCRequest | CancelRequest | StartupMessage
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A regular message: ``type`` is the one-byte code, ``data`` the whole frame."""
+
+    type: bytes
+    data: bytes
+
+    @property
+    def body(self) -> bytes:
+        return self.data[5:]
+
+
+def cstrings(body: bytes, violation: type[ProtocolViolation]) -> list[str]:
+    """Split a run of NUL-terminated strings (the last must be terminated)."""
+    if body and body[-1] != 0:
+        raise violation("string not NUL-terminated")
+    if not body:
+        return []
+    try:
+        return [part.decode() for part in body[:-1].split(b"\0")]
+    except UnicodeDecodeError as exc:
+        raise violation("string is not valid UTF-8") from exc
+
+
+def parse_startup(packet: bytes, violation: type[ProtocolViolation]) -> StartupPacket:
+    """Decode one complete startup-phase packet (length prefix included)."""
+    if len(packet) < 8:
+        raise violation(f"startup packet of {len(packet)} bytes is too short")
+    (code,) = _unpack_i32(packet, 4)
+    if code in (SSL_REQUEST_CODE, GSSENC_REQUEST_CODE):
+        if len(packet) != 8:
+            raise violation("SSLRequest/GSSENCRequest with a payload")
+        return SSLRequest() if code == SSL_REQUEST_CODE else GSSENCRequest()
+    if code == CANCEL_REQUEST_CODE:
+        if len(packet) != 16:
+            raise violation(f"CancelRequest of {len(packet)} bytes")
+        pid, key = struct.unpack_from("!ii", packet, 8)
+        return CancelRequest(pid, key)
+    if code >> 16 != 3:
+        raise violation(f"unsupported protocol version {code >> 16}.{code & 0xFFFF}")
+    body = packet[8:]
+    # a terminating empty name ends the list: "name\0value\0...\0"
+    if not body.endswith(b"\0"):
+        raise violation("startup parameters not terminated")
+    parts = cstrings(body[:-1], violation) if len(body) > 1 else []
+    if len(parts) % 2:
+        raise violation("startup parameter without a value")
+    params: dict[str, str] = {}
+    for name, value in zip(parts[::2], parts[1::2], strict=True):
+        if not name:
+            raise violation("empty startup parameter name")
+        params[name] = value
+    return StartupMessage(params, code)
+
+
+class FrameReader:
+    """Accumulates bytes and cuts them into complete frames without copying the rest."""
+
+    __slots__ = ("_buf", "_pos", "_violation")
+
+    def __init__(self, violation: type[ProtocolViolation]) -> None:
+        self._buf = bytearray()
+        self._pos = 0
+        self._violation = violation
+
+    def feed(self, data: bytes) -> None:
+        if self._pos:
+            # compact lazily: only when the consumed prefix dominates the buffer
+            if self._pos >= len(self._buf):
+                self._buf.clear()
+                self._pos = 0
+            elif self._pos > 65536:
+                del self._buf[: self._pos]
+                self._pos = 0
+        self._buf += data
+
+    @property
+    def pending(self) -> int:
+        return len(self._buf) - self._pos
+
+    def frames(self, data: bytes) -> tuple[bytes, list[tuple[int, int, int]]]:
+        """Bulk path: ``data`` plus what was pending, cut into ``(type, start, end)`` frames.
+
+        Returns the bytes holding the complete frames (``data`` itself, uncopied, when
+        nothing was pending and it ends on a frame boundary) and their offsets; an
+        incomplete tail stays buffered.
+        """
+        if len(self._buf) > self._pos:
+            self._buf += data
+            # a big message arriving in pieces: wait for all of it before copying
+            if len(self._buf) - self._pos >= 5:
+                (length,) = _unpack_i32(self._buf, self._pos + 1)
+                if 4 <= length <= MAX_MESSAGE_LENGTH and len(self._buf) - self._pos <= length:
+                    return b"", []
+            buf = bytes(self._buf[self._pos :])
+            self._buf.clear()
+            self._pos = 0
+        else:
+            buf = data
+        frames: list[tuple[int, int, int]] = []
+        pos, size = 0, len(buf)
+        unpack = _unpack_i32
+        while size - pos >= 5:
+            (length,) = unpack(buf, pos + 1)
+            if length < 4 or length > MAX_MESSAGE_LENGTH:
+                raise self._violation(f"invalid message length {length}")
+            end = pos + 1 + length
+            if end > size:
+                break
+            frames.append((buf[pos], pos, end))
+            pos = end
+        if pos < size:
+            self._buf += buf[pos:]
+            return buf[:pos], frames
+        return buf, frames
+
+    def next_startup(self) -> bytes | None:
+        buf, pos = self._buf, self._pos
+        if len(buf) - pos < 4:
+            return None
+        (length,) = _unpack_i32(buf, pos)
+        if length < 8 or length > MAX_STARTUP_LENGTH:
+            raise self._violation(f"invalid startup packet length {length}")
+        if len(buf) - pos < length:
+            return None
+        self._pos = pos + length
+        return bytes(buf[pos : pos + length])
+
+    def next_message(self) -> Message | None:
+        buf, pos = self._buf, self._pos
+        if len(buf) - pos < 5:
+            return None
+        (length,) = _unpack_i32(buf, pos + 1)
+        if length < 4 or length > MAX_MESSAGE_LENGTH:
+            raise self._violation(f"invalid message length {length}")
+        end = pos + 1 + length
+        if len(buf) < end:
+            return None
+        self._pos = end
+        return Message(bytes(buf[pos : pos + 1]), bytes(buf[pos:end]))
+
+
+# --- builders -----------------------------------------------------------------------
+
+
+def message(type_: bytes, body: bytes = b"") -> bytes:
+    return _HDR.pack(type_, len(body) + 4) + body
+
+
+def cstr(value: str) -> bytes:
+    return value.encode() + b"\0"
+
+
+def startup_message(parameters: dict[str, str], protocol: int = PROTOCOL_3_0) -> bytes:
+    body = _I32.pack(protocol) + b"".join(cstr(k) + cstr(v) for k, v in parameters.items())
+    body += b"\0"
+    return _I32.pack(len(body) + 4) + body
+
+
+def ssl_request() -> bytes:
+    return struct.pack("!ii", 8, SSL_REQUEST_CODE)
+
+
+def gssenc_request() -> bytes:
+    return struct.pack("!ii", 8, GSSENC_REQUEST_CODE)
+
+
+def cancel_request(process_id: int, secret_key: int) -> bytes:
+    return struct.pack("!iiii", 16, CANCEL_REQUEST_CODE, process_id, secret_key)
+
+
+def authentication(code: int, payload: bytes = b"") -> bytes:
+    return message(b"R", _I32.pack(code) + payload)
+
+
+AUTH_OK = 0
+AUTH_CLEARTEXT = 3
+AUTH_MD5 = 5
+AUTH_SASL = 10
+AUTH_SASL_CONTINUE = 11
+AUTH_SASL_FINAL = 12
+
+
+def parameter_status(name: str, value: str) -> bytes:
+    return message(b"S", cstr(name) + cstr(value))
+
+
+def backend_key_data(process_id: int, secret_key: int) -> bytes:
+    return message(b"K", struct.pack("!ii", process_id, secret_key))
+
+
+def ready_for_query(status: bytes) -> bytes:
+    return message(b"Z", status)
+
+
+def query(sql: str) -> bytes:
+    return message(b"Q", cstr(sql))
+
+
+def password_message(payload: bytes) -> bytes:
+    return message(b"p", payload)
+
+
+def sasl_initial_response(mechanism: str, data: bytes) -> bytes:
+    return message(b"p", cstr(mechanism) + _I32.pack(len(data)) + data)
+
+
+def negotiate_protocol_version(newest_minor: int, unsupported: list[str]) -> bytes:
+    body = _I32.pack(newest_minor) + _I32.pack(len(unsupported))
+    return message(b"v", body + b"".join(cstr(o) for o in unsupported))
+
+
+TERMINATE = message(b"X")
+SYNC = message(b"S")
+PARSE_COMPLETE = message(b"1")
+CLOSE_COMPLETE = message(b"3")
+
+
+def error_response(
+    sqlstate: str, text: str, severity: str = "FATAL", detail: str | None = None
+) -> bytes:
+    fields = [b"S" + cstr(severity), b"V" + cstr(severity), b"C" + cstr(sqlstate)]
+    fields.append(b"M" + cstr(text))
+    if detail:
+        fields.append(b"D" + cstr(detail))
+    return message(b"E", b"".join(fields) + b"\0")
+
+
+def parse_error_fields(body: bytes, violation: type[ProtocolViolation]) -> dict[str, str]:
+    """Fields of an ErrorResponse/NoticeResponse body, keyed by their one-letter code."""
+    if not body.endswith(b"\0"):
+        raise violation("error fields not terminated")
+    out: dict[str, str] = {}
+    for item in cstrings(body[:-1], violation):
+        if not item:
+            raise violation("empty error field")
+        out[item[0]] = item[1:]
+    return out
+
+
+def parse_parameter_status(body: bytes, violation: type[ProtocolViolation]) -> tuple[str, str]:
+    parts = cstrings(body, violation)
+    if len(parts) != 2:
+        raise violation("ParameterStatus without name and value")
+    return parts[0], parts[1]
+
+
+def parse_int32(body: bytes, offset: int, violation: type[ProtocolViolation]) -> int:
+    if len(body) < offset + 4:
+        raise violation("message too short")
+    return int(_unpack_i32(body, offset)[0])
+
+
+def parse_int16(body: bytes, offset: int, violation: type[ProtocolViolation]) -> int:
+    if len(body) < offset + 2:
+        raise violation("message too short")
+    return int(_I16.unpack_from(body, offset)[0])
+
+
+def read_cstr(body: bytes, offset: int, violation: type[ProtocolViolation]) -> tuple[str, int]:
+    """The NUL-terminated string at ``offset`` and the offset just after it."""
+    end = body.find(b"\0", offset)
+    if end < 0:
+        raise violation("string not NUL-terminated")
+    try:
+        return body[offset:end].decode(), end + 1
+    except UnicodeDecodeError as exc:
+        raise violation("string is not valid UTF-8") from exc

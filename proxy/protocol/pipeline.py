@@ -1,0 +1,435 @@
+"""Request/response bookkeeping of one server connection, sans I/O.
+
+A pooled server connection serves many clients, so the client's named prepared
+statements are renamed to server-wide names (one per distinct statement text) and
+prepared lazily on whichever server connection lacks them. Every request that gets a
+response is queued in order; each entry says what to do with its response:
+
+* ``FORWARD``  - the client's own request: pass responses through;
+* ``INJECTED`` - a Parse the proxy added: swallow ParseComplete, pass an error through;
+* ``INTERNAL`` - a query of the proxy itself (SET, DISCARD ALL): swallow everything;
+* ``FAKE``     - the proxy answered already (Parse of a statement the server has,
+  Close of a statement): synthesise ParseComplete/CloseComplete in its turn.
+* ``CAPTURE``  - a query of the proxy whose rows it reads (see :meth:`capture_query`).
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections import deque
+from collections.abc import Callable
+
+from proxy.protocol import messages as m
+from proxy.protocol.errors import ClientProtocolViolation, ServerProtocolViolation
+
+FORWARD, INJECTED, INTERNAL, FAKE, CAPTURE = 0, 1, 2, 3, 4
+
+# kinds: what completes an entry
+_PARSE, _BIND, _DESCRIBE, _EXECUTE, _CLOSE, _SYNC, _QUERY = range(7)
+_FAKE_REPLY = {_PARSE: m.PARSE_COMPLETE, _CLOSE: m.CLOSE_COMPLETE}
+_COMPLETES = {
+    ord("1"): _PARSE,
+    ord("2"): _BIND,
+    ord("3"): _CLOSE,
+    ord("T"): _DESCRIBE,
+    ord("n"): _DESCRIBE,
+    ord("C"): _EXECUTE,
+    ord("I"): _EXECUTE,
+    ord("s"): _EXECUTE,
+}
+_I16 = struct.Struct("!h")
+_PLAIN = frozenset(b"dcfH")  # CopyData, CopyDone, CopyFail, Flush: no response, no rewrite
+# queries after which the server has no prepared statements left
+_DROPS_STATEMENTS = re.compile(rb"\s*(DISCARD\s+ALL|DEALLOCATE\s+(PREPARE\s+)?ALL)\b", re.I)
+_MAYBE_DISCARD = frozenset((b"D", b"d", b" ", b"\n", b"\t", b"\r"))  # cheap pre-check
+
+# reported parameters a client may change and the proxy carries between connections
+SYNCED_PARAMETERS = (
+    "application_name",
+    "client_encoding",
+    "DateStyle",
+    "IntervalStyle",
+    "TimeZone",
+    "standard_conforming_strings",
+    "search_path",
+)
+
+
+class Entry:
+    __slots__ = ("action", "kind", "rows", "stmt")
+
+    def __init__(self, kind: int, action: int, stmt: str | None = None) -> None:
+        self.kind = kind
+        self.action = action
+        self.stmt = stmt  # server statement a Parse creates (forgotten if it fails)
+        self.rows: list[list[str | None]] | None = None  # CAPTURE: the rows; None on error
+
+
+class StatementNames:
+    """Server-side name for each distinct statement (query text + parameter types)."""
+
+    def __init__(self, prefix: str = "csp_") -> None:
+        self._names: dict[bytes, str] = {}
+        self._prefix = prefix
+
+    def name_for(self, definition: bytes) -> str:
+        name = self._names.get(definition)
+        if name is None:
+            name = f"{self._prefix}{len(self._names) + 1}"
+            self._names[definition] = name
+        return name
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+class ClientStatements:
+    """A client's prepared statements: its name -> (server name, Parse body after the name)."""
+
+    __slots__ = ("by_name",)
+
+    def __init__(self) -> None:
+        self.by_name: dict[str, tuple[str, bytes]] = {}
+
+
+def _split_name(body: bytes, offset: int = 0) -> tuple[str, int]:
+    return m.read_cstr(body, offset, ClientProtocolViolation)
+
+
+def _parse_message(server_name: str, definition: bytes) -> bytes:
+    return m.message(b"P", m.cstr(server_name) + definition)
+
+
+class Pipeline:
+    """Rewrites client requests for this server connection and routes its responses."""
+
+    __slots__ = (
+        "fatal_forwarded",
+        "names",
+        "parameters",
+        "prepared",
+        "queue",
+        "synced",
+        "unrequested_error",
+    )
+
+    def __init__(self, names: StatementNames, parameters: dict[str, str]) -> None:
+        self.names = names
+        self.prepared: set[str] = set()
+        self.queue: deque[Entry] = deque()
+        self.parameters = parameters  # the server's reported parameters, kept current
+        # the subset a client carries between connections: one dict compare per attach
+        self.synced = {k: parameters[k] for k in SYNCED_PARAMETERS if k in parameters}
+        self.fatal_forwarded = False  # the client already got the server's last word
+        self.unrequested_error: bytes | None = None  # an error between requests
+
+    @property
+    def idle(self) -> bool:
+        """No request is waiting for a response."""
+        return not self.queue
+
+    # --- client -> server ---------------------------------------------------------
+
+    def client_message(self, msg: m.Message, stmts: ClientStatements, out: list[bytes]) -> None:
+        """Append the bytes to send upstream for ``msg`` to ``out`` and queue its entries."""
+        t = msg.data[0]
+        queue = self.queue
+        if t == 81:  # Q
+            queue.append(Entry(_QUERY, FORWARD))
+            if _DROPS_STATEMENTS.match(msg.data, 5, 64):
+                self.prepared.clear()
+        elif t == 83:  # S
+            queue.append(Entry(_SYNC, FORWARD))
+        elif t == 69:  # E
+            queue.append(Entry(_EXECUTE, FORWARD))
+        elif t == 66:  # B
+            body = msg.body
+            _portal, offset = _split_name(body)
+            name, rest = _split_name(body, offset)
+            if name:
+                target = self._ensure(stmts, name, out)
+                if target is not None:
+                    out.append(m.message(b"B", body[:offset] + m.cstr(target) + body[rest:]))
+                    queue.append(Entry(_BIND, FORWARD))
+                    return
+            queue.append(Entry(_BIND, FORWARD))
+        elif t == 80:  # P
+            body = msg.body
+            name, offset = _split_name(body)
+            if name:
+                definition = body[offset:]
+                target = self.names.name_for(definition)
+                stmts.by_name[name] = (target, definition)
+                if target in self.prepared:
+                    queue.append(Entry(_PARSE, FAKE))
+                    return
+                self.prepared.add(target)
+                out.append(_parse_message(target, definition))
+                queue.append(Entry(_PARSE, FORWARD, target))
+                return
+            queue.append(Entry(_PARSE, FORWARD))
+        elif t == 68 or t == 67:  # D, C
+            body = msg.body
+            if len(body) < 2:
+                raise ClientProtocolViolation("Describe/Close without a target")
+            kind = _DESCRIBE if t == 68 else _CLOSE
+            name, _ = _split_name(body, 1)
+            if body[0] == 83 and name:  # 'S': a named statement
+                if kind == _CLOSE:
+                    stmts.by_name.pop(name, None)  # the server keeps it for others
+                    queue.append(Entry(_CLOSE, FAKE))
+                    return
+                target = self._ensure(stmts, name, out)
+                if target is not None:
+                    out.append(m.message(b"D", b"S" + m.cstr(target)))
+                    queue.append(Entry(_DESCRIBE, FORWARD))
+                    return
+            elif body[0] not in (80, 83):
+                raise ClientProtocolViolation("Describe/Close of neither 'S' nor 'P'")
+            queue.append(Entry(kind, FORWARD))
+        elif t == 70:  # F: FunctionCall answers V then Z like a query
+            queue.append(Entry(_QUERY, FORWARD))
+        out.append(msg.data)
+
+    def client_frames(
+        self,
+        buf: bytes,
+        frames: list[tuple[int, int, int]],
+        stmts: ClientStatements,
+        out: list[bytes],
+    ) -> None:
+        """Bulk form of :meth:`client_message`: what needs no rewrite leaves as one slice."""
+        queue = self.queue
+        run_start = run_end = -1
+        for t, start, end in frames:
+            if t == 81:  # Q
+                queue.append(Entry(_QUERY, FORWARD))
+                if buf[start + 5 : start + 6] in _MAYBE_DISCARD and _DROPS_STATEMENTS.match(
+                    buf, start + 5, min(end, start + 64)
+                ):
+                    self.prepared.clear()  # DISCARD ALL / DEALLOCATE ALL from the client
+            elif t == 70:  # F
+                queue.append(Entry(_QUERY, FORWARD))
+            elif t == 83:  # S
+                queue.append(Entry(_SYNC, FORWARD))
+            elif t == 69:  # E
+                queue.append(Entry(_EXECUTE, FORWARD))
+            elif t not in _PLAIN:  # P, B, D, C may name a statement: the careful path
+                if run_start >= 0:
+                    out.append(buf[run_start:run_end])
+                    run_start = -1
+                self.client_message(m.Message(buf[start : start + 1], buf[start:end]), stmts, out)
+                continue
+            if run_start < 0:
+                run_start = start
+            run_end = end
+        if run_start >= 0:
+            out.append(buf if run_start == 0 and run_end == len(buf) else buf[run_start:run_end])
+
+    def _ensure(self, stmts: ClientStatements, name: str, out: list[bytes]) -> str | None:
+        """Server name of the client's statement, prepared here first if needed."""
+        known = stmts.by_name.get(name)
+        if known is None:
+            return None  # the server will say it does not exist
+        target, definition = known
+        if target not in self.prepared:
+            self.prepared.add(target)
+            out.append(_parse_message(target, definition))
+            self.queue.append(Entry(_PARSE, INJECTED, target))
+        return target
+
+    def internal_query(self, sql: str) -> bytes:
+        """A query of the proxy's own whose responses nobody sees."""
+        self.queue.append(Entry(_QUERY, INTERNAL))
+        data = m.query(sql)
+        if _DROPS_STATEMENTS.match(data, 5, 64):
+            self.prepared.clear()
+        return data
+
+    def capture_query(self, sql: str) -> tuple[bytes, Entry]:
+        """A query of the proxy's own whose text-format rows end up in ``entry.rows``."""
+        entry = Entry(_QUERY, CAPTURE)
+        entry.rows = []
+        self.queue.append(entry)
+        return m.query(sql), entry
+
+    def fakes(self, out: list[bytes]) -> None:
+        """Emit the synthesized replies that are now at the head of the queue."""
+        queue = self.queue
+        while queue and queue[0].action == FAKE:
+            out.append(_FAKE_REPLY[queue.popleft().kind])
+
+    # --- server -> client ---------------------------------------------------------
+
+    def server_frames(
+        self,
+        buf: bytes,
+        frames: list[tuple[int, int, int]],
+        out: list[bytes],
+        on_parameter: Callable[[str, str], None] | None = None,
+    ) -> bool:
+        """Bulk form of :meth:`server_message`: runs of forwarded frames leave as one slice.
+
+        Returns True when an ErrorResponse of the proxy's own query was swallowed.
+        """
+        queue = self.queue
+        run_start = run_end = -1
+        swallowed_error = False
+        for t, start, end in frames:
+            if queue and queue[0].action == FAKE:
+                if run_start >= 0:
+                    out.append(buf[run_start:run_end])
+                    run_start = -1
+                self.fakes(out)
+            if not queue or t == 78 or t == 65 or t == 83:
+                # no request pending, a notice/notification, or a ParameterStatus:
+                # take the careful path (it also validates what nobody asked for)
+                if run_start >= 0:
+                    out.append(buf[run_start:run_end])
+                    run_start = -1
+                msg = m.Message(buf[start : start + 1], buf[start:end])
+                swallowed_error |= self.server_message(msg, out, on_parameter)
+                continue
+            head = queue[0]
+            action = head.action
+            if t == 90:  # Z
+                queue.popleft()
+                if head.kind != _SYNC and head.kind != _QUERY:
+                    raise ServerProtocolViolation("ReadyForQuery before the request completed")
+                forward = action == FORWARD
+            elif t == 69:  # E
+                if head.stmt is not None:
+                    self.prepared.discard(head.stmt)
+                if head.kind != _QUERY:
+                    while queue and queue[0].kind != _SYNC:
+                        queue.popleft()
+                forward = action != INTERNAL and action != CAPTURE
+                if not forward:
+                    head.rows = None
+                    swallowed_error = True
+                elif buf[start + 5 : start + 12] == b"SFATAL\0":
+                    self.fatal_forwarded = True
+            else:
+                if _COMPLETES.get(t) == head.kind:
+                    queue.popleft()
+                forward = action == FORWARD
+                if action == CAPTURE and t == 68 and head.rows is not None:
+                    head.rows.append(_data_row(buf[start + 5 : end]))
+            if forward:
+                if run_start < 0:
+                    run_start = start
+                run_end = end
+            elif run_start >= 0:
+                out.append(buf[run_start:run_end])
+                run_start = -1
+        if run_start >= 0:
+            out.append(buf[run_start:run_end] if run_start or run_end != len(buf) else buf)
+        if queue and queue[0].action == FAKE:
+            self.fakes(out)  # e.g. a Close answered by us, with only a Flush after it
+        return swallowed_error
+
+    def server_message(
+        self,
+        msg: m.Message,
+        out: list[bytes],
+        on_parameter: Callable[[str, str], None] | None = None,
+    ) -> bool:
+        """Route one server message; append what the client should see to ``out``.
+
+        Returns True when an ErrorResponse of the proxy's own query was swallowed.
+        """
+        queue = self.queue
+        if queue and queue[0].action == FAKE:
+            self.fakes(out)
+        t = msg.data[0]
+        if t == 78 or t == 65:  # N, A: asynchronous, always the client's
+            out.append(msg.data)
+            return False
+        if t == 83:  # S: ParameterStatus
+            name, value = m.parse_parameter_status(msg.body, ServerProtocolViolation)
+            self.parameters[name] = value
+            if name in SYNCED_PARAMETERS:
+                self.synced[name] = value
+            if on_parameter is not None:
+                on_parameter(name, value)
+            out.append(msg.data)
+            return False
+        if not queue:
+            # nothing asked: only an error (admin shutdown, idle timeout) may arrive; it
+            # is about the server session, so whoever owns that decides (not forwarded)
+            if t == 69:
+                self.unrequested_error = msg.data
+                return False
+            raise ServerProtocolViolation(f"unrequested message {msg.type!r}")
+        head = queue[0]
+        action = head.action
+        if t == 90:  # Z ends a Sync or a Query
+            queue.popleft()
+            if head.kind != _SYNC and head.kind != _QUERY:
+                raise ServerProtocolViolation("ReadyForQuery before the request completed")
+            if action == FORWARD:
+                out.append(msg.data)
+            return False
+        if t == 69:  # E
+            if head.stmt is not None:  # a failed Parse leaves nothing prepared
+                self.prepared.discard(head.stmt)
+            if head.kind != _QUERY:
+                # the server skips everything up to the next Sync
+                while queue and queue[0].kind != _SYNC:
+                    queue.popleft()
+            if action in (INTERNAL, CAPTURE):
+                head.rows = None
+                return True
+            self.fatal_forwarded = msg.data[5:12] == b"SFATAL\0"
+            out.append(msg.data)
+            return False
+        kind = _COMPLETES.get(t)
+        if kind is not None and kind == head.kind:
+            queue.popleft()
+        if action == FORWARD:
+            out.append(msg.data)
+        elif action == CAPTURE and t == 68 and head.rows is not None:  # DataRow
+            head.rows.append(_data_row(msg.body))
+        return False
+
+
+def _data_row(body: bytes) -> list[str | None]:
+    count = m.parse_int16(body, 0, ServerProtocolViolation)
+    offset = 2
+    row: list[str | None] = []
+    for _ in range(count):
+        length = m.parse_int32(body, offset, ServerProtocolViolation)
+        offset += 4
+        if length < 0:
+            row.append(None)
+            continue
+        row.append(body[offset : offset + length].decode(errors="replace"))
+        offset += length
+    return row
+
+
+_IDLE_READY = m.ready_for_query(b"I")
+
+
+def refuse(types: list[int], error: bytes, discarding: bool) -> tuple[list[bytes], bool]:
+    """Answer requests that no server will see, as a server that failed them would.
+
+    One ``error`` per Query and per extended-protocol segment, and ReadyForQuery 'I' at
+    each Query or Sync; while ``discarding`` (a failed segment still open) everything up
+    to the next Sync is dropped. Returns the replies and whether a segment stays open.
+    """
+    out: list[bytes] = []
+    for t in types:
+        if discarding:
+            if t == 83:  # S
+                out.append(_IDLE_READY)
+                discarding = False
+        elif t == 81 or t == 70:  # Q, F
+            out += [error, _IDLE_READY]
+        elif t == 83:
+            out.append(_IDLE_READY)
+        elif t not in _PLAIN:  # P, B, D, E, C
+            out.append(error)
+            discarding = True
+    return out, discarding

@@ -1,0 +1,84 @@
+"""The two state machines of a proxied conversation, as tables (h11 style).
+
+``CLIENT_*`` is the proxy's view of the client (the proxy plays the server);
+``SERVER_*`` is its view of the upstream (the proxy plays the client). A table maps
+``(state, event kind)`` to the next state; anything missing is a protocol violation
+of the side that caused it.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class ClientState(Enum):
+    STARTUP = "startup"  # waiting for SSLRequest / GSSENCRequest / CancelRequest / Startup
+    NEGOTIATING = "negotiating"  # SSLRequest/GSSENCRequest seen; proxy owes 'S' or 'N'
+    AUTHENTICATING = "authenticating"  # StartupMessage seen; proxy decides how to log in
+    PASSWORD = "password"  # proxy asked for a password / SASL message
+    READY = "ready"  # logged in: regular messages
+    CLOSED = "closed"
+
+
+class ServerState(Enum):
+    IDLE = "idle"  # nothing sent yet
+    AUTHENTICATING = "authenticating"  # StartupMessage sent; server asks for credentials
+    STARTING = "starting"  # AuthenticationOk seen; ParameterStatus/BackendKeyData follow
+    READY = "ready"  # first ReadyForQuery seen: regular messages
+    FAILED = "failed"  # ErrorResponse during startup
+    CLOSED = "closed"
+
+
+# --- client: what the client may send (event kind -> next state) ---------------------
+CLIENT_RECEIVE: dict[tuple[ClientState, str], ClientState] = {
+    (ClientState.STARTUP, "SSLRequest"): ClientState.NEGOTIATING,
+    (ClientState.STARTUP, "GSSENCRequest"): ClientState.NEGOTIATING,
+    (ClientState.STARTUP, "CancelRequest"): ClientState.CLOSED,
+    (ClientState.STARTUP, "StartupMessage"): ClientState.AUTHENTICATING,
+    (ClientState.PASSWORD, "PasswordMessage"): ClientState.AUTHENTICATING,
+    (ClientState.READY, "Message"): ClientState.READY,
+    (ClientState.READY, "Terminate"): ClientState.CLOSED,
+}
+
+# --- client: what the proxy may send to the client ----------------------------------
+CLIENT_SEND: dict[tuple[ClientState, str], ClientState] = {
+    (ClientState.NEGOTIATING, "SSLResponse"): ClientState.STARTUP,
+    (ClientState.AUTHENTICATING, "AuthenticationRequest"): ClientState.PASSWORD,
+    (ClientState.AUTHENTICATING, "AuthenticationOk"): ClientState.READY,
+    (ClientState.AUTHENTICATING, "ErrorResponse"): ClientState.CLOSED,
+    (ClientState.AUTHENTICATING, "NegotiateProtocolVersion"): ClientState.AUTHENTICATING,
+    (ClientState.STARTUP, "ErrorResponse"): ClientState.CLOSED,
+    (ClientState.PASSWORD, "ErrorResponse"): ClientState.CLOSED,
+    (ClientState.READY, "ErrorResponse"): ClientState.READY,
+    (ClientState.READY, "Message"): ClientState.READY,
+}
+
+# Regular-phase message types a client may send (Bind, Close, CopyData, CopyDone,
+# CopyFail, Describe, Execute, Flush, FunctionCall, Parse, Query, Sync, Terminate).
+FRONTEND_TYPES = frozenset(b"BCdcfDEHFPQSX")
+
+# --- server: what the server may send (event kind -> next state) --------------------
+SERVER_RECEIVE: dict[tuple[ServerState, str], ServerState] = {
+    (ServerState.AUTHENTICATING, "AuthenticationRequest"): ServerState.AUTHENTICATING,
+    (ServerState.AUTHENTICATING, "AuthenticationOk"): ServerState.STARTING,
+    (ServerState.AUTHENTICATING, "NegotiateProtocolVersion"): ServerState.AUTHENTICATING,
+    (ServerState.AUTHENTICATING, "ErrorResponse"): ServerState.FAILED,
+    (ServerState.AUTHENTICATING, "NoticeResponse"): ServerState.AUTHENTICATING,
+    (ServerState.STARTING, "ParameterStatus"): ServerState.STARTING,
+    (ServerState.STARTING, "BackendKeyData"): ServerState.STARTING,
+    (ServerState.STARTING, "NoticeResponse"): ServerState.STARTING,
+    (ServerState.STARTING, "ErrorResponse"): ServerState.FAILED,
+    (ServerState.STARTING, "ReadyForQuery"): ServerState.READY,
+    (ServerState.READY, "Message"): ServerState.READY,
+}
+
+# --- server: what the proxy may send to the server ----------------------------------
+SERVER_SEND: dict[tuple[ServerState, str], ServerState] = {
+    (ServerState.IDLE, "StartupMessage"): ServerState.AUTHENTICATING,
+    (ServerState.AUTHENTICATING, "PasswordMessage"): ServerState.AUTHENTICATING,
+    (ServerState.READY, "Message"): ServerState.READY,
+    (ServerState.READY, "Terminate"): ServerState.CLOSED,
+}
+
+# Regular-phase message types a server may send.
+BACKEND_TYPES = frozenset(b"123AcdCDEGHIKnNsStTVWZ")

@@ -1,0 +1,119 @@
+"""One asyncio Protocol for both sides of the proxy.
+
+While a connection is being set up (TLS negotiation, login) it buffers what arrives
+and :meth:`Link.recv` awaits it; once running it hands every chunk straight to a
+callback, so forwarding costs no task switch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import cast
+
+DataHandler = Callable[[bytes], None]
+LostHandler = Callable[[Exception | None], None]
+
+
+class Link(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._inbox = bytearray()
+        self._waiter: asyncio.Future[None] | None = None
+        self._eof = False
+        self._error: Exception | None = None
+        self.on_data: DataHandler | None = None
+        self.on_lost: LostHandler | None = None
+        self.on_pause: Callable[[bool], None] | None = None  # peer write buffer full/drained
+        self.on_made: Callable[[Link], None] | None = None  # accepted connections
+        self.closed = False
+
+    # --- asyncio.Protocol -----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement the interface without subclassing it
+        self.transport = cast(asyncio.Transport, transport)
+        if self.on_made is not None:
+            self.on_made(self)
+
+    def data_received(self, data: bytes) -> None:
+        handler = self.on_data
+        if handler is not None:
+            handler(data)
+            return
+        self._inbox += data
+        self._wake()
+
+    def eof_received(self) -> bool | None:
+        self._eof = True
+        self._wake()
+        return None  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._eof = True
+        self._error = exc
+        self._wake()
+        if self.on_lost is not None:
+            self.on_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self.on_pause is not None:
+            self.on_pause(True)
+
+    def resume_writing(self) -> None:
+        if self.on_pause is not None:
+            self.on_pause(False)
+
+    # --- setup phase ----------------------------------------------------------------
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def recv(self) -> bytes:
+        """Bytes received so far (waits for some); raises ConnectionError at EOF."""
+        while not self._inbox:
+            if self._eof:
+                raise ConnectionResetError("connection closed by peer") from self._error
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        data = bytes(self._inbox)
+        self._inbox.clear()
+        return data
+
+    def run(self, on_data: DataHandler, on_lost: LostHandler) -> None:
+        """Switch to callback mode; anything already buffered is delivered first."""
+        self.on_data = on_data
+        self.on_lost = on_lost
+        if self._inbox:
+            data = bytes(self._inbox)
+            self._inbox.clear()
+            on_data(data)
+        if self.closed:
+            on_lost(self._error)
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def pause_reading(self, paused: bool) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if paused:
+            transport.pause_reading()
+        else:
+            transport.resume_reading()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()

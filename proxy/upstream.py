@@ -1,0 +1,291 @@
+"""Open and log in one upstream connection with the current credentials.
+
+TLS follows libpq's ``sslmode``: ``disable``/``allow`` plain; ``prefer`` TLS when the
+server agrees; ``require`` TLS (verifying the chain when ``ca_cert`` is given, as
+libpq does); ``verify-ca`` chain; ``verify-full`` chain and host name. The whole
+connect + login is bounded by ``connect_timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Callable
+from functools import lru_cache
+from typing import cast
+
+from proxy import metrics
+from proxy.config import UpstreamConfig
+from proxy.credentials import Credentials
+from proxy.errors import UpstreamAuthError, UpstreamError
+from proxy.protocol import events as ev
+from proxy.protocol import messages as m
+from proxy.protocol.auth import UpstreamAuthenticator
+from proxy.protocol.backend import ServerConnection
+from proxy.protocol.errors import AuthenticationFailed, ProtocolViolation
+from proxy.protocol.pipeline import Pipeline, StatementNames
+from proxy.transport import Link
+
+log = logging.getLogger("credsidecar.proxy")
+
+
+@lru_cache(maxsize=8)
+def ssl_context(cfg: UpstreamConfig) -> ssl.SSLContext | None:
+    if cfg.sslmode in ("disable", "allow"):
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    verify = cfg.sslmode in ("verify-ca", "verify-full") or cfg.ca_cert is not None
+    if verify and cfg.ca_cert is not None:
+        ctx.load_verify_locations(cafile=str(cfg.ca_cert))
+    ctx.check_hostname = cfg.sslmode == "verify-full"
+    ctx.verify_mode = ssl.CERT_REQUIRED if verify else ssl.CERT_NONE
+    if cfg.client_cert is not None:
+        key = str(cfg.client_key) if cfg.client_key else None
+        ctx.load_cert_chain(str(cfg.client_cert), key)
+    return ctx
+
+
+def where(cfg: UpstreamConfig) -> str:
+    return f"{cfg.host}:{cfg.port}"
+
+
+async def _negotiate_tls(link: Link, cfg: UpstreamConfig) -> bool:
+    """SSLRequest per sslmode; True when the link now runs over TLS."""
+    ctx = ssl_context(cfg)
+    if ctx is None:
+        return False
+    assert link.transport is not None
+    link.write(m.ssl_request())
+    answer = await link.recv()
+    if answer[:1] == b"N" and len(answer) == 1:
+        if cfg.sslmode == "prefer":
+            return False
+        raise UpstreamError(f"upstream {where(cfg)} does not accept TLS (sslmode {cfg.sslmode})")
+    if answer != b"S":
+        # anything after 'S' before the handshake would be injected plaintext (CVE-2021-23214)
+        raise UpstreamError(f"upstream {where(cfg)} answered SSLRequest unexpectedly", "08P01")
+    loop = asyncio.get_running_loop()
+    try:
+        transport = await loop.start_tls(
+            link.transport, link, ctx, server_hostname=cfg.server_name or cfg.host
+        )
+    except ssl.SSLCertVerificationError as exc:
+        raise UpstreamError(
+            f"upstream {where(cfg)} certificate rejected ({cfg.sslmode}): {exc.verify_message}"
+        ) from None
+    except (ssl.SSLError, ConnectionError) as exc:
+        raise UpstreamError(f"upstream {where(cfg)} TLS handshake failed: {exc}") from None
+    link.transport = cast(asyncio.Transport, transport)
+    return True
+
+
+class ServerConn:
+    """A logged-in upstream connection; the pool's unit, tagged with its generation."""
+
+    def __init__(
+        self,
+        link: Link,
+        proto: ServerConnection,
+        generation: int,
+        database: str,
+        tls: bool,
+        names: StatementNames,
+    ) -> None:
+        self.link = link
+        self.proto = proto
+        self.generation = generation
+        self.database = database
+        self.tls = tls
+        self.pipeline = Pipeline(names, proto.parameters)
+        self.owner: ServerOwner | None = None
+        self.closed = False
+        self.last_used = 0.0
+        self._idle_waiters: list[asyncio.Future[None]] = []
+        self.on_close: Callable[[ServerConn], None] | None = None
+        link.run(self._data, self._lost)
+
+    @property
+    def parameters(self) -> dict[str, str]:
+        return self.proto.parameters
+
+    @property
+    def backend_key(self) -> ev.BackendKeyData | None:
+        return self.proto.backend_key
+
+    def send(self, data: bytes) -> None:
+        self.link.write(data)
+
+    def _data(self, data: bytes) -> None:
+        out: list[bytes] = []
+        owner = self.owner
+        pipeline = self.pipeline
+        try:
+            buf, frames = self.proto.receive_frames(data)
+            if frames and pipeline.server_frames(
+                buf, frames, out, owner.on_parameter if owner is not None else None
+            ):
+                log.warning("proxy_internal_query_failed", extra={"db": self.database})
+        except ProtocolViolation as exc:
+            log.warning("proxy_server_protocol_violation", extra={"error": str(exc)})
+            self.close()
+            return
+        if owner is not None:
+            if out:
+                owner.to_client(out[0] if len(out) == 1 else b"".join(out))
+            if not pipeline.queue and pipeline.unrequested_error is None:
+                owner.server_idle(self)
+        if pipeline.unrequested_error is not None:
+            # the server ends this session between requests (admin shutdown, timeout)
+            error, pipeline.unrequested_error = pipeline.unrequested_error, None
+            log.info("proxy_server_ended_session", extra={"db": self.database})
+            if owner is not None:
+                owner.server_ended(self, error)
+            self.close(terminate=False)
+            return
+        if self._idle_waiters and not pipeline.queue:
+            for waiter in self._idle_waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            self._idle_waiters.clear()
+
+    async def wait_idle(self) -> None:
+        if self.pipeline.idle:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._idle_waiters.append(waiter)
+        await waiter
+
+    async def internal(self, sql: str) -> None:
+        """Run a query of the proxy's own and wait for it to finish."""
+        self.send(self.pipeline.internal_query(sql))
+        await self.wait_idle()
+        if self.closed:
+            raise UpstreamError("upstream connection closed during an internal query")
+
+    async def capture(self, sql: str) -> list[list[str | None]] | None:
+        """Rows of a query of the proxy's own (``None`` if it failed)."""
+        data, entry = self.pipeline.capture_query(sql)
+        self.send(data)
+        await self.wait_idle()
+        return None if self.closed else entry.rows
+
+    def _lost(self, exc: Exception | None) -> None:
+        was_closed = self.closed
+        self.closed = True
+        for waiter in self._idle_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._idle_waiters.clear()
+        owner = self.owner
+        if owner is not None:
+            owner.server_lost(self)
+        if not was_closed and self.on_close is not None:
+            self.on_close(self)
+
+    def close(self, terminate: bool = True) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if terminate:
+            self.link.write(m.TERMINATE)
+        self.link.close()
+        if self.on_close is not None:
+            self.on_close(self)
+
+
+class ServerOwner:
+    """What a server connection talks to while a client holds it (the client session)."""
+
+    def to_client(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def server_idle(self, conn: ServerConn) -> None:
+        raise NotImplementedError
+
+    def server_lost(self, conn: ServerConn) -> None:
+        raise NotImplementedError
+
+    def server_ended(self, conn: ServerConn, error: bytes) -> None:
+        """The server sent ``error`` between requests and will close the connection."""
+        raise NotImplementedError
+
+    def on_parameter(self, name: str, value: str) -> None:
+        raise NotImplementedError
+
+
+async def connect(
+    cfg: UpstreamConfig,
+    creds: Credentials,
+    database: str,
+    parameters: dict[str, str],
+    names: StatementNames,
+) -> ServerConn:
+    """Connect, negotiate TLS and log in; raises :class:`UpstreamError` on any failure."""
+    loop = asyncio.get_running_loop()
+    link: Link | None = None
+    try:
+        async with asyncio.timeout(cfg.connect_timeout):
+            _, link = await loop.create_connection(Link, cfg.host, cfg.port)
+            tls = await _negotiate_tls(link, cfg)
+            proto = await _login(link, cfg, creds, database, parameters, tls)
+    except TimeoutError:
+        if link is not None:
+            link.abort()
+        metrics.server_connects_total.labels("timeout").inc()
+        raise UpstreamError(
+            f"upstream {where(cfg)}: no answer within connect_timeout ({cfg.connect_timeout:g}s)"
+        ) from None
+    except UpstreamAuthError:
+        if link is not None:
+            link.abort()
+        metrics.server_connects_total.labels("auth_failed").inc()
+        metrics.auth_failures_total.labels("upstream").inc()
+        raise
+    except UpstreamError:
+        if link is not None:
+            link.abort()
+        metrics.server_connects_total.labels("error").inc()
+        raise
+    except (OSError, ProtocolViolation) as exc:
+        if link is not None:
+            link.abort()
+        metrics.server_connects_total.labels("error").inc()
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise UpstreamError(f"upstream {where(cfg)}: {reason or type(exc).__name__}") from None
+    metrics.server_connects_total.labels("ok").inc()
+    return ServerConn(link, proto, creds.generation, database, tls, names)
+
+
+async def _login(
+    link: Link,
+    cfg: UpstreamConfig,
+    creds: Credentials,
+    database: str,
+    parameters: dict[str, str],
+    tls: bool,
+) -> ServerConnection:
+    proto = ServerConnection()
+    startup = {"user": creds.username, "database": database, **parameters}
+    link.write(proto.send(m.StartupMessage(startup)))
+    auth = UpstreamAuthenticator(
+        creds.username, creds.password, cleartext_allowed=tls or cfg.allow_cleartext
+    )
+    while True:
+        proto.receive_data(await link.recv())
+        while (event := proto.next_event()) is not None:
+            if isinstance(event, ev.AuthenticationRequest):
+                try:
+                    reply = auth.respond(event)
+                except AuthenticationFailed as exc:
+                    raise UpstreamAuthError(f"upstream {where(cfg)}: {exc}", exc.sqlstate) from None
+                if reply is not None:
+                    link.write(proto.send(reply))
+            elif isinstance(event, ev.ErrorResponse):
+                text = f"upstream {where(cfg)}: {event.text} (SQLSTATE {event.sqlstate})"
+                if event.sqlstate.startswith("28"):
+                    raise UpstreamAuthError(text, event.sqlstate)
+                raise UpstreamError(text, event.sqlstate)
+            elif isinstance(event, ev.ReadyForQuery):
+                return proto

@@ -1,0 +1,212 @@
+"""Helpers for the proxy tests (a uniquely named module: several conftest.py exist).
+
+psql and pgbench must run as asyncio subprocesses (:func:`run`): the proxy lives in
+the same event loop as the test and would starve behind a blocking ``subprocess.run``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from devservers import PostgresCluster, pg_bindir
+
+from proxy.config import ProxyConfig
+from proxy.server import ProxyServer
+
+
+@dataclass
+class Role:
+    name: str
+    password: str
+    database: str
+
+
+def make_role(pg: PostgresCluster, prefix: str = "papp") -> Role:
+    suffix = secrets.token_hex(4)
+    role = Role(f"{prefix}_{suffix}", "pw-" + secrets.token_hex(12), f"{prefix}db_{suffix}")
+    pg.psql(f"CREATE ROLE {role.name} LOGIN PASSWORD '{role.password}'")
+    pg.psql(f"CREATE DATABASE {role.database} OWNER {role.name}")
+    return role
+
+
+def write_credentials(path: Path, username: str, password: str) -> None:
+    """Atomic replace, like the agent's renders."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"username": username, "password": password}))
+    os.replace(tmp, path)
+
+
+@dataclass
+class RunningProxy:
+    server: ProxyServer
+    config: ProxyConfig
+    creds_file: Path
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    def dsn(self, user: str = "app", db: str = "postgres", password: str = "x") -> str:
+        return f"postgresql://{user}:{password}@127.0.0.1:{self.port}/{db}"
+
+
+ProxyFactory = Callable[..., Awaitable[RunningProxy]]
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+async def run(*argv: str, env: dict[str, str] | None = None, limit: float = 60) -> Result:
+    """A subprocess run without blocking the event loop the proxy lives in."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), limit)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    return Result(proc.returncode or 0, out.decode(), err.decode())
+
+
+def pg_tool(name: str) -> str:
+    return str(pg_bindir() / name)
+
+
+async def wait_until(check: Callable[[], Any], limit: float = 30, what: str = "") -> Any:
+    """Poll ``check`` (sync or async) until it returns something truthy."""
+    deadline = asyncio.get_running_loop().time() + limit
+    while True:
+        value = check()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError(f"condition not met within {limit}s: {what}")
+        await asyncio.sleep(0.05)
+
+
+def pgbench_counts(output: str) -> tuple[int, int]:
+    """(transactions processed, failed transactions) from pgbench's summary."""
+    done = re.search(r"number of transactions actually processed: (\d+)", output)
+    failed = re.search(r"number of failed transactions: (\d+)", output)
+    assert done is not None, output
+    return int(done.group(1)), int(failed.group(1)) if failed else 0
+
+
+async def pgbench(port: int, db: str, *args: str, seconds: int = 3, clients: int = 16) -> Result:
+    return await run(
+        pg_tool("pgbench"),
+        "-n",
+        "-c",
+        str(clients),
+        "-j",
+        "2",
+        "-T",
+        str(seconds),
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "-U",
+        "app",
+        *args,
+        db,
+        limit=seconds + 120,
+    )
+
+
+def make_certs(directory: Path, hostname: str = "localhost") -> dict[str, Path]:
+    """A CA and a server certificate for ``hostname`` and 127.0.0.1, as PEM files."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+        return key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name("credsidecar test CA"))
+        .issuer_name(name("credsidecar test CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name(hostname))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName(hostname), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "ca": directory / "ca.pem",
+        "cert": directory / "server.pem",
+        "key": directory / "server.key",
+    }
+    paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths["key"].write_bytes(key_pem(key))
+    paths["key"].chmod(0o600)
+    return paths

@@ -1,0 +1,199 @@
+"""Status, metrics, graceful shutdown and the no-secrets-in-logs rule."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import signal
+import sys
+from pathlib import Path
+
+import asyncpg
+import pytest
+from devservers import PostgresCluster, free_port
+from prometheus_client import generate_latest
+from proxyhelpers import ProxyFactory, Role, make_role, wait_until, write_credentials
+
+from proxy import metrics
+
+
+async def test_status_and_metrics(make_proxy: ProxyFactory, role: Role) -> None:
+    proxy = await make_proxy(pool_size=2)
+    a = await asyncpg.connect(proxy.dsn(db=role.database))
+    b = await asyncpg.connect(proxy.dsn(db=role.database))
+    try:
+        # logins finish their parameter SETs in the background
+        await wait_until(lambda: proxy.server.status()["clients"]["active"] == 0, what="idle")
+        async with a.transaction():
+            await a.execute("SELECT 1")
+            status = proxy.server.status()
+            assert status["clients"]["active"] == 1
+            assert status["clients"]["idle"] == 1
+            assert status["generation"] == 1
+            assert status["user"] == role.name
+            (pool,) = status["pools"]
+            assert pool["database"] == role.database
+            assert [c["state"] for c in pool["connections"]].count("active") == 1
+            text = generate_latest(proxy.server._registry).decode()
+            assert 'credsidecar_proxy_client_connections{state="active"} 1.0' in text
+            assert (
+                'credsidecar_proxy_server_connections{generation="current",state="active"} 1.0'
+                in text
+            )
+            assert "credsidecar_proxy_credential_generation 1.0" in text
+        assert role.password not in str(status)
+        assert role.password not in text
+    finally:
+        await a.close()
+        await b.close()
+    counters = generate_latest(metrics.REGISTRY).decode()
+    assert "credsidecar_proxy_wait_seconds_count" in counters
+    assert 'credsidecar_proxy_clients_total{result="ok"}' in counters
+
+
+async def test_graceful_stop_lets_transactions_finish(make_proxy: ProxyFactory, role: Role) -> None:
+    proxy = await make_proxy()
+    busy = await asyncpg.connect(proxy.dsn(db=role.database))
+    idle = await asyncpg.connect(proxy.dsn(db=role.database))
+    await busy.execute("CREATE TABLE IF NOT EXISTS stopcheck (x int)")
+    tx = busy.transaction()
+    await tx.start()
+    await busy.execute("INSERT INTO stopcheck VALUES (1)")
+    stopping = asyncio.create_task(proxy.server.stop(timeout=30))
+    await wait_until(idle.is_closed, what="idle client closed")
+    with pytest.raises(OSError):
+        await asyncpg.connect(proxy.dsn(db=role.database))  # no longer accepting
+    assert not stopping.done()
+    await tx.commit()  # the transaction in flight still finishes
+    await stopping
+    assert busy.is_closed() or await _closed_soon(busy)
+    check = await asyncpg.connect(
+        f"postgresql://{role.name}:{role.password}@127.0.0.1:"
+        f"{proxy.config.upstream.port}/{role.database}"
+    )
+    assert await check.fetchval("SELECT count(*) FROM stopcheck") >= 1
+    await check.execute("DROP TABLE stopcheck")
+    await check.close()
+
+
+async def _closed_soon(conn: asyncpg.Connection) -> bool:
+    await wait_until(conn.is_closed, what="client closed after its transaction")
+    return True
+
+
+async def test_stop_deadline_ends_long_transactions_with_57p01(
+    make_proxy: ProxyFactory, role: Role
+) -> None:
+    proxy = await make_proxy()
+    conn = await asyncpg.connect(proxy.dsn(db=role.database))
+    query = asyncio.create_task(conn.fetchval("SELECT pg_sleep(30)"))
+    await wait_until(lambda: proxy.server.status()["clients"]["active"] == 1, what="busy")
+    await proxy.server.stop(timeout=0.5)
+    with pytest.raises(
+        (asyncpg.exceptions.AdminShutdownError, asyncpg.ConnectionDoesNotExistError),
+        match="shutting down",
+    ):
+        await query
+    await conn.close()
+
+
+async def test_no_secret_in_logs(
+    make_proxy: ProxyFactory, postgres: PostgresCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    own = make_role(postgres, "leak")
+    wrong = "wrong-" + secrets.token_hex(8)
+    proxy = await make_proxy(creds=(own.name, own.password))
+    conn = await asyncpg.connect(proxy.dsn(db=own.database, password="client-" + wrong))
+    await conn.fetchval("SELECT 1")
+    write_credentials(proxy.creds_file, own.name, wrong)  # rejected by the server
+    await wait_until(
+        lambda: any(r.getMessage() == "proxy_generation_rejected" for r in caplog.records),
+        what="rejection logged",
+    )
+    proxy.creds_file.write_text('{"username": "x", "password": "' + wrong)  # half-written
+    await wait_until(
+        lambda: any(r.getMessage() == "proxy_credentials_invalid" for r in caplog.records),
+        what="invalid file logged",
+    )
+    await conn.close()
+    await proxy.server.stop(timeout=1)
+    dump = "\n".join(str(r.__dict__) for r in caplog.records)
+    assert "proxy_credentials_invalid" in dump
+    for value in (own.password, wrong):
+        assert value not in dump
+
+
+async def test_standalone_entry_under_uvloop(
+    postgres: PostgresCluster, role: Role, tmp_path: Path
+) -> None:
+    """``python -m proxy -c FILE``: uvloop, file credentials, graceful SIGTERM."""
+    port = free_port()
+    creds = tmp_path / "db.json"
+    write_credentials(creds, role.name, role.password)
+    upstream_port = postgres.port
+    (tmp_path / "proxy.yaml").write_text(
+        "proxy:\n"
+        f"  listen: 127.0.0.1:{port}\n"
+        f"  upstream: {{host: 127.0.0.1, port: {upstream_port}, sslmode: disable}}\n"
+        "  credentials: {file: db.json}\n"
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        "-c",
+        str(tmp_path / "proxy.yaml"),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+
+        async def connects() -> bool:
+            try:
+                conn = await asyncpg.connect(f"postgresql://x:y@127.0.0.1:{port}/{role.database}")
+            except OSError:
+                return False
+            value = await conn.fetchval("SELECT current_user")
+            await conn.close()
+            return bool(value == role.name)
+
+        await wait_until(connects, what="standalone proxy serving")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err.decode()
+    assert b"proxy_stopped" in err
+    assert role.password.encode() not in err
+
+
+async def test_default_registry_has_no_name_clash(make_proxy: ProxyFactory, role: Role) -> None:
+    proxy = await make_proxy()
+    collector = metrics.StateCollector(proxy.server.status)
+    metrics.REGISTRY.register(collector)  # raises on a duplicated time series
+    try:
+        text = generate_latest(metrics.REGISTRY).decode()
+        assert "credsidecar_proxy_client_connections" in text
+    finally:
+        metrics.REGISTRY.unregister(collector)
+
+
+async def test_start_failure_leaves_nothing_running(
+    make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from proxy.config import parse_proxy_config
+    from proxy.credentials import FileCredentialProvider
+    from proxy.server import ProxyServer
+
+    busy = await make_proxy()
+    write_credentials(tmp_path / "c.json", "u", "p")
+    config = parse_proxy_config(
+        {"listen": f"127.0.0.1:{busy.port}", "credentials": {"file": "c.json"}}, tmp_path
+    )
+    provider = FileCredentialProvider(tmp_path / "c.json")
+    server = ProxyServer(config, provider, CollectorRegistry())
+    with pytest.raises(OSError):
+        await server.start()
+    assert provider._task is None  # the watcher was stopped again

@@ -1,0 +1,464 @@
+"""Sans-I/O protocol layer: byte-exact tables, state machines, auth, fuzzing."""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import hashlib
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxy.protocol import events as ev
+from proxy.protocol import messages as m
+from proxy.protocol.auth import ScramSecret, ScramVerifier, UpstreamAuthenticator, md5_password
+from proxy.protocol.backend import ServerConnection
+from proxy.protocol.errors import (
+    AuthenticationFailed,
+    ClientProtocolViolation,
+    ProtocolViolation,
+    ServerProtocolViolation,
+)
+from proxy.protocol.frontend import ClientConnection
+from proxy.protocol.pipeline import ClientStatements, Pipeline, StatementNames
+from proxy.protocol.states import ClientState, ServerState
+
+PROTOCOL_DIR = Path(__file__).resolve().parents[2] / "proxy" / "protocol"
+
+
+def test_protocol_package_does_no_io() -> None:
+    forbidden = {"asyncio", "socket", "ssl", "selectors", "trio", "anyio"}
+    for path in PROTOCOL_DIR.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            for name in names:
+                assert name.split(".")[0] not in forbidden, f"{path.name} imports {name}"
+
+
+# --- byte-exact builders ---------------------------------------------------------------
+
+BUILT = [
+    (m.ssl_request(), b"\x00\x00\x00\x08\x04\xd2\x16\x2f"),
+    (m.gssenc_request(), b"\x00\x00\x00\x08\x04\xd2\x16\x30"),
+    (m.cancel_request(7, 9), b"\x00\x00\x00\x10\x04\xd2\x16\x2e\x00\x00\x00\x07\x00\x00\x00\x09"),
+    (
+        m.startup_message({"user": "u", "database": "d"}),
+        b"\x00\x00\x00\x1b\x00\x03\x00\x00user\x00u\x00database\x00d\x00\x00",
+    ),
+    (m.query("SELECT 1"), b"Q\x00\x00\x00\x0dSELECT 1\x00"),
+    (m.ready_for_query(b"I"), b"Z\x00\x00\x00\x05I"),
+    (m.TERMINATE, b"X\x00\x00\x00\x04"),
+    (m.PARSE_COMPLETE, b"1\x00\x00\x00\x04"),
+    (m.CLOSE_COMPLETE, b"3\x00\x00\x00\x04"),
+    (m.authentication(m.AUTH_OK), b"R\x00\x00\x00\x08\x00\x00\x00\x00"),
+    (m.backend_key_data(1, 2), b"K\x00\x00\x00\x0c\x00\x00\x00\x01\x00\x00\x00\x02"),
+    (m.parameter_status("a", "b"), b"S\x00\x00\x00\x08a\x00b\x00"),
+    (
+        m.error_response("28P01", "no"),
+        b"E\x00\x00\x00\x1eSFATAL\x00VFATAL\x00C28P01\x00Mno\x00\x00",
+    ),
+    (
+        m.negotiate_protocol_version(0, ["_pq_.x"]),
+        b"v\x00\x00\x00\x13\x00\x00\x00\x00\x00\x00\x00\x01_pq_.x\x00",
+    ),
+]
+
+
+@pytest.mark.parametrize(("built", "expected"), BUILT)
+def test_builders_are_byte_exact(built: bytes, expected: bytes) -> None:
+    assert built == expected
+
+
+# --- client side state machine ------------------------------------------------------
+
+
+def events_of(conn: ClientConnection | ServerConnection, data: bytes) -> list[object]:
+    conn.receive_data(data)
+    out = []
+    while (event := conn.next_event()) is not None:
+        out.append(event)
+    return out
+
+
+CLIENT_STARTUP = [
+    (m.ssl_request(), m.SSLRequest(), ClientState.NEGOTIATING),
+    (m.gssenc_request(), m.GSSENCRequest(), ClientState.NEGOTIATING),
+    (m.cancel_request(5, 6), m.CancelRequest(5, 6), ClientState.CLOSED),
+    (
+        m.startup_message({"user": "u", "options": "-c x=y"}),
+        m.StartupMessage({"user": "u", "options": "-c x=y"}),
+        ClientState.AUTHENTICATING,
+    ),
+]
+
+
+@pytest.mark.parametrize(("data", "event", "state"), CLIENT_STARTUP)
+def test_client_startup_packets(data: bytes, event: object, state: ClientState) -> None:
+    conn = ClientConnection()
+    # byte by byte: framing must not depend on how the bytes arrive
+    got: list[object] = []
+    for i in range(len(data)):
+        got += events_of(conn, data[i : i + 1])
+    assert got == [event]
+    assert conn.state is state
+
+
+def test_client_full_login_and_messages() -> None:
+    conn = ClientConnection()
+    assert events_of(conn, m.ssl_request()) == [m.SSLRequest()]
+    assert conn.send(ev.SSLResponse(False)) == b"N"
+    assert events_of(conn, m.startup_message({"user": "u"})) == [m.StartupMessage({"user": "u"})]
+    assert conn.send(ev.AuthenticationRequest(m.AUTH_SASL, b"SCRAM-SHA-256\0\0")) == (
+        b"R\x00\x00\x00\x17\x00\x00\x00\x0aSCRAM-SHA-256\x00\x00"
+    )
+    assert events_of(conn, m.password_message(b"abc")) == [ev.PasswordMessage(b"abc")]
+    assert conn.send(ev.AuthenticationOk()) == m.authentication(0)
+    assert conn.state is ClientState.READY
+    q = m.query("SELECT 1")
+    assert events_of(conn, q + m.SYNC) == [m.Message(b"Q", q), m.Message(b"S", m.SYNC)]
+    assert events_of(conn, m.TERMINATE) == [ev.Terminate()]
+    assert conn.state is ClientState.CLOSED
+
+
+CLIENT_VIOLATIONS = [
+    b"\x00\x00\x00\x04\x00\x00\x00\x00",  # length below 8
+    b"\x7f\x00\x00\x00",  # absurd length
+    b"\x00\x00\x00\x08\x00\x02\x00\x00",  # protocol 2
+    b"\x00\x00\x00\x0c\x04\xd2\x16\x2f\x00\x00\x00\x00",  # SSLRequest with payload
+    b"\x00\x00\x00\x0d\x00\x03\x00\x00user\x00",  # parameters not terminated
+    b"\x00\x00\x00\x0e\x00\x03\x00\x00user\x00\x00",  # name without value
+]
+
+
+@pytest.mark.parametrize("data", CLIENT_VIOLATIONS)
+def test_client_startup_violations(data: bytes) -> None:
+    with pytest.raises(ClientProtocolViolation):
+        events_of(ClientConnection(), data)
+
+
+def test_client_ssl_request_twice_is_a_violation() -> None:
+    conn = ClientConnection()
+    events_of(conn, m.ssl_request())
+    conn.send(ev.SSLResponse(False))
+    with pytest.raises(ClientProtocolViolation):
+        events_of(conn, m.ssl_request())
+
+
+def test_client_regular_phase_rejects_unknown_types() -> None:
+    conn = ClientConnection()
+    events_of(conn, m.startup_message({"user": "u"}))
+    conn.send(ev.AuthenticationOk())
+    with pytest.raises(ClientProtocolViolation):
+        events_of(conn, m.message(b"p", b"late password"))
+    conn2 = ClientConnection()
+    events_of(conn2, m.startup_message({"user": "u"}))
+    conn2.send(ev.AuthenticationOk())
+    with pytest.raises(ClientProtocolViolation):
+        events_of(conn2, b"Q\x00\x00\x00\x02")  # length below 4
+
+
+def test_client_send_out_of_order_is_a_proxy_bug() -> None:
+    with pytest.raises(RuntimeError):
+        ClientConnection().send(ev.AuthenticationOk())
+
+
+# --- server side state machine ------------------------------------------------------
+
+
+def test_server_login_sequence() -> None:
+    conn = ServerConnection()
+    assert conn.send(m.StartupMessage({"user": "u"})) == m.startup_message({"user": "u"})
+    data = (
+        m.authentication(m.AUTH_MD5, b"salt")
+        + m.authentication(m.AUTH_OK)
+        + m.parameter_status("server_version", "15.0")
+        + m.backend_key_data(42, 43)
+        + m.ready_for_query(b"I")
+    )
+    got = events_of(conn, data)
+    assert got == [
+        ev.AuthenticationRequest(m.AUTH_MD5, b"salt"),
+        ev.AuthenticationOk(),
+        ev.ParameterStatus("server_version", "15.0"),
+        ev.BackendKeyData(42, 43),
+        ev.ReadyForQuery(b"I"),
+    ]
+    assert conn.state is ServerState.READY
+    assert conn.parameters == {"server_version": "15.0"}
+    assert conn.backend_key == ev.BackendKeyData(42, 43)
+    z = m.ready_for_query(b"T")
+    assert events_of(conn, z) == [m.Message(b"Z", z)]
+    assert conn.transaction_status == b"T"
+
+
+def test_server_login_error() -> None:
+    conn = ServerConnection()
+    conn.send(m.StartupMessage({"user": "u"}))
+    (err,) = events_of(conn, m.error_response("28P01", "password authentication failed"))
+    assert isinstance(err, ev.ErrorResponse)
+    assert err.sqlstate == "28P01"
+    assert conn.state is ServerState.FAILED
+
+
+SERVER_VIOLATIONS = [
+    m.parameter_status("a", "b"),  # before AuthenticationOk
+    m.message(b"R", b"\x00\x00"),  # truncated auth code
+    m.message(b"R", b"\x00\x00\x00\x00extra"),  # AuthenticationOk with payload
+    m.message(b"Z", b"I"),  # ReadyForQuery before AuthenticationOk
+    m.message(b"!", b""),  # unknown type
+]
+
+
+@pytest.mark.parametrize("data", SERVER_VIOLATIONS)
+def test_server_startup_violations(data: bytes) -> None:
+    conn = ServerConnection()
+    conn.send(m.StartupMessage({"user": "u"}))
+    with pytest.raises(ServerProtocolViolation):
+        events_of(conn, data)
+
+
+# --- authentication -----------------------------------------------------------------
+
+
+def test_md5_password_matches_postgres_definition() -> None:
+    inner = hashlib.md5(b"secretuser").hexdigest()
+    outer = hashlib.md5(inner.encode() + b"abcd").hexdigest()
+    assert md5_password("user", "secret", b"abcd") == b"md5" + outer.encode() + b"\0"
+
+
+def test_cleartext_refused_unless_allowed() -> None:
+    req = ev.AuthenticationRequest(m.AUTH_CLEARTEXT)
+    with pytest.raises(AuthenticationFailed) as info:
+        UpstreamAuthenticator("u", "hunter2", cleartext_allowed=False).respond(req)
+    assert "hunter2" not in str(info.value)
+    reply = UpstreamAuthenticator("u", "hunter2", cleartext_allowed=True).respond(req)
+    assert reply == ev.PasswordMessage(b"hunter2\0")
+
+
+def _scram_exchange(client_password: str, secret: ScramSecret | None) -> bytes:
+    """Our upstream authenticator against our verifier: both sides of SCRAM-SHA-256."""
+    client = UpstreamAuthenticator("u", client_password, cleartext_allowed=False)
+    verifier = ScramVerifier(secret)
+    first = client.respond(ev.AuthenticationRequest(m.AUTH_SASL, verifier.mechanisms()))
+    assert first is not None
+    server_first = verifier.client_first(first.payload)
+    final = client.respond(ev.AuthenticationRequest(m.AUTH_SASL_CONTINUE, server_first))
+    assert final is not None
+    server_final = verifier.client_final(final.payload)
+    assert client.respond(ev.AuthenticationRequest(m.AUTH_SASL_FINAL, server_final)) is None
+    return server_final
+
+
+def test_scram_round_trip_and_wrong_password() -> None:
+    secret = ScramSecret.from_password("right")
+    assert _scram_exchange("right", secret).startswith(b"v=")
+    with pytest.raises(AuthenticationFailed) as info:
+        _scram_exchange("wrong", secret)
+    assert info.value.sqlstate == "28P01"
+    with pytest.raises(AuthenticationFailed):
+        _scram_exchange("right", None)  # unknown user
+
+
+def test_scram_secret_parses_pg_authid_format() -> None:
+    text = (
+        "SCRAM-SHA-256$4096:c2FsdHNhbHRzYWx0$"
+        "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=:BBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBA="
+    )
+    secret = ScramSecret.parse(text)
+    assert secret.iterations == 4096
+    assert secret.salt == b"saltsaltsalt"
+    with pytest.raises(ValueError):
+        ScramSecret.parse("md5abc")
+
+
+# --- pipeline: statement renaming and response routing ---------------------------
+
+
+def _parse(name: str, sql: str) -> m.Message:
+    data = m.message(b"P", m.cstr(name) + m.cstr(sql) + b"\x00\x00")
+    return m.Message(b"P", data)
+
+
+def _bind(stmt: str) -> m.Message:
+    data = m.message(b"B", b"\0" + m.cstr(stmt) + b"\x00\x00\x00\x00\x00\x00")
+    return m.Message(b"B", data)
+
+
+def _msg(data: bytes) -> m.Message:
+    return m.Message(data[:1], data)
+
+
+def test_pipeline_renames_and_reprepares() -> None:
+    names = StatementNames()
+    first, second = Pipeline(names, {}), Pipeline(names, {})
+    client = ClientStatements()
+    out: list[bytes] = []
+    first.client_message(_parse("s1", "SELECT 1"), client, out)
+    first.client_message(_msg(m.SYNC), client, out)
+    assert out[0] == _parse("csp_1", "SELECT 1").data
+    # the server answers ParseComplete, ReadyForQuery: both reach the client
+    to_client: list[bytes] = []
+    for data in (m.PARSE_COMPLETE, m.ready_for_query(b"I")):
+        first.server_message(_msg(data), to_client)
+    assert to_client == [m.PARSE_COMPLETE, m.ready_for_query(b"I")]
+    assert first.idle
+    # the same client now binds on another server connection: Parse is injected
+    out = []
+    second.client_message(_bind("s1"), client, out)
+    second.client_message(_msg(m.SYNC), client, out)
+    assert out[0] == _parse("csp_1", "SELECT 1").data
+    assert out[1] == _bind("csp_1").data
+    to_client = []
+    for data in (m.PARSE_COMPLETE, m.message(b"2"), m.ready_for_query(b"I")):
+        second.server_message(_msg(data), to_client)
+    assert to_client == [m.message(b"2"), m.ready_for_query(b"I")]  # injected one swallowed
+
+
+def test_pipeline_fakes_parse_complete_in_order() -> None:
+    names = StatementNames()
+    pipe = Pipeline(names, {})
+    a, b = ClientStatements(), ClientStatements()
+    out: list[bytes] = []
+    pipe.client_message(_parse("x", "SELECT 2"), a, out)
+    pipe.client_message(_msg(m.SYNC), a, out)
+    for data in (m.PARSE_COMPLETE, m.ready_for_query(b"I")):
+        pipe.server_message(_msg(data), [])
+    # another client prepares the same text under its own name: no Parse is sent
+    out = []
+    describe = m.message(b"D", b"S" + m.cstr("mine"))
+    pipe.client_message(_parse("mine", "SELECT 2"), b, out)
+    pipe.client_message(_msg(describe), b, out)
+    pipe.client_message(_msg(m.SYNC), b, out)
+    assert out == [m.message(b"D", b"S" + m.cstr("csp_1")), m.SYNC]
+    to_client: list[bytes] = []
+    t = m.message(b"t", b"\x00\x00")
+    n = m.message(b"n")
+    for data in (t, n, m.ready_for_query(b"I")):
+        pipe.server_message(_msg(data), to_client)
+    assert to_client == [m.PARSE_COMPLETE, t, n, m.ready_for_query(b"I")]
+
+
+def test_pipeline_error_skips_to_sync() -> None:
+    pipe = Pipeline(StatementNames(), {})
+    client = ClientStatements()
+    out: list[bytes] = []
+    for msg in (
+        _parse("bad", "SELEC"),
+        _bind("bad"),
+        _msg(m.message(b"E", b"\0\0\0\0\0")),
+        _msg(m.SYNC),
+    ):
+        pipe.client_message(msg, client, out)
+    err = m.error_response("42601", "syntax error", "ERROR")
+    to_client: list[bytes] = []
+    for data in (err, m.ready_for_query(b"I")):
+        pipe.server_message(_msg(data), to_client)
+    assert to_client == [err, m.ready_for_query(b"I")]
+    assert pipe.idle
+    assert "csp_1" not in pipe.prepared  # a failed Parse leaves nothing behind
+
+
+def test_pipeline_internal_query_is_invisible() -> None:
+    pipe = Pipeline(StatementNames(), {})
+    assert pipe.internal_query("SET x TO 'y'") == m.query("SET x TO 'y'")
+    to_client: list[bytes] = []
+    for data in (m.message(b"C", m.cstr("SET")), m.ready_for_query(b"I")):
+        pipe.server_message(_msg(data), to_client)
+    assert to_client == []
+
+
+# --- fuzzing: parse it or raise ProtocolViolation, nothing else --------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300), st.integers(min_value=1, max_value=17))
+def test_fuzz_client_side(data: bytes, chunk: int) -> None:
+    for prefix in (b"", m.startup_message({"user": "u"})):
+        conn = ClientConnection()
+        try:
+            if prefix:
+                events_of(conn, prefix)
+                conn.send(ev.AuthenticationOk())
+            for i in range(0, len(data), chunk):
+                events_of(conn, data[i : i + chunk])
+        except ProtocolViolation:
+            pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300), st.integers(min_value=1, max_value=17))
+def test_fuzz_server_side(data: bytes, chunk: int) -> None:
+    conn = ServerConnection()
+    conn.send(m.StartupMessage({"user": "u"}))
+    try:
+        for i in range(0, len(data), chunk):
+            events_of(conn, data[i : i + chunk])
+    except ProtocolViolation:
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(b"PBDCESQHF"), st.binary(max_size=40)), max_size=8))
+def test_fuzz_pipeline_client_messages(msgs: list[tuple[int, bytes]]) -> None:
+    pipe = Pipeline(StatementNames(), {})
+    client = ClientStatements()
+    for t, body in msgs:
+        data = m.message(bytes([t]), body)
+        with contextlib.suppress(ProtocolViolation):
+            pipe.client_message(m.Message(data[:1], data), client, [])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300), st.integers(min_value=1, max_value=17))
+def test_fuzz_bulk_paths(data: bytes, chunk: int) -> None:
+    """The hot path (frames, not events) obeys the same rule on both sides."""
+    client = ClientConnection()
+    events_of(client, m.startup_message({"user": "u"}))
+    client.send(ev.AuthenticationOk())
+    server = ServerConnection()
+    server.send(m.StartupMessage({"user": "u"}))
+    events_of(server, m.authentication(0) + m.ready_for_query(b"I"))
+    pipe = Pipeline(StatementNames(), {})
+    stmts = ClientStatements()
+    for i in range(0, len(data), chunk):
+        piece = data[i : i + chunk]
+        if client.state is ClientState.READY:  # after a Terminate the session is gone
+            with contextlib.suppress(ProtocolViolation):
+                buf, frames = client.receive_frames(piece)
+                pipe.client_frames(buf, frames, stmts, [])
+        with contextlib.suppress(ProtocolViolation):
+            buf, frames = server.receive_frames(piece)
+            pipe.server_frames(buf, frames, [])
+
+
+REFUSALS = [
+    # (client message types, discarding before) -> (replies, discarding after)
+    (b"Q", False, ["E", "Z"], False),
+    (b"QQ", False, ["E", "Z", "E", "Z"], False),
+    (b"PBDES", False, ["E", "Z"], False),
+    (b"PBH", False, ["E"], True),  # segment still open: drop until its Sync
+    (b"BES", True, ["Z"], False),
+    (b"S", False, ["Z"], False),
+    (b"SQ", True, ["Z", "E", "Z"], False),
+]
+
+
+@pytest.mark.parametrize(("types", "before", "replies", "after"), REFUSALS)
+def test_refuse_answers_like_a_failing_server(
+    types: bytes, before: bool, replies: list[str], after: bool
+) -> None:
+    from proxy.protocol.pipeline import refuse
+
+    error = m.error_response("08006", "no server", "ERROR")
+    out, discarding = refuse(list(types), error, before)
+    assert [chr(x[0]) for x in out] == replies
+    assert all(x == error for x in out if x[:1] == b"E")
+    assert all(x == m.ready_for_query(b"I") for x in out if x[:1] == b"Z")
+    assert discarding is after
