@@ -27,14 +27,20 @@ class StaticDatabaseSource(PollingSource):
             raise VaultError(f"{self.operation} {self.config.path}: no password in the answer")
         now = time.time()
         ttl = float(data.get("ttl") or 0)
+        period = float(data.get("rotation_period") or 0)
         fields = {k: data[k] for k in ("username", "password") if k in data}
+        expires_at = None  # a role rotated only on demand has no schedule
+        if period > 0:
+            # ttl 0 means the rotation is overdue (Vault's queue is late): due now,
+            # so next_check looks again shortly instead of in the default 300 s
+            expires_at = now + max(ttl, 0.0)
         return SecretValue(
             name=self.name,
             data=fields,
             version=str(data.get("last_vault_rotation") or ""),
             issued_at=now,
-            expires_at=now + ttl if ttl > 0 else None,
-            lease_duration=float(data.get("rotation_period") or 0) or None,
+            expires_at=expires_at,
+            lease_duration=period or None,
         )
 
     def next_check(self, value: SecretValue, now: float) -> float:
