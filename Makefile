@@ -30,9 +30,13 @@ test: lint typecheck unit
 demo: $(STAMP)
 	DURATION=$(DURATION) $(BIN)/python examples/demo.py
 
+# PgBouncer (Debian's package) is the proxy's peer in benchmarks/proxy.py; only the
+# benchmark needs it, so only this target installs it (as root, when missing).
 bench: $(STAMP)
+	@command -v pgbouncer >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || \
+		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -yq pgbouncer; }
 	$(BIN)/python benchmarks/agent.py
-	@if [ -f benchmarks/proxy.py ]; then $(BIN)/python benchmarks/proxy.py; fi
+	$(BIN)/python benchmarks/proxy.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .demo .bench
