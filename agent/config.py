@@ -19,6 +19,9 @@ import yaml
 
 from agent.errors import ConfigError
 
+# one duration parser for both packages (proxy cannot import agent)
+from proxy.config import parse_duration as parse_duration
+
 if TYPE_CHECKING:
     from agent.rotate.config import RotateConfig
 
@@ -28,36 +31,13 @@ SECRET_KINDS = ("database", "kv", "database-static", "pki", "file")
 AUTH_METHODS = ("token", "approle", "kubernetes", "jwt")
 K8S_TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 
-_DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
-
-def _show(value: object) -> str:
+def show_value(value: object) -> str:
     """A bad value as it appears in an error, shortened."""
     text = value if isinstance(value, str) else repr(value)
     if isinstance(value, str):
         text = '"' + value + '"'
     return text if len(text) <= 80 else text[:77] + "..."
-
-
-def parse_duration(value: object) -> float:
-    """``"1h30m"``, ``"200ms"``, ``"30s"`` or a number of seconds -> seconds."""
-    if isinstance(value, bool):
-        raise ValueError(f"{_show(value)} is not a duration")
-    if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError(f"{_show(value)} is negative")
-        return float(value)
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{_show(value)} is not a duration (use 200ms, 30s, 5m, 1h)")
-    text, total = value.strip(), 0.0
-    while text:
-        m = _DURATION_RE.match(text)
-        if not m:
-            raise ValueError(f"{_show(value)} is not a duration (use 200ms, 30s, 5m, 1h)")
-        total += float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
-        text = text[m.end() :]
-    return total
 
 
 def parse_signal(value: object) -> signal.Signals:
@@ -67,13 +47,13 @@ def parse_signal(value: object) -> signal.Signals:
     try:
         return signal.Signals[name]
     except KeyError:
-        raise ValueError(f"{_show(value)} is not a signal name") from None
+        raise ValueError(f"{show_value(value)} is not a signal name") from None
 
 
 def parse_mode(value: object) -> int:
     text = str(value) if not isinstance(value, int) else f"{value:o}"
     if not re.fullmatch(r"0?[0-7]{3,4}", text):
-        raise ValueError(f"{_show(value)} is not an octal mode")
+        raise ValueError(f"{show_value(value)} is not an octal mode")
     return int(text, 8)
 
 
@@ -249,35 +229,35 @@ class _Section:
         return self.get(name, convert, default)
 
 
-def _str(value: object) -> str:
+def as_str(value: object) -> str:
     if not isinstance(value, str | int | float) or isinstance(value, bool):
-        raise ValueError(f"{_show(value)} is not a string")
+        raise ValueError(f"{show_value(value)} is not a string")
     return str(value)
 
 
 def _bool(value: object) -> bool:
     if not isinstance(value, bool):
-        raise ValueError(f"{_show(value)} is not true or false")
+        raise ValueError(f"{show_value(value)} is not true or false")
     return value
 
 
 def _int(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{_show(value)} is not an integer")
+        raise ValueError(f"{show_value(value)} is not an integer")
     return value
 
 
-def _fraction(value: object) -> float:
+def as_fraction(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
-        raise ValueError(f"{_show(value)} is not a fraction between 0 and 1")
+        raise ValueError(f"{show_value(value)} is not a fraction between 0 and 1")
     return float(value)
 
 
-def _command(value: object) -> tuple[str, ...]:
+def as_command(value: object) -> tuple[str, ...]:
     if isinstance(value, str) or not isinstance(value, list) or not value:
-        raise ValueError(f"{_show(value)} must be a non-empty list of strings (no shell)")
+        raise ValueError(f"{show_value(value)} must be a non-empty list of strings (no shell)")
     if not all(isinstance(v, str) for v in value):
-        raise ValueError(f"{_show(value)} must be a list of strings")
+        raise ValueError(f"{show_value(value)} must be a list of strings")
     return tuple(value)
 
 
@@ -291,17 +271,17 @@ def _str_map(value: object) -> Mapping[str, str]:
     return {str(k): str(v) for k, v in value.items()}
 
 
-def _any_map(value: Any) -> Mapping[str, Any]:
+def as_mapping(value: Any) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
         raise ValueError("must be a mapping")
-    return dict(value)
+    return {str(k): v for k, v in value.items()}
 
 
 def _listen(value: object) -> tuple[str, int]:
     text = str(value)
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"{_show(value)} is not host:port")
+        raise ValueError(f"{show_value(value)} is not host:port")
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
@@ -340,24 +320,24 @@ def _auth(problems: _Problems, raw: object, env: Mapping[str, str], base: Path) 
     )
 
     def path(value: object) -> Path:
-        return base / _str(value)
+        return base / as_str(value)
 
-    method = s.get("method", _str, "token")
+    method = s.get("method", as_str, "token")
     if method not in AUTH_METHODS:
         problems.add(
-            "vault.auth.method", f"{_show(method)} is not one of {', '.join(AUTH_METHODS)}"
+            "vault.auth.method", f"{show_value(method)} is not one of {', '.join(AUTH_METHODS)}"
         )
     auth = AuthConfig(
         method=method,
-        token=s.get("token", _str, None, secret=True),
+        token=s.get("token", as_str, None, secret=True),
         token_file=s.get("token_file", path, None),
-        role_id=s.get("role_id", _str, None),
+        role_id=s.get("role_id", as_str, None),
         role_id_file=s.get("role_id_file", path, None),
-        secret_id=s.get("secret_id", _str, None, secret=True),
+        secret_id=s.get("secret_id", as_str, None, secret=True),
         secret_id_file=s.get("secret_id_file", path, None),
-        role=s.get("role", _str, None),
+        role=s.get("role", as_str, None),
         jwt_file=s.get("jwt_file", path, None),
-        mount=s.get("mount", _str, None),
+        mount=s.get("mount", as_str, None),
     )
     if method == "token" and not (auth.token or auth.token_file):
         token = env.get("VAULT_TOKEN")
@@ -387,18 +367,18 @@ def _vault(problems: _Problems, raw: object, env: Mapping[str, str], base: Path)
         raw,
         ("address", "auth", "namespace", "ca_cert", "tls_skip_verify", "timeout", "retry"),
     )
-    address = s.get("address", _str, env.get("VAULT_ADDR", ""))
+    address = s.get("address", as_str, env.get("VAULT_ADDR", ""))
     if not address:
         problems.add("vault.address", "is required (or set VAULT_ADDR)")
     elif not re.match(r"^https?://", address):
-        problems.add("vault.address", f"{_show(address)} is not an http:// or https:// URL")
-    ca = s.get("ca_cert", _str, env.get("VAULT_CACERT") or None)
+        problems.add("vault.address", f"{show_value(address)} is not an http:// or https:// URL")
+    ca = s.get("ca_cert", as_str, env.get("VAULT_CACERT") or None)
     skip_env = env.get("VAULT_SKIP_VERIFY", "").lower() in ("1", "true", "yes")
     retry = _Section(problems, "vault.retry", s.raw.get("retry"), ("initial", "max"))
     return VaultConfig(
         address=address.rstrip("/"),
         auth=_auth(problems, s.raw.get("auth"), env, base),
-        namespace=s.get("namespace", _str, env.get("VAULT_NAMESPACE") or None),
+        namespace=s.get("namespace", as_str, env.get("VAULT_NAMESPACE") or None),
         ca_cert=(base / ca) if ca else None,
         tls_skip_verify=s.get("tls_skip_verify", _bool, skip_env),
         timeout=s.get("timeout", _duration, 10.0),
@@ -413,13 +393,13 @@ _SECRET_KEYS = ("kind", "path", "refresh", "params", "revoke_grace", "renew_frac
 def _secret(problems: _Problems, name: str, raw: object, base: Path) -> SecretConfig:
     path = f"secrets.{name}"
     s = _Section(problems, path, raw, _SECRET_KEYS)
-    kind = s.required("kind", _str, "file")
+    kind = s.required("kind", as_str, "file")
     if kind not in SECRET_KINDS:
-        problems.add(f"{path}.kind", f"{_show(kind)} is not one of {', '.join(SECRET_KINDS)}")
-    where = s.required("path", _str, "")
+        problems.add(f"{path}.kind", f"{show_value(kind)} is not one of {', '.join(SECRET_KINDS)}")
+    where = s.required("path", as_str, "")
     if kind == "file" and where:
         where = str(base / where)
-    params: Mapping[str, Any] = s.get("params", _any_map, {})
+    params: Mapping[str, Any] = s.get("params", as_mapping, {})
     if kind == "pki" and "common_name" not in params:
         problems.add(f"{path}.params.common_name", "is required for a pki secret")
     return SecretConfig(
@@ -429,7 +409,7 @@ def _secret(problems: _Problems, name: str, raw: object, base: Path) -> SecretCo
         refresh=s.get("refresh", _duration, None),
         params=params,
         revoke_grace=s.get("revoke_grace", _duration, 30.0),
-        renew_fraction=s.get("renew_fraction", _fraction, 2 / 3),
+        renew_fraction=s.get("renew_fraction", as_fraction, 2 / 3),
     )
 
 
@@ -448,14 +428,14 @@ _TEMPLATE_KEYS = (
 def _template(problems: _Problems, index: int, raw: object, base: Path) -> TemplateConfig:
     path = f"templates[{index}]"
     s = _Section(problems, path, raw, _TEMPLATE_KEYS)
-    contents = s.get("contents", _str, None)
-    source = s.get("source", lambda v: base / _str(v), None)
+    contents = s.get("contents", as_str, None)
+    source = s.get("source", lambda v: base / as_str(v), None)
     if (contents is None) == (source is None):
         problems.add(path, "needs exactly one of contents or source")
     if source is not None and not source.is_file():
-        problems.add(f"{path}.source", f"{_show(str(source))} does not exist")
+        problems.add(f"{path}.source", f"{show_value(str(source))} does not exist")
     return TemplateConfig(
-        destination=base / s.required("destination", _str, "."),
+        destination=base / s.required("destination", as_str, "."),
         contents=contents,
         source=source,
         perms=s.get("perms", parse_mode, 0o600),
@@ -474,20 +454,20 @@ def _notify(problems: _Problems, name: str, raw: object, base: Path) -> NotifyCo
     s = _Section(problems, path, raw, _NOTIFY_KEYS)
 
     def regex(value: object) -> str:
-        text = _str(value)
+        text = as_str(value)
         try:
             re.compile(text)
         except re.error as exc:
-            raise ValueError(f"{_show(text)} is not a regular expression: {exc}") from None
+            raise ValueError(f"{show_value(text)} is not a regular expression: {exc}") from None
         return text
 
     cfg = NotifyConfig(
         name=name,
         signal=s.get("signal", parse_signal, signal.SIGHUP),
-        pid_file=s.get("pid_file", lambda v: base / _str(v), None),
+        pid_file=s.get("pid_file", lambda v: base / as_str(v), None),
         pid=s.get("pid", _int, None),
         process=s.get("process", regex, None),
-        command=s.get("command", _command, None),
+        command=s.get("command", as_command, None),
         wait=_wait(problems, f"{path}.wait", s.raw.get("wait")),
         timeout=s.get("timeout", _duration, 30.0),
     )
@@ -501,11 +481,11 @@ def _exec(problems: _Problems, raw: object) -> ExecConfig:
     s = _Section(
         problems, "exec", raw, ("command", "reload", "signal", "env", "wait", "kill_timeout")
     )
-    reload = s.get("reload", _str, "signal")
+    reload = s.get("reload", as_str, "signal")
     if reload not in ("signal", "restart", "none"):
-        problems.add("exec.reload", f"{_show(reload)} is not one of signal, restart, none")
+        problems.add("exec.reload", f"{show_value(reload)} is not one of signal, restart, none")
     return ExecConfig(
-        command=s.required("command", _command, ("true",)),
+        command=s.required("command", as_command, ("true",)),
         reload=reload,
         signal=s.get("signal", parse_signal, signal.SIGHUP),
         env=s.get("env", _str_map, {}),
@@ -557,7 +537,9 @@ def parse_config(
         seen: set[Path] = set()
         for i, t in enumerate(templates):
             if t.destination in seen:
-                problems.add(f"templates[{i}].destination", f"{_show(str(t.destination))} twice")
+                problems.add(
+                    f"templates[{i}].destination", f"{show_value(str(t.destination))} twice"
+                )
             seen.add(t.destination)
 
     notify_raw = top.raw.get("notify") or {}
@@ -581,9 +563,9 @@ def parse_config(
         host, port = hs.get("listen", _listen, ("127.0.0.1", 8080))
         health = HealthConfig(listen_host=host, listen_port=port)
 
-    level = top.get("log_level", _str, "info").lower()
+    level = top.get("log_level", as_str, "info").lower()
     if level not in ("debug", "info", "warning", "error"):
-        problems.add("log_level", f"{_show(level)} is not one of debug, info, warning, error")
+        problems.add("log_level", f"{show_value(level)} is not one of debug, info, warning, error")
 
     proxy = top.raw.get("proxy")
     if proxy is not None and not isinstance(proxy, Mapping):
@@ -597,7 +579,7 @@ def parse_config(
         notify=notify,
         exec=_exec(problems, top.raw["exec"]) if top.raw.get("exec") is not None else None,
         health=health,
-        state_dir=base / top.get("state_dir", _str, "/dev/shm/credsidecar"),
+        state_dir=base / top.get("state_dir", as_str, "/dev/shm/credsidecar"),
         log_level=level,
         revoke_on_shutdown=top.get("revoke_on_shutdown", _bool, False),
         proxy=proxy,

@@ -18,8 +18,8 @@ T = TypeVar("T")
 POOL_MODES = ("transaction", "session")
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 CLIENT_AUTH_METHODS = ("trust", "scram", "peer")
-_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
 class ProxyConfigError(ValueError):
@@ -105,7 +105,7 @@ def parse_duration(value: object) -> float:
         parts = _DURATION_RE.findall(value.strip())
         if parts and "".join(n + u for n, u in parts) == value.strip():
             return sum(float(n) * _UNITS[u] for n, u in parts)
-    raise ValueError(f"{_show(value)} is not a duration (use 200ms, 30s, 5m)")
+    raise ValueError(f"{_show(value)} is not a duration (use 200ms, 30s, 5m, 1h)")
 
 
 def _positive_int(value: object) -> int:

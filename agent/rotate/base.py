@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from agent.errors import SidecarError
+from agent.lazy import load_class
 from agent.rotate.config import RotateConfig
 from agent.rotate.store import Record
 from agent.secret import SecretValue
@@ -80,8 +81,5 @@ _KINDS = {
 
 
 def create_rotator(config: RotateConfig, context: RotatorContext) -> Rotator:
-    import importlib
-
-    module, _, cls = _KINDS[config.kind].partition(":")
-    rotator_class: type[Rotator] = getattr(importlib.import_module(module), cls)
+    rotator_class: type[Rotator] = load_class(_KINDS[config.kind])
     return rotator_class(config, context)

@@ -12,7 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from agent.config import parse_duration
+from agent.config import (
+    as_command,
+    as_fraction,
+    as_mapping,
+    as_str,
+    parse_duration,
+    show_value,
+)
 
 T = TypeVar("T")
 Add = Callable[[str, str], None]  # (key path, message)
@@ -87,47 +94,17 @@ class RotateConfig:
         return f"{mount}/metadata/{rest}"
 
 
-def _show(value: object) -> str:
-    return '"' + value + '"' if isinstance(value, str) else repr(value)
-
-
-def _str(value: object) -> str:
-    if not isinstance(value, str | int) or isinstance(value, bool):
-        raise ValueError(f"{_show(value)} is not a string")
-    return str(value)
-
-
 def _int(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{_show(value)} is not a positive integer")
+        raise ValueError(f"{show_value(value)} is not a positive integer")
     return value
 
 
-def _command(value: object) -> tuple[str, ...]:
-    if isinstance(value, str) or not isinstance(value, list) or not value:
-        raise ValueError(f"{_show(value)} must be a non-empty list of strings (no shell)")
-    if not all(isinstance(v, str) for v in value):
-        raise ValueError(f"{_show(value)} must be a list of strings")
-    return tuple(value)
-
-
-def _fraction(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
-        raise ValueError(f"{_show(value)} is not a fraction between 0 and 1")
-    return float(value)
-
-
 def _url(value: object) -> str:
-    text = _str(value)
+    text = as_str(value)
     if not re.match(r"^https?://[^/\s]+", text):
         raise ValueError("is not an http:// or https:// URL")  # the URL may hold a token
     return text
-
-
-def _mapping(value: object) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping):
-        raise ValueError("must be a mapping")
-    return {str(k): v for k, v in value.items()}
 
 
 class _Reader:
@@ -158,7 +135,10 @@ def _store(r: _Reader) -> str:
         return ""
     where = str(raw["vault_kv"]).strip("/")
     if not re.fullmatch(r"[^/]+/data/.+", where):
-        r.add(f"{path}.vault_kv", f"{_show(where)} is not a KV v2 data path (<mount>/data/<path>)")
+        r.add(
+            f"{path}.vault_kv",
+            f"{show_value(where)} is not a KV v2 data path (<mount>/data/<path>)",
+        )
     return where
 
 
@@ -172,17 +152,17 @@ def _admin(r: _Reader, secrets: Mapping[str, object]) -> AdminConfig | None:
     for key in raw:
         if key not in ("secret", "host", "port", "database"):
             r.add(f"{path}.{key}", "unknown key (expected one of: secret, host, port, database)")
-    secret = a.required("secret", _str, "")
+    secret = a.required("secret", as_str, "")
     if secret and secret not in secrets:
-        r.add(f"{path}.secret", f"{_show(secret)} is not a secret in secrets")
+        r.add(f"{path}.secret", f"{show_value(secret)} is not a secret in secrets")
     port = a.get("port", _int, 5432)
     if not 0 < port < 65536:
         r.add(f"{path}.port", f"{port} is not a port")
     return AdminConfig(
         secret=secret,
-        host=a.get("host", _str, "127.0.0.1"),
+        host=a.get("host", as_str, "127.0.0.1"),
         port=port,
-        database=a.get("database", _str, "postgres"),
+        database=a.get("database", as_str, "postgres"),
     )
 
 
@@ -192,10 +172,10 @@ def _one(add: Add, name: str, raw: object, secrets: Mapping[str, object], base: 
         add(path, "must be a mapping")
         return None
     r = _Reader(add, path, raw)
-    kind = r.required("kind", _str, "")
+    kind = r.required("kind", as_str, "")
     if kind not in KINDS:
         if kind:
-            add(f"{path}.kind", f"{_show(kind)} is not one of {', '.join(KINDS)}")
+            add(f"{path}.kind", f"{show_value(kind)} is not one of {', '.join(KINDS)}")
         return None
     known = _COMMON + _KEYS[kind]
     for key in raw:
@@ -219,26 +199,26 @@ def _one(add: Add, name: str, raw: object, secrets: Mapping[str, object], base: 
         retry_max=rr.get("max", parse_duration, 300.0),
         claim_timeout=r.get("claim_timeout", parse_duration, 120.0),
         password_length=r.get("password_length", _int, 32),
-        verify_query=r.get("verify_query", _str, None),
+        verify_query=r.get("verify_query", as_str, None),
         terminate_after=r.get("terminate_after", parse_duration, None),
-        algorithm=r.get("algorithm", _str, "ES256"),
-        pki=r.get("pki", _str, None),
-        params=r.get("params", _mapping, {}),
-        ca_cert=r.get("ca_cert", lambda v: base / _str(v), None),
-        ca_key=r.get("ca_key", lambda v: base / _str(v), None),
-        common_name=r.get("common_name", _str, None),
+        algorithm=r.get("algorithm", as_str, "ES256"),
+        pki=r.get("pki", as_str, None),
+        params=r.get("params", as_mapping, {}),
+        ca_cert=r.get("ca_cert", lambda v: base / as_str(v), None),
+        ca_key=r.get("ca_key", lambda v: base / as_str(v), None),
+        common_name=r.get("common_name", as_str, None),
         ttl=r.get("ttl", parse_duration, 86400.0),
-        renew_fraction=r.get("renew_fraction", _fraction, 2 / 3),
+        renew_fraction=r.get("renew_fraction", as_fraction, 2 / 3),
         timeout=r.get("timeout", parse_duration, 30.0),
     )
     extra: dict[str, Any] = {}
     if kind.startswith("postgres-"):
         extra["admin"] = _admin(r, secrets)
-        extra["role"] = r.required("role", _str, "")
+        extra["role"] = r.required("role", as_str, "")
         if cfg.password_length < 16:
             add(f"{path}.password_length", f"{cfg.password_length} is shorter than 16")
     if kind == "jwt-keys" and cfg.algorithm not in JWT_ALGORITHMS:
-        add(f"{path}.algorithm", f"{_show(cfg.algorithm)} is not one of {JWT_ALGORITHMS}")
+        add(f"{path}.algorithm", f"{show_value(cfg.algorithm)} is not one of {JWT_ALGORITHMS}")
     if kind == "tls-cert":
         local = cfg.ca_cert is not None or cfg.ca_key is not None
         if (cfg.pki is None) == (not local):
@@ -250,9 +230,9 @@ def _one(add: Add, name: str, raw: object, secrets: Mapping[str, object], base: 
         if local and not cfg.common_name:
             add(f"{path}.common_name", "is required with a local CA")
     if kind == "command":
-        extra["create"] = r.required("create", _command, None)
-        extra["verify"] = r.get("verify", _command, None)
-        extra["revoke"] = r.get("revoke", _command, None)
+        extra["create"] = r.required("create", as_command, None)
+        extra["verify"] = r.get("verify", as_command, None)
+        extra["revoke"] = r.get("revoke", as_command, None)
     return RotateConfig(**{**cfg.__dict__, **extra})
 
 

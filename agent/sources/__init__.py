@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from agent.lazy import load_class
 
 if TYPE_CHECKING:
     from agent.config import SecretConfig
@@ -20,6 +21,5 @@ _KINDS = {
 
 
 def create(config: SecretConfig, context: SourceContext) -> Source:
-    module, _, cls = _KINDS[config.kind].partition(":")
-    source_class: type[Source] = getattr(importlib.import_module(module), cls)
+    source_class: type[Source] = load_class(_KINDS[config.kind])
     return source_class(config, context)
