@@ -12,7 +12,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 from devservers import PostgresCluster
-from proxyhelpers import ProxyFactory, Role, make_certs, pg_tool, run
+from devservers import make_test_pki as make_certs
+from proxyhelpers import ProxyFactory, Role, pg_tool, run
 
 from proxy.config import ProxyConfigError, parse_proxy_config
 from proxy.protocol.auth import ScramSecret
