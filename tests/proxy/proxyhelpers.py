@@ -85,6 +85,35 @@ async def run(*argv: str, env: dict[str, str] | None = None, limit: float = 60) 
     return Result(proc.returncode or 0, out.decode(), err.decode())
 
 
+async def psql(
+    host: str,
+    port: int | str,
+    user: str,
+    database: str,
+    *args: str,
+    env: dict[str, str] | None = None,
+    limit: float = 60,
+) -> Result:
+    """``psql -X -A -t`` as ``user`` to ``database`` at host:port; ``args`` follow (``-c SQL``)."""
+    return await run(
+        pg_tool("psql"),
+        "-X",
+        "-A",
+        "-t",
+        "-h",
+        host,
+        "-p",
+        str(port),
+        "-U",
+        user,
+        "-d",
+        database,
+        *args,
+        env=env,
+        limit=limit,
+    )
+
+
 def pg_tool(name: str) -> str:
     return str(pg_bindir() / name)
 

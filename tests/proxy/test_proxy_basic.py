@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncpg
 import pytest
-from proxyhelpers import ProxyFactory, Role, pg_tool, run
+from proxyhelpers import ProxyFactory, Role, psql
 
 
 @pytest.mark.parametrize("mode", ["transaction", "session"])
@@ -28,18 +28,10 @@ async def test_asyncpg_queries_through_proxy(
 
 async def test_psql_through_proxy(make_proxy: ProxyFactory, role: Role) -> None:
     proxy = await make_proxy()
-    result = await run(
-        pg_tool("psql"),
-        "-X",
-        "-A",
-        "-t",
-        "-h",
+    result = await psql(
         "127.0.0.1",
-        "-p",
         str(proxy.port),
-        "-U",
         "someone",
-        "-d",
         role.database,
         "-c",
         "SELECT current_user",

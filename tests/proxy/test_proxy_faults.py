@@ -8,7 +8,7 @@ import socket
 import asyncpg
 import pytest
 from devservers import PostgresCluster
-from proxyhelpers import ProxyFactory, Role, pg_tool, run, wait_until
+from proxyhelpers import ProxyFactory, Role, psql, wait_until
 
 from proxy import metrics
 from proxy.protocol import messages as m
@@ -24,18 +24,10 @@ async def send_cancel(port: int, pid: int, secret: int) -> None:
 
 
 async def sleeping(pg: PostgresCluster, user: str) -> int:
-    result = await run(
-        pg_tool("psql"),
-        "-X",
-        "-A",
-        "-t",
-        "-h",
+    result = await psql(
         "127.0.0.1",
-        "-p",
         str(pg.port),
-        "-U",
         pg.superuser,
-        "-d",
         "postgres",
         "-c",
         "SELECT count(*) FROM pg_stat_activity "
@@ -222,18 +214,10 @@ async def test_backend_terminated_between_requests(
             await session_client.fetchval("SELECT pg_backend_pid()"),
         ]
         for pid in pids:
-            await run(
-                pg_tool("psql"),
-                "-X",
-                "-A",
-                "-t",
-                "-h",
+            await psql(
                 "127.0.0.1",
-                "-p",
                 str(postgres.port),
-                "-U",
                 postgres.superuser,
-                "-d",
                 "postgres",
                 "-c",
                 f"SELECT pg_terminate_backend({pid})",

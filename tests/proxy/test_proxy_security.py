@@ -13,7 +13,7 @@ import asyncpg
 import pytest
 from devservers import PostgresCluster
 from devservers import make_test_pki as make_certs
-from proxyhelpers import ProxyFactory, Role, pg_tool, run
+from proxyhelpers import ProxyFactory, Role, pg_tool, psql, run
 
 from proxy.config import ProxyConfigError, parse_proxy_config
 from proxy.protocol.auth import ScramSecret
@@ -199,18 +199,10 @@ async def test_client_scram_users_file(
     users.write_text(f'"alice" "{verifier}"\n"bob" "plain-pw"\n')
     proxy = await make_proxy(client_auth={"method": "scram", "users_file": str(users)})
     # libpq (psql) and asyncpg both log in
-    ok = await run(
-        pg_tool("psql"),
-        "-X",
-        "-A",
-        "-t",
-        "-h",
+    ok = await psql(
         "127.0.0.1",
-        "-p",
         str(proxy.port),
-        "-U",
         "alice",
-        "-d",
         role.database,
         "-c",
         "SELECT current_user",
@@ -233,36 +225,20 @@ async def test_client_peer_auth_on_unix_socket(
     sock_dir = tmp_path / "sock"
     proxy = await make_proxy(listen_unix=str(sock_dir), client_auth={"method": "peer"})
     port = proxy.port
-    ok = await run(
-        pg_tool("psql"),
-        "-X",
-        "-A",
-        "-t",
-        "-h",
+    ok = await psql(
         str(sock_dir),
-        "-p",
         str(port),
-        "-U",
         me,
-        "-d",
         role.database,
         "-c",
         "SELECT current_user",
     )
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.strip() == role.name
-    refused = await run(
-        pg_tool("psql"),
-        "-X",
-        "-A",
-        "-t",
-        "-h",
+    refused = await psql(
         str(sock_dir),
-        "-p",
         str(port),
-        "-U",
         "someone_else",
-        "-d",
         role.database,
         "-c",
         "SELECT 1",
@@ -270,18 +246,10 @@ async def test_client_peer_auth_on_unix_socket(
     assert refused.returncode != 0
     assert "peer authentication failed" in refused.stderr
     # over TCP, peer cannot work
-    tcp = await run(
-        pg_tool("psql"),
-        "-X",
-        "-A",
-        "-t",
-        "-h",
+    tcp = await psql(
         "127.0.0.1",
-        "-p",
         str(port),
-        "-U",
         me,
-        "-d",
         role.database,
         "-c",
         "SELECT 1",
