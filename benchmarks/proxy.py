@@ -1,10 +1,12 @@
 """The proxy vs PgBouncer vs PostgreSQL direct, with pgbench, on one throwaway cluster.
 
-Rows: direct, PgBouncer (session, transaction), credsidecar proxy (session,
+Rows: direct, PgBouncer (session, transaction), a bare uvloop byte relay (the floor
+for any Python proxy, ``benchmarks/relay.py``), credsidecar proxy (session,
 transaction; ``python -m proxy`` under uvloop). Workloads: ``pgbench -S`` and TPC-B
-at 1 and 16 clients, each also with ``-C`` (a new connection per transaction). We
-print TPS and average latency per row and the ratios proxy/PgBouncer and
-proxy/direct. Then a rotation soak: pgbench -S through the proxy while the role's
+at 1 and 16 clients, each also with ``-C`` (a new connection per transaction). Each
+row runs the targets in turn, ``--rounds`` times, and prints the median TPS and
+latency, the TPS range, and the ratios to PgBouncer (same pool mode; session for the
+relay) and to direct. Then a rotation soak: pgbench -S through the proxy while the role's
 password changes every 5 s (``ALTER ROLE`` + rewritten credentials file); it must end
 with 0 failed transactions.
 
@@ -177,6 +179,23 @@ class Proxy:
         self.log.close()
 
 
+class Relay:
+    """``benchmarks/relay.py``: the cheapest thing a Python proxy could do (see there)."""
+
+    def __init__(self, pg: PostgresCluster) -> None:
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "benchmarks" / "relay.py"), str(self.port), str(pg.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_port(self.port)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
 WORKLOADS = [
     ("-S", ["-S"], 1),
     ("-S", ["-S"], 16),
@@ -220,45 +239,72 @@ def soak(
     )
 
 
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
 def matrix(
     targets: dict[str, Any],
     password: str,
     seconds: int,
     scale: int,
     rows: list[tuple[str, list[str], int]],
+    rounds: int,
 ) -> None:
-    results: dict[tuple[str, str, int], Result] = {}
+    """Every row: the targets one after another, ``rounds`` times; medians are printed.
+
+    Interleaving the rounds spreads whatever else the machine does over all targets
+    alike, and the median keeps one disturbed run from deciding a ratio.
+    """
+    runs: dict[tuple[str, str, int], list[Result]] = {}
     for workload, wargs, clients in rows:
-        for name, target in targets.items():
-            port = target if isinstance(target, int) else target.port
-            results[(name, workload, clients)] = pgbench(port, password, wargs, seconds, clients)
+        for _ in range(rounds):
+            for name, target in targets.items():
+                port = target if isinstance(target, int) else target.port
+                result = pgbench(port, password, wargs, seconds, clients)
+                runs.setdefault((name, workload, clients), []).append(result)
+    results = {
+        key: Result(
+            median([r.tps for r in rs]),
+            median([r.latency_ms for r in rs]),
+            sum(r.failed for r in rs),
+        )
+        for key, rs in runs.items()
+    }
     print(
         f"\nPostgreSQL {pg_bindir().parent.name}, {os.cpu_count()} CPUs, "
         f"{platform.python_implementation()} {platform.python_version()}, "
-        f"pgbench scale {scale}, {seconds}s per run\n"
+        f"pgbench scale {scale}, {seconds}s per run, median of {rounds} interleaved rounds\n"
     )
     print(
-        f"{'target':<22}{'workload':<10}{'clients':>8}{'tps':>12}{'lat ms':>10}"
-        f"{'/bouncer':>10}{'/direct':>9}"
+        f"{'target':<22}{'workload':<10}{'clients':>8}{'tps':>12}{'tps range':>16}"
+        f"{'lat ms':>9}{'/bouncer':>10}{'/direct':>9}"
     )
     for workload, _, clients in rows:
         for name in targets:
             r = results[(name, workload, clients)]
+            tps = [x.tps for x in runs[(name, workload, clients)]]
+            spread = f"{min(tps):.0f}-{max(tps):.0f}"
             ratios = ""
-            if name.startswith("proxy"):
-                mode = name.split()[1]
+            if name.startswith(("proxy", "relay")):
+                mode = "session" if name.startswith("relay") else name.split()[1]
                 bouncer = results.get((f"pgbouncer {mode}", workload, clients))
                 direct = results[("direct", workload, clients)]
                 ratios = f"{r.tps / bouncer.tps:>10.2f}" if bouncer else f"{'-':>10}"
                 ratios += f"{r.tps / direct.tps:>9.2f}"
             print(
-                f"{name:<22}{workload:<10}{clients:>8}{r.tps:>12.0f}{r.latency_ms:>10.3f}{ratios}"
+                f"{name:<22}{workload:<10}{clients:>8}{r.tps:>12.0f}{spread:>16}"
+                f"{r.latency_ms:>9.3f}{ratios}"
             )
         print()
     if ("direct", "-S", 1) in results:
-        one = [results[(n, "-S", 1)].latency_ms for n in ("direct", "proxy transaction")]
-        added = (one[1] - one[0]) * 1000
-        print(f"added latency at 1 client (-S, transaction mode): {added:.0f} us")
+        direct = results[("direct", "-S", 1)].latency_ms
+        for name in targets:
+            if name != "direct":
+                added = (results[(name, "-S", 1)].latency_ms - direct) * 1000
+                print(f"added latency at 1 client (-S), {name}: {added:.0f} us")
 
 
 def main() -> int:
@@ -270,6 +316,7 @@ def main() -> int:
     parser.add_argument(
         "--only", default="", help='comma-separated "workload:clients" rows, e.g. "-S:16"'
     )
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved runs per row")
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="proxybench-"))
@@ -306,6 +353,7 @@ def main() -> int:
                 targets[f"pgbouncer {mode}"] = PgBouncer(workdir, pg, password, mode)
         else:
             print("note: pgbouncer not installed (apt-get install -y pgbouncer); skipped")
+        targets["relay (floor)"] = Relay(pg)
         for mode in ("session", "transaction"):
             targets[f"proxy {mode}"] = Proxy(workdir, pg, password, mode)
 
@@ -314,7 +362,7 @@ def main() -> int:
             if args.only:
                 wanted = set(args.only.split(","))
                 rows = [w for w in WORKLOADS if f"{w[0]}:{w[2]}" in wanted]
-            matrix(targets, password, args.seconds, args.scale, rows)
+            matrix(targets, password, args.seconds, args.scale, rows, args.rounds)
         for target in targets.values():
             if not isinstance(target, int):
                 target.stop()

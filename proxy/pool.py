@@ -110,7 +110,6 @@ class Pool:
         if not conn.pipeline.idle or conn.proto.transaction_status != b"I":
             conn.close()  # mid-transaction: nothing safe to hand to another client
             return
-        conn.last_used = time.monotonic()
         while self.waiters:
             waiter = self.waiters.popleft()
             if not waiter.done():
@@ -170,14 +169,11 @@ class PoolManager:
         self.provider = provider
         self.pools: dict[PoolKey, Pool] = {}
         self.creds: Credentials | None = None
+        self.generation = 0  # of the credentials in service (read on every release)
         self.names = StatementNames()
         self._task: asyncio.Task[None] | None = None
         self._timers: list[asyncio.TimerHandle] = []
         self.on_drain_timeout: Any = None  # callable(conn) set by the server: tell the client
-
-    @property
-    def generation(self) -> int:
-        return self.creds.generation if self.creds is not None else 0
 
     def pool(self, key: PoolKey) -> Pool:
         pool = self.pools.get(key)
@@ -186,7 +182,7 @@ class PoolManager:
         return pool
 
     async def start(self) -> None:
-        self.creds = self.provider.current()
+        self._serve(self.provider.current())
         self._task = asyncio.create_task(self._follow(), name="proxy-generations")
 
     async def close(self) -> None:
@@ -204,7 +200,7 @@ class PoolManager:
         while self.creds is None:
             creds = self.provider.current() or await self.provider.changed(0)
             if self.creds is None:
-                self.creds = creds
+                self._serve(creds)
         return self.creds
 
     async def open(self, pool: Pool) -> ServerConn:
@@ -270,7 +266,7 @@ class PoolManager:
 
     def _switch(self, new: Credentials) -> None:
         old = self.generation
-        self.creds = new
+        self._serve(new)
         metrics.generation_switches_total.inc()
         log.info(
             "proxy_generation_switched",
@@ -286,6 +282,10 @@ class PoolManager:
         self._timers.append(
             loop.call_later(self.config.drain_timeout, self._drain_deadline, new.generation)
         )
+
+    def _serve(self, creds: Credentials | None) -> None:
+        self.creds = creds
+        self.generation = creds.generation if creds is not None else 0
 
     def _drain_deadline(self, generation: int) -> None:
         for pool in self.pools.values():

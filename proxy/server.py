@@ -89,6 +89,7 @@ class ClientSession(ServerOwner):
         self.pinned: ServerConn | None = None  # old connection whose state cannot move
         self.replay: list[str] = []  # session state to re-create on the next connection
         self.peer = self._peer()
+        self.transaction_mode = server.config.pool_mode == "transaction"
 
     def _peer(self) -> str:
         if self.unix or self.link.transport is None:
@@ -192,7 +193,7 @@ class ClientSession(ServerOwner):
         self._attach(conn, sync=False)
         if sql:
             conn.send(conn.pipeline.internal_query(sql))  # released when it completes
-        elif self.server.config.pool_mode == "transaction":
+        elif self.transaction_mode:
             self._release()
         self.link.run(self._data, self._lost)
 
@@ -397,7 +398,7 @@ class ClientSession(ServerOwner):
         if self.stop_at_idle:
             self.fatal("57P01", "terminating connection: the proxy is shutting down")
             return
-        if self.server.config.pool_mode == "transaction":
+        if self.transaction_mode:
             self._release()
         elif (
             conn.generation != self.server.manager.generation
@@ -439,7 +440,7 @@ class ClientSession(ServerOwner):
     def server_ended(self, conn: ServerConn, error: bytes) -> None:
         if conn is not self.conn:
             return
-        if self.server.config.pool_mode == "transaction" and conn.proto.transaction_status == b"I":
+        if self.transaction_mode and conn.proto.transaction_status == b"I":
             # between transactions the server session is not the client's: drop it
             self.conn = None
             conn.owner = None

@@ -90,6 +90,12 @@ class Link(asyncio.Protocol):
         """Switch to callback mode; anything already buffered is delivered first."""
         self.on_data = on_data
         self.on_lost = on_lost
+        # From now on the transport calls the handler itself, one Python call less per
+        # read: transports look data_received up when the protocol is set (uvloop) or
+        # at each read (asyncio), and both see this instance attribute.
+        self.data_received = on_data  # type: ignore[method-assign, assignment]
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.set_protocol(self)
         if self._inbox:
             data = bytes(self._inbox)
             self._inbox.clear()
@@ -98,8 +104,9 @@ class Link(asyncio.Protocol):
             on_lost(self._error)
 
     def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
 
     def close(self) -> None:
         if self.transport is not None:

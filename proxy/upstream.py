@@ -101,7 +101,6 @@ class ServerConn:
         self.pipeline = Pipeline(names, proto.parameters)
         self.owner: ServerOwner | None = None
         self.closed = False
-        self.last_used = 0.0
         self._idle_waiters: list[asyncio.Future[None]] = []
         self.on_close: Callable[[ServerConn], None] | None = None
         link.run(self._data, self._lost)
@@ -136,6 +135,8 @@ class ServerConn:
                 owner.to_client(out[0] if len(out) == 1 else b"".join(out))
             if not pipeline.queue and pipeline.unrequested_error is None:
                 owner.server_idle(self)
+                if not self._idle_waiters:
+                    return  # the usual end of a transaction: nothing else to look at
         if pipeline.unrequested_error is not None:
             # the server ends this session between requests (admin shutdown, timeout)
             error, pipeline.unrequested_error = pipeline.unrequested_error, None

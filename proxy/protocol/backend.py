@@ -64,16 +64,10 @@ class ServerConnection:
         """
         if self.state is not _READY:
             raise RuntimeError("receive_frames before the connection is ready")
-        buf, frames = self._reader.frames(data)
-        types = BACKEND_TYPES
-        for t, start, end in frames:
-            if t not in types:
-                raise _V(f"unexpected message type {bytes([t])!r}")
-            if t == 90:  # 'Z'
-                status = buf[start + 5 : end]
-                if end - start != 6 or status not in (b"I", b"T", b"E"):
-                    raise _V("malformed ReadyForQuery")
-                self.transaction_status = status
+        reader = self._reader
+        buf, frames = reader.frames(data, BACKEND_TYPES)
+        if reader.ready_at >= 0:
+            self.transaction_status = buf[reader.ready_at + 5 : reader.ready_at + 6]
         return buf, frames
 
     def _decode_startup(self, msg: m.Message) -> ev.ServerEvent:

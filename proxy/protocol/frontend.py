@@ -85,14 +85,10 @@ class ClientConnection:
         """
         if self.state is not _READY:
             raise RuntimeError("receive_frames before the client is logged in")
-        buf, frames = self._reader.frames(data)
-        types = FRONTEND_TYPES
-        for index, (t, _, _) in enumerate(frames):
-            if t not in types:
-                raise ClientProtocolViolation(f"unexpected message type {bytes([t])!r}")
-            if t == 88:  # 'X'
-                self.state = ClientState.CLOSED
-                return buf, frames[:index]
+        buf, frames = self._reader.frames(data, FRONTEND_TYPES)
+        if frames and frames[-1][0] == 88:  # 'X'
+            self.state = ClientState.CLOSED
+            del frames[-1]
         return buf, frames
 
     def send(self, event: _Outgoing) -> bytes:

@@ -25,6 +25,7 @@ _I32 = struct.Struct("!i")
 _I16 = struct.Struct("!h")
 _HDR = struct.Struct("!ci")
 _unpack_i32 = _I32.unpack_from
+_TRANSACTION_STATUSES = frozenset(b"ITE")  # idle, in a transaction, in a failed one
 
 
 # --- startup-phase packets (client -> server) -------------------------------------
@@ -113,12 +114,13 @@ def parse_startup(packet: bytes, violation: type[ProtocolViolation]) -> StartupP
 class FrameReader:
     """Accumulates bytes and cuts them into complete frames without copying the rest."""
 
-    __slots__ = ("_buf", "_pos", "_violation")
+    __slots__ = ("_buf", "_pos", "_violation", "ready_at")
 
     def __init__(self, violation: type[ProtocolViolation]) -> None:
         self._buf = bytearray()
         self._pos = 0
         self._violation = violation
+        self.ready_at = -1
 
     def feed(self, data: bytes) -> None:
         if self._pos:
@@ -135,12 +137,18 @@ class FrameReader:
     def pending(self) -> int:
         return len(self._buf) - self._pos
 
-    def frames(self, data: bytes) -> tuple[bytes, list[tuple[int, int, int]]]:
+    def frames(
+        self, data: bytes, types: frozenset[int]
+    ) -> tuple[bytes, list[tuple[int, int, int]]]:
         """Bulk path: ``data`` plus what was pending, cut into ``(type, start, end)`` frames.
 
         Returns the bytes holding the complete frames (``data`` itself, uncopied, when
         nothing was pending and it ends on a frame boundary) and their offsets; an
-        incomplete tail stays buffered.
+        incomplete tail stays buffered. A type outside ``types`` or a malformed
+        ReadyForQuery raises; a Terminate ends the list (what follows it is left
+        unread). ``ready_at`` is the start of the last ReadyForQuery, or -1.
+
+        This is the proxy's hot path, hence one loop that frames and checks together.
         """
         if len(self._buf) > self._pos:
             self._buf += data
@@ -148,6 +156,7 @@ class FrameReader:
             if len(self._buf) - self._pos >= 5:
                 (length,) = _unpack_i32(self._buf, self._pos + 1)
                 if 4 <= length <= MAX_MESSAGE_LENGTH and len(self._buf) - self._pos <= length:
+                    self.ready_at = -1
                     return b"", []
             buf = bytes(self._buf[self._pos :])
             self._buf.clear()
@@ -157,6 +166,7 @@ class FrameReader:
         frames: list[tuple[int, int, int]] = []
         pos, size = 0, len(buf)
         unpack = _unpack_i32
+        ready_at = -1
         while size - pos >= 5:
             (length,) = unpack(buf, pos + 1)
             if length < 4 or length > MAX_MESSAGE_LENGTH:
@@ -164,8 +174,19 @@ class FrameReader:
             end = pos + 1 + length
             if end > size:
                 break
-            frames.append((buf[pos], pos, end))
+            t = buf[pos]
+            if t not in types:
+                raise self._violation(f"unexpected message type {bytes([t])!r}")
+            frames.append((t, pos, end))
+            if t == 90:  # 'Z': exactly one status byte
+                if length != 5 or buf[pos + 5] not in _TRANSACTION_STATUSES:
+                    raise self._violation("malformed ReadyForQuery")
+                ready_at = pos
+            elif t == 88:  # 'X': nothing after a Terminate counts
+                self.ready_at = ready_at
+                return buf[:end], frames
             pos = end
+        self.ready_at = ready_at
         if pos < size:
             self._buf += buf[pos:]
             return buf[:pos], frames

@@ -42,7 +42,7 @@ _I16 = struct.Struct("!h")
 _PLAIN = frozenset(b"dcfH")  # CopyData, CopyDone, CopyFail, Flush: no response, no rewrite
 # queries after which the server has no prepared statements left
 _DROPS_STATEMENTS = re.compile(rb"\s*(DISCARD\s+ALL|DEALLOCATE\s+(PREPARE\s+)?ALL)\b", re.I)
-_MAYBE_DISCARD = frozenset((b"D", b"d", b" ", b"\n", b"\t", b"\r"))  # cheap pre-check
+_MAYBE_DISCARD = frozenset(b"Dd \n\t\r")  # first byte of such a query: cheap pre-check
 
 # reported parameters a client may change and the proxy carries between connections
 SYNCED_PARAMETERS = (
@@ -64,6 +64,16 @@ class Entry:
         self.action = action
         self.stmt = stmt  # server statement a Parse creates (forgotten if it fails)
         self.rows: list[list[str | None]] | None = None  # CAPTURE: the rows; None on error
+
+
+# A FORWARD entry without a statement is never changed once queued, so one shared
+# instance per kind serves every request (no allocation on the hot path).
+_FORWARDS = {kind: Entry(kind, FORWARD) for kind in range(7)}
+_FWD_QUERY = _FORWARDS[_QUERY]
+_FWD_SYNC = _FORWARDS[_SYNC]
+_FWD_EXECUTE = _FORWARDS[_EXECUTE]
+_FWD_BIND = _FORWARDS[_BIND]
+_FWD_PARSE = _FORWARDS[_PARSE]
 
 
 class StatementNames:
@@ -136,13 +146,13 @@ class Pipeline:
         t = msg.data[0]
         queue = self.queue
         if t == 81:  # Q
-            queue.append(Entry(_QUERY, FORWARD))
+            queue.append(_FWD_QUERY)
             if _DROPS_STATEMENTS.match(msg.data, 5, 64):
                 self.prepared.clear()
         elif t == 83:  # S
-            queue.append(Entry(_SYNC, FORWARD))
+            queue.append(_FWD_SYNC)
         elif t == 69:  # E
-            queue.append(Entry(_EXECUTE, FORWARD))
+            queue.append(_FWD_EXECUTE)
         elif t == 66:  # B
             body = msg.body
             _portal, offset = _split_name(body)
@@ -151,9 +161,9 @@ class Pipeline:
                 target = self._ensure(stmts, name, out)
                 if target is not None:
                     out.append(m.message(b"B", body[:offset] + m.cstr(target) + body[rest:]))
-                    queue.append(Entry(_BIND, FORWARD))
+                    queue.append(_FWD_BIND)
                     return
-            queue.append(Entry(_BIND, FORWARD))
+            queue.append(_FWD_BIND)
         elif t == 80:  # P
             body = msg.body
             name, offset = _split_name(body)
@@ -168,7 +178,7 @@ class Pipeline:
                 out.append(_parse_message(target, definition))
                 queue.append(Entry(_PARSE, FORWARD, target))
                 return
-            queue.append(Entry(_PARSE, FORWARD))
+            queue.append(_FWD_PARSE)
         elif t == 68 or t == 67:  # D, C
             body = msg.body
             if len(body) < 2:
@@ -183,13 +193,13 @@ class Pipeline:
                 target = self._ensure(stmts, name, out)
                 if target is not None:
                     out.append(m.message(b"D", b"S" + m.cstr(target)))
-                    queue.append(Entry(_DESCRIBE, FORWARD))
+                    queue.append(_FORWARDS[_DESCRIBE])
                     return
             elif body[0] not in (80, 83):
                 raise ClientProtocolViolation("Describe/Close of neither 'S' nor 'P'")
-            queue.append(Entry(kind, FORWARD))
+            queue.append(_FORWARDS[kind])
         elif t == 70:  # F: FunctionCall answers V then Z like a query
-            queue.append(Entry(_QUERY, FORWARD))
+            queue.append(_FWD_QUERY)
         out.append(msg.data)
 
     def client_frames(
@@ -204,17 +214,17 @@ class Pipeline:
         run_start = run_end = -1
         for t, start, end in frames:
             if t == 81:  # Q
-                queue.append(Entry(_QUERY, FORWARD))
-                if buf[start + 5 : start + 6] in _MAYBE_DISCARD and _DROPS_STATEMENTS.match(
+                queue.append(_FWD_QUERY)
+                if buf[start + 5] in _MAYBE_DISCARD and _DROPS_STATEMENTS.match(
                     buf, start + 5, min(end, start + 64)
                 ):
                     self.prepared.clear()  # DISCARD ALL / DEALLOCATE ALL from the client
             elif t == 70:  # F
-                queue.append(Entry(_QUERY, FORWARD))
+                queue.append(_FWD_QUERY)
             elif t == 83:  # S
-                queue.append(Entry(_SYNC, FORWARD))
+                queue.append(_FWD_SYNC)
             elif t == 69:  # E
-                queue.append(Entry(_EXECUTE, FORWARD))
+                queue.append(_FWD_EXECUTE)
             elif t not in _PLAIN:  # P, B, D, C may name a statement: the careful path
                 if run_start >= 0:
                     out.append(buf[run_start:run_end])
@@ -274,6 +284,18 @@ class Pipeline:
         Returns True when an ErrorResponse of the proxy's own query was swallowed.
         """
         queue = self.queue
+        if frames and queue and queue[0] is _FWD_QUERY and len(queue) == 1 and frames[-1][0] == 90:
+            # The commonest case by far: the whole answer to the client's one simple
+            # Query. All of it goes to the client; only an error, a ParameterStatus
+            # or an early ReadyForQuery on the way needs a closer look.
+            for frame in frames:
+                t = frame[0]
+                if t == 69 or t == 83 or t == 90:
+                    break
+            if frame is frames[-1]:
+                queue.popleft()
+                out.append(buf)
+                return False
         run_start = run_end = -1
         swallowed_error = False
         for t, start, end in frames:
@@ -381,7 +403,8 @@ class Pipeline:
             if action in (INTERNAL, CAPTURE):
                 head.rows = None
                 return True
-            self.fatal_forwarded = msg.data[5:12] == b"SFATAL\0"
+            if msg.data[5:12] == b"SFATAL\0":
+                self.fatal_forwarded = True
             out.append(msg.data)
             return False
         kind = _COMPLETES.get(t)

@@ -374,6 +374,60 @@ def test_pipeline_internal_query_is_invisible() -> None:
     assert to_client == []
 
 
+_ANSWERS = {
+    "T": m.message(b"T", b"\x00\x01a\x00" + bytes(18)),
+    "D": m.message(b"D", b"\x00\x01\x00\x00\x00\x011"),
+    "C": m.message(b"C", m.cstr("SELECT 1")),
+    "N": m.message(b"N", b"SNOTICE\0Mnote\0\0"),
+    "S": m.parameter_status("application_name", "moved"),
+    "E": m.error_response("57014", "canceled", "ERROR"),
+    "F": m.error_response("57P01", "terminating", "FATAL"),
+    "Z": m.ready_for_query(b"I"),
+}
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.sampled_from("TDCNSEFZ"), max_size=8),
+    st.sampled_from(["Z", "ZZ", ""]),
+    st.integers(1, 2),
+)
+def test_bulk_answer_to_simple_queries_matches_message_path(
+    body: list[str], ending: str, queries: int
+) -> None:
+    """The bulk path (with its shortcut for a whole simple-query answer) forwards the
+    same bytes and leaves the same state as routing the messages one by one."""
+    kinds = body + list(ending)
+    if not kinds:
+        return
+    data = b"".join(_ANSWERS[k] for k in kinds)
+    frames, pos = [], 0
+    for k in kinds:
+        frames.append((ord(k[0] if k != "F" else "E"), pos, pos + len(_ANSWERS[k])))
+        pos += len(_ANSWERS[k])
+    bulk, single = Pipeline(StatementNames(), {}), Pipeline(StatementNames(), {})
+    for pipe in (bulk, single):
+        for _ in range(queries):
+            pipe.client_message(_msg(m.query("SELECT 1")), ClientStatements(), [])
+    seen: list[tuple[str, str]] = []
+    bulk_out: list[bytes] = []
+    single_out: list[bytes] = []
+    try:
+        bulk.server_frames(data, frames, bulk_out, lambda k, v: seen.append((k, v)))
+    except ProtocolViolation as exc:
+        with pytest.raises(type(exc)):
+            for start_end in frames:
+                single.server_message(_msg(data[start_end[1] : start_end[2]]), single_out)
+        return
+    for _, start, end in frames:
+        single.server_message(_msg(data[start:end]), single_out)
+    assert b"".join(bulk_out) == b"".join(single_out)
+    assert len(bulk.queue) == len(single.queue)
+    assert bulk.parameters == single.parameters
+    assert bulk.fatal_forwarded == single.fatal_forwarded
+    assert seen == [("application_name", "moved")] * kinds.count("S")
+
+
 # --- fuzzing: parse it or raise ProtocolViolation, nothing else --------------------
 
 
