@@ -252,9 +252,8 @@ class ClientSession(ServerOwner):
     # --- attaching server connections --------------------------------------------
 
     def _set_sql(self, conn: ServerConn, wanted: dict[str, str]) -> str:
+        """SET statements that give ``conn`` the carried parameters in ``wanted``."""
         have = conn.pipeline.synced
-        if have == wanted:
-            return ""
         sql = ""
         for k, v in wanted.items():
             if have.get(k) != v:
@@ -267,7 +266,9 @@ class ClientSession(ServerOwner):
         if self.client_paused:
             conn.link.pause_reading(True)
         if sync:
-            sql = self._set_sql(conn, self.params)
+            # one dict compare in the usual case (this runs at every transaction in
+            # transaction mode); building SETs only when something differs
+            sql = self._set_sql(conn, self.params) if conn.pipeline.synced != self.params else ""
             if self.replay:
                 sql += ";".join(self.replay) + ";"
                 self.replay = []
@@ -385,7 +386,7 @@ class ClientSession(ServerOwner):
         pipeline = conn.pipeline
         pipeline.client_frames(buf, frames, self.stmts, out)
         if out:
-            conn.send(out[0] if len(out) == 1 else b"".join(out))
+            conn.link.write(out[0] if len(out) == 1 else b"".join(out))
         if pipeline.queue and pipeline.queue[0].action == FAKE:
             self._emit_fakes(conn)
 
