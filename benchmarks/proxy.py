@@ -27,7 +27,6 @@ import pwd
 import re
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -97,9 +96,24 @@ def pgbench(port: int, password: str, args: list[str], seconds: int, clients: in
     return Result(float(tps.group(1)), float(lat.group(1)), int(failed.group(1)) if failed else 0)
 
 
-class PgBouncer:
+class Target:
+    """A process under test, listening on 127.0.0.1:``port``; stopped with SIGTERM."""
+
+    def __init__(self, argv: list[str], port: int, **popen: Any) -> None:
+        self.port = port
+        popen.setdefault("stdout", subprocess.DEVNULL)
+        popen.setdefault("stderr", subprocess.DEVNULL)
+        self.proc = subprocess.Popen(argv, **popen)
+        wait_port(port)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+class PgBouncer(Target):
     def __init__(self, workdir: Path, pg: PostgresCluster, password: str, mode: str) -> None:
-        self.port = free_port()
+        port = free_port()
         self.dir = workdir / f"pgbouncer-{mode}"
         self.dir.mkdir()
         (self.dir / "userlist.txt").write_text(f'"{USER}" "{password}"\n')
@@ -107,7 +121,7 @@ class PgBouncer:
             "[databases]\n"
             f"{DB} = host=127.0.0.1 port={pg.port} dbname={DB}\n"
             "[pgbouncer]\n"
-            f"listen_addr = 127.0.0.1\nlisten_port = {self.port}\nunix_socket_dir =\n"
+            f"listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
             f"auth_type = trust\nauth_file = {self.dir / 'userlist.txt'}\n"
             f"pool_mode = {mode}\ndefault_pool_size = 20\nmax_client_conn = 1000\n"
             f"logfile = {self.dir / 'pgbouncer.log'}\n"
@@ -118,31 +132,21 @@ class PgBouncer:
             kwargs = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
             for path in (self.dir, *self.dir.iterdir()):
                 os.chown(path, pw.pw_uid, pw.pw_gid)
-        self.proc = subprocess.Popen(
-            ["pgbouncer", str(self.dir / "pgbouncer.ini")],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            **kwargs,
-        )
-        wait_port(self.port)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
+        super().__init__(["pgbouncer", str(self.dir / "pgbouncer.ini")], port, **kwargs)
 
 
-class Proxy:
+class Proxy(Target):
     def __init__(
         self, workdir: Path, pg: PostgresCluster, password: str, mode: str, label: str = ""
     ) -> None:
-        self.port = free_port()
+        port = free_port()
         self.dir = workdir / f"proxy-{label or mode}"
         self.dir.mkdir()
         self.creds = self.dir / "db.json"
         self.write_credentials(password)
         config = {
             "proxy": {
-                "listen": f"127.0.0.1:{self.port}",
+                "listen": f"127.0.0.1:{port}",
                 "upstream": {"host": "127.0.0.1", "port": pg.port, "sslmode": "disable"},
                 "credentials": {"file": str(self.creds)},
                 "pool_mode": mode,
@@ -152,21 +156,9 @@ class Proxy:
         }
         (self.dir / "proxy.yaml").write_text(json.dumps(config))  # JSON is YAML
         self.log = open(self.dir / "proxy.log", "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "proxy",
-                "-c",
-                str(self.dir / "proxy.yaml"),
-                "--log-level",
-                "warning",
-            ],
-            cwd=ROOT,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-        wait_port(self.port)
+        argv = [sys.executable, "-m", "proxy", "-c", str(self.dir / "proxy.yaml")]
+        argv += ["--log-level", "warning"]
+        super().__init__(argv, port, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
 
     def write_credentials(self, password: str) -> None:
         tmp = self.creds.with_suffix(".tmp")
@@ -174,26 +166,17 @@ class Proxy:
         os.replace(tmp, self.creds)
 
     def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(30)
+        super().stop()
         self.log.close()
 
 
-class Relay:
+class Relay(Target):
     """``benchmarks/relay.py``: the cheapest thing a Python proxy could do (see there)."""
 
     def __init__(self, pg: PostgresCluster) -> None:
-        self.port = free_port()
-        self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "benchmarks" / "relay.py"), str(self.port), str(pg.port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_port(self.port)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
+        port = free_port()
+        relay = str(ROOT / "benchmarks" / "relay.py")
+        super().__init__([sys.executable, relay, str(port), str(pg.port)], port)
 
 
 WORKLOADS = [
