@@ -62,31 +62,23 @@ def wait_port(port: int, timeout: float = 30) -> None:
     raise TimeoutError(f"nothing listening on {port}")
 
 
-def pgbench(port: int, password: str, args: list[str], seconds: int, clients: int) -> Result:
-    threads = min(clients, 2)
-    out = subprocess.run(
-        [
-            str(pg_bindir() / "pgbench"),
-            "-n",
-            "-c",
-            str(clients),
-            "-j",
-            str(threads),
-            "-T",
-            str(seconds),
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "-U",
-            USER,
-            *args,
-            DB,
-        ],
+def run_pgbench(
+    port: int, password: str, args: list[str], check: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """pgbench ``args`` as the benchmark user against the benchmark database at ``port``."""
+    return subprocess.run(
+        [str(pg_bindir() / "pgbench"), "-h", "127.0.0.1", "-p", str(port), "-U", USER, *args, DB],
         env={**os.environ, "PGPASSWORD": password},
         capture_output=True,
         text=True,
+        check=check,
     )
+
+
+def pgbench(port: int, password: str, args: list[str], seconds: int, clients: int) -> Result:
+    threads = min(clients, 2)
+    load = ["-n", "-c", str(clients), "-j", str(threads), "-T", str(seconds)]
+    out = run_pgbench(port, password, load + args)
     text = out.stdout + out.stderr
     tps = re.search(r"tps = ([\d.]+)", text)
     lat = re.search(r"latency average = ([\d.]+) ms", text)
@@ -311,25 +303,7 @@ def main() -> int:
     try:
         pg.psql(f"CREATE ROLE {USER} LOGIN PASSWORD '{password}'")
         pg.psql(f"CREATE DATABASE {DB} OWNER {USER}")
-        subprocess.run(
-            [
-                str(pg_bindir() / "pgbench"),
-                "-i",
-                "-q",
-                "-s",
-                str(args.scale),
-                "-h",
-                "127.0.0.1",
-                "-p",
-                str(pg.port),
-                "-U",
-                USER,
-                DB,
-            ],
-            env={**os.environ, "PGPASSWORD": password},
-            check=True,
-            capture_output=True,
-        )
+        run_pgbench(pg.port, password, ["-i", "-q", "-s", str(args.scale)], check=True)
         targets["direct"] = pg.port
         if shutil.which("pgbouncer"):
             for mode in ("session", "transaction"):

@@ -5,47 +5,63 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import asyncpg
 import pytest
 from devservers import OpenBaoServer, PostgresCluster, configure_database_engine
 from proxyhelpers import (
     ProxyFactory,
+    Result,
     Role,
-    pg_tool,
+    RunningProxy,
     pgbench,
     pgbench_counts,
-    run,
     wait_until,
     write_credentials,
 )
+from proxyhelpers import psql as run_psql
 
 from proxy import metrics
 
 
 async def psql(pg: PostgresCluster, sql: str, db: str = "postgres") -> str:
-    result = await run(
-        pg_tool("psql"),
-        "-X",
-        "-q",
-        "-A",
-        "-t",
-        "-v",
-        "ON_ERROR_STOP=1",
-        "-h",
-        "127.0.0.1",
-        "-p",
-        str(pg.port),
-        "-U",
-        pg.superuser,
-        "-d",
-        db,
-        "-c",
-        sql,
-        env={"PGPASSWORD": pg.password},
+    """Run ``sql`` as the cluster's superuser; stdout (tuples only)."""
+    argv = ("-q", "-v", "ON_ERROR_STOP=1", "-c", sql)
+    result = await run_psql(
+        "127.0.0.1", pg.port, pg.superuser, db, *argv, env={"PGPASSWORD": pg.password}
     )
     assert result.returncode == 0, result.stderr
     return result.stdout
+
+
+async def rotate_under_load(
+    proxy: RunningProxy, load: asyncio.Task[Result], rotate: Callable[[], Awaitable[None]]
+) -> None:
+    """Rotate three times while ``load`` runs; it must finish with 0 failed transactions.
+
+    ``rotate`` changes the credentials (and rewrites the proxy's file); each change must
+    become the proxy's next generation.
+    """
+    await wait_until(lambda: proxy.server.status()["pools"], what="pgbench connected")
+    for generation in range(2, 5):
+        await asyncio.sleep(1.5)
+        await rotate()
+        await wait_until(
+            lambda gen=generation: proxy.server.status()["generation"] == gen, what="switch"
+        )
+    result = await load
+    assert result.returncode == 0, result.stderr + result.stdout
+    done, failed = pgbench_counts(result.stdout)
+    assert done > 0
+    assert failed == 0
+
+
+def only_current_generation(proxy: RunningProxy) -> list[dict[str, Any]]:
+    conns = [c for p in proxy.server.status()["pools"] for c in p["connections"]]
+    assert all(c["current"] for c in conns), conns
+    return conns
 
 
 async def rotation_role(pg: PostgresCluster, db_owner: Role) -> tuple[str, str]:
@@ -69,25 +85,16 @@ async def test_alter_role_rotation_under_pgbench(
     )
     args = ["-S"] if workload == "-S" else []
     load = asyncio.create_task(pgbench(proxy.port, pgbench_db.database, *args, seconds=8))
-    await wait_until(lambda: proxy.server.status()["pools"], what="pgbench connected")
-    for i in range(3):
-        await asyncio.sleep(1.5)
-        password = f"pw-{i}-" + secrets.token_hex(8)
+
+    async def alter_role() -> None:
+        password = "pw-" + secrets.token_hex(8)
         await psql(postgres, f"ALTER ROLE {user} PASSWORD '{password}'")
         write_credentials(proxy.creds_file, user, password)
-        await wait_until(
-            lambda gen=i + 2: proxy.server.status()["generation"] == gen, what="switch"
-        )
-    result = await load
-    assert result.returncode == 0, result.stderr + result.stdout
-    done, failed = pgbench_counts(result.stdout)
-    assert done > 0
-    assert failed == 0
+
+    await rotate_under_load(proxy, load, alter_role)
     # after drain_timeout nothing of an old generation is left, in the proxy or upstream
     await asyncio.sleep(4.5)
-    status = proxy.server.status()
-    conns = [c for p in status["pools"] for c in p["connections"]]
-    assert all(c["current"] for c in conns), conns
+    conns = only_current_generation(proxy)
     # a backend the proxy closed may take a moment to leave pg_stat_activity
     sql = f"SELECT count(*) FROM pg_stat_activity WHERE usename = '{user}'"
 
@@ -236,26 +243,17 @@ async def test_dynamic_openbao_credentials_under_pgbench(
 
     proxy = await make_proxy(creds=await issue(), pool_size=16, drain_timeout="3s")
     load = asyncio.create_task(pgbench(proxy.port, pgbench_db.database, "-S", seconds=7))
-    await wait_until(lambda: proxy.server.status()["pools"], what="pgbench connected")
     users = []
-    for i in range(3):
-        await asyncio.sleep(1.5)
+
+    async def new_lease() -> None:
         user, password = await issue()
         users.append(user)
         write_credentials(proxy.creds_file, user, password)
-        await wait_until(
-            lambda gen=i + 2: proxy.server.status()["generation"] == gen, what="switch"
-        )
-    result = await load
-    assert result.returncode == 0, result.stderr + result.stdout
-    done, failed = pgbench_counts(result.stdout)
-    assert done > 0
-    assert failed == 0
+
+    await rotate_under_load(proxy, load, new_lease)
     await asyncio.sleep(3.5)
-    status = proxy.server.status()
-    assert status["user"] == users[-1]
-    conns = [c for p in status["pools"] for c in p["connections"]]
-    assert all(c["current"] for c in conns)
+    assert proxy.server.status()["user"] == users[-1]
+    only_current_generation(proxy)
     old = ", ".join(f"'{u}'" for u in users[:-1])
     sql = f"SELECT count(*) FROM pg_stat_activity WHERE usename IN ({old})"
 
