@@ -171,12 +171,29 @@ async def vault(openbao: OpenBaoServer) -> AsyncIterator[VaultClient]:
 
 
 @pytest.fixture
-def db_mount(openbao: OpenBaoServer, postgres: PostgresCluster, unique: str) -> Iterator[str]:
-    """A database secrets engine of this test's own, role ``app`` (TTL 6 s, max 20 s)."""
+def database_mount(
+    openbao: OpenBaoServer, postgres: PostgresCluster, unique: str
+) -> Iterator[Callable[..., str]]:
+    """``database_mount(ttl=..., max_ttl=...)`` -> the mount of a database secrets engine of
+    this test's own, role ``app``; disabled (what is left revoked) after the test."""
     mount = f"db-{unique}"
-    configure_database_engine(openbao, postgres, role="app", mount=mount)
-    yield mount
-    openbao.client().sys.disable_secrets_engine(mount)  # revokes what is left
+    configured = False
+
+    def make(**ttls: str) -> str:
+        nonlocal configured
+        configure_database_engine(openbao, postgres, role="app", mount=mount, **ttls)
+        configured = True
+        return mount
+
+    yield make
+    if configured:
+        openbao.client().sys.disable_secrets_engine(mount)  # revokes what is left
+
+
+@pytest.fixture
+def db_mount(database_mount: Callable[..., str]) -> str:
+    """A database secrets engine of this test's own, role ``app`` (TTL 6 s, max 20 s)."""
+    return database_mount()
 
 
 def secret(name: str, kind: str, path: str, **kw: Any) -> SecretConfig:

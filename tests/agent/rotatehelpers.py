@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -64,6 +66,19 @@ def rotation(
     published = Published()
     store = Store(vault, cfg.store)
     return Rotation(cfg, create_rotator(cfg, context), store, published, owner), published
+
+
+@asynccontextmanager
+async def looping(rot: Rotation) -> AsyncIterator[Rotation]:
+    """Run ``rot.run()`` in the background for the block; fail if it stopped."""
+    task = asyncio.create_task(rot.run())
+    try:
+        yield rot
+        assert not task.done(), task.exception()
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def but(cfg: RotateConfig, **changes: Any) -> RotateConfig:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import sys
 import textwrap
@@ -15,22 +13,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from devservers import AUDIT, OpenBaoServer, make_test_pki
-from rotatehelpers import config, kv_data, rotation
+from rotatehelpers import config, kv_data, looping, rotation
 
 from agent.rotate.jwtkeys import load_public, thumbprint
-
-
-@contextlib.asynccontextmanager
-async def looping(rot: Any) -> Any:
-    task = asyncio.create_task(rot.run())
-    try:
-        yield rot
-        assert not task.done(), task.exception()
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
 
 # ------------------------------------------------------------------------------ jwt
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Any
 
 import pytest
@@ -12,6 +11,7 @@ from rotatehelpers import (
     but,
     can_login,
     kv_data,
+    looping,
     pg_config,
     rotation,
     webhook_server,
@@ -34,18 +34,6 @@ def failures(name: str) -> float:
         "credsidecar_rotations_total", {"name": name, "result": "failed"}
     )
     return value or 0.0
-
-
-@contextlib.asynccontextmanager
-async def looping(rot: Any) -> Any:
-    task = asyncio.create_task(rot.run())
-    try:
-        yield rot
-        assert not task.done(), task.exception()
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 def test_scram_verifier_matches_the_rfc_7677_example() -> None:

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from devservers import OpenBaoServer, PostgresCluster, configure_database_engine, leases_under
+from devservers import OpenBaoServer, leases_under
 
 from agent.ledger import Ledger
 from agent.sources.database import DatabaseSource
@@ -17,9 +17,8 @@ from agent.sources.database import DatabaseSource
 
 async def test_renewed_in_place_then_replaced_before_max_ttl_and_old_lease_revoked(
     openbao: OpenBaoServer,
-    postgres: PostgresCluster,
     vault: Any,
-    unique: str,
+    database_mount: Any,
     events: Any,
     until: Any,
     run: Any,
@@ -27,58 +26,50 @@ async def test_renewed_in_place_then_replaced_before_max_ttl_and_old_lease_revok
     pg_login: Any,
     tmp_path: Path,
 ) -> None:
-    mount = f"db-{unique}"
     # TTL 6 s / max 12 s: a couple of renewals, then the cap forces a replacement
-    configure_database_engine(openbao, postgres, role="app", ttl="6s", max_ttl="12s", mount=mount)
+    mount = database_mount(ttl="6s", max_ttl="12s")
     ledger = Ledger(tmp_path / "state")
     source, published = make_source(
         "db", "database", f"{mount}/creds/app", vault=vault, ledger=ledger, revoke_grace=0.5
     )
-    try:
-        first = await source.start()
-        assert first.lease_id and first.lease_duration == 6
-        assert await pg_login(first.data["username"], first.data["password"])
-        async with run(source):
-            new = await published.wait_for(
-                lambda v: v.lease_id != first.lease_id, 40, "a replacement"
-            )
-            renewals = [v for v in published.values[: published.values.index(new)]]
-            assert renewals, "the lease was replaced without being renewed first"
-            assert all(v.lease_id == first.lease_id for v in renewals)
-            assert renewals[-1].expires_at > first.expires_at  # renewals extended it
-            # make-before-break: the new credential existed before the old one expired
-            assert new.issued_at < renewals[-1].expires_at
-            assert await pg_login(new.data["username"], new.data["password"])
-            # the old lease is revoked by us after the grace, not left to expire
-            await until(
-                lambda: events.named("revoked", secret="db", version=first.lease_id),
-                30,
-                "the old lease revoked",
-            )
-            assert leases_under(openbao, f"{mount}/creds/app/") == [new.lease_id]
-            assert not await pg_login(first.data["username"], first.data["password"])
-            assert ledger.retired() == {}
-            assert ledger.load("db") is not None
-            assert ledger.load("db").lease_id == new.lease_id  # type: ignore[union-attr]
-        assert events.named("replaced", secret="db", old_version=first.lease_id)
-        assert not events.named("lease_lost")
-    finally:
-        openbao.client().sys.disable_secrets_engine(mount)
+    first = await source.start()
+    assert first.lease_id and first.lease_duration == 6
+    assert await pg_login(first.data["username"], first.data["password"])
+    async with run(source):
+        new = await published.wait_for(lambda v: v.lease_id != first.lease_id, 40, "a replacement")
+        renewals = [v for v in published.values[: published.values.index(new)]]
+        assert renewals, "the lease was replaced without being renewed first"
+        assert all(v.lease_id == first.lease_id for v in renewals)
+        assert renewals[-1].expires_at > first.expires_at  # renewals extended it
+        # make-before-break: the new credential existed before the old one expired
+        assert new.issued_at < renewals[-1].expires_at
+        assert await pg_login(new.data["username"], new.data["password"])
+        # the old lease is revoked by us after the grace, not left to expire
+        await until(
+            lambda: events.named("revoked", secret="db", version=first.lease_id),
+            30,
+            "the old lease revoked",
+        )
+        assert leases_under(openbao, f"{mount}/creds/app/") == [new.lease_id]
+        assert not await pg_login(first.data["username"], first.data["password"])
+        assert ledger.retired() == {}
+        assert ledger.load("db") is not None
+        assert ledger.load("db").lease_id == new.lease_id  # type: ignore[union-attr]
+    assert events.named("replaced", secret="db", old_version=first.lease_id)
+    assert not events.named("lease_lost")
 
 
 async def test_transient_outage_retries_with_backoff_and_keeps_the_lease(
     openbao: OpenBaoServer,
-    postgres: PostgresCluster,
     relay: Any,
     new_vault: Any,
-    unique: str,
+    database_mount: Any,
     events: Any,
     until: Any,
     run: Any,
     make_source: Any,
 ) -> None:
-    mount = f"db-{unique}"
-    configure_database_engine(openbao, postgres, role="app", ttl="10s", max_ttl="5m", mount=mount)
+    mount = database_mount(ttl="10s", max_ttl="5m")
     client = new_vault(relay.address)
     await client.login()
     source, published = make_source("db", "database", f"{mount}/creds/app", vault=client)
@@ -100,7 +91,6 @@ async def test_transient_outage_retries_with_backoff_and_keeps_the_lease(
         assert client.reachable
     finally:
         await client.close()
-        openbao.client().sys.disable_secrets_engine(mount)
 
 
 async def test_restarts_adopt_the_recorded_lease(
@@ -166,43 +156,35 @@ async def test_a_revoked_or_expired_recorded_lease_is_replaced(
 
 
 async def test_refresh_renews_now(
-    openbao: OpenBaoServer,
-    postgres: PostgresCluster,
     vault: Any,
-    unique: str,
+    database_mount: Any,
     run: Any,
     make_source: Any,
 ) -> None:
-    mount = f"db-{unique}"
     # an hour-long lease: without wake() the first renewal would be ~40 minutes away
-    configure_database_engine(openbao, postgres, role="app", ttl="1h", max_ttl="2h", mount=mount)
+    mount = database_mount(ttl="1h", max_ttl="2h")
     source, published = make_source("db", "database", f"{mount}/creds/app", vault=vault)
     assert isinstance(source, DatabaseSource)
-    try:
-        first = await source.start()
-        async with run(source):
-            source.wake()
-            renewed = await published.wait_for(lambda v: True, 30, "a renewal after wake()")
-        assert renewed.lease_id == first.lease_id
-        assert renewed.expires_at >= first.expires_at
-    finally:
-        openbao.client().sys.disable_secrets_engine(mount)
+    first = await source.start()
+    async with run(source):
+        source.wake()
+        renewed = await published.wait_for(lambda v: True, 30, "a renewal after wake()")
+    assert renewed.lease_id == first.lease_id
+    assert renewed.expires_at >= first.expires_at
 
 
 async def test_started_during_an_outage_it_adopts_then_renews_when_vault_returns(
     openbao: OpenBaoServer,
-    postgres: PostgresCluster,
     relay: Any,
     new_vault: Any,
-    unique: str,
+    database_mount: Any,
     events: Any,
     until: Any,
     run: Any,
     make_source: Any,
     tmp_path: Path,
 ) -> None:
-    mount = f"db-{unique}"
-    configure_database_engine(openbao, postgres, role="app", ttl="10s", max_ttl="5m", mount=mount)
+    mount = database_mount(ttl="10s", max_ttl="5m")
     ledger = Ledger(tmp_path / "state")
     client = new_vault(relay.address)
     await client.login()
@@ -225,4 +207,3 @@ async def test_started_during_an_outage_it_adopts_then_renews_when_vault_returns
         assert leases_under(openbao, f"{path}/") == [first.lease_id]
     finally:
         await client.close()
-        openbao.client().sys.disable_secrets_engine(mount)

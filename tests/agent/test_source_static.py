@@ -4,21 +4,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from devservers import OpenBaoServer, PostgresCluster, configure_database_engine
+from devservers import OpenBaoServer, PostgresCluster
 
 
 async def test_rotated_password_is_published(
     openbao: OpenBaoServer,
     postgres: PostgresCluster,
+    database_mount: Any,
     vault: Any,
     unique: str,
     run: Any,
     make_source: Any,
     pg_login: Any,
 ) -> None:
-    mount = f"db-{unique}"
     user = f"static_{unique}"
-    configure_database_engine(openbao, postgres, role="app", mount=mount)
+    mount = database_mount()
     postgres.psql(f"CREATE ROLE {user} LOGIN PASSWORD 'initial-{unique}'")
     openbao.client().secrets.database.create_static_role(
         "st",
@@ -45,5 +45,4 @@ async def test_rotated_password_is_published(
         assert await pg_login(user, second.data["password"])
         assert not await pg_login(user, first.data["password"])
     finally:
-        openbao.client().sys.disable_secrets_engine(mount)
-        postgres.psql(f"DROP ROLE IF EXISTS {user}")
+        postgres.psql(f"DROP ROLE IF EXISTS {user}")  # the engine is disabled after the test

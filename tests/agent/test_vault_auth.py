@@ -22,8 +22,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from devservers import (
     OpenBaoServer,
-    PostgresCluster,
-    configure_database_engine,
     free_port,
     make_test_pki,
 )
@@ -44,6 +42,12 @@ def sign_jwt(key: rsa.RSAPrivateKey, claims: dict[str, Any]) -> str:
     signing_input = f"{b64url(json.dumps(header).encode())}.{b64url(json.dumps(claims).encode())}"
     signature = key.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
     return f"{signing_input}.{b64url(signature)}"
+
+
+def fresh_claims(iss: str, sub: str, aud: str | list[str]) -> dict[str, Any]:
+    """Registered claims for a token issued now, valid for five minutes."""
+    now = int(time.time())
+    return {"iss": iss, "sub": sub, "aud": aud, "iat": now, "nbf": now - 5, "exp": now + 300}
 
 
 def verify_jwt(key: rsa.RSAPublicKey, token: str) -> dict[str, Any] | None:
@@ -231,15 +235,7 @@ async def test_jwt_login_with_a_token_the_test_signed(
         token_ttl="60s",
         path=mount,
     )
-    now = int(time.time())
-    claims = {
-        "iss": "https://issuer.test",
-        "sub": "app",
-        "aud": "credsidecar",
-        "iat": now,
-        "nbf": now - 5,
-        "exp": now + 300,
-    }
+    claims = fresh_claims("https://issuer.test", "app", "credsidecar")
     jwt_file = write_secret_file(tmp_path / "jwt", sign_jwt(rsa_key, claims))
     client = new_vault(
         openbao.address, AuthConfig(method="jwt", role="agent", jwt_file=jwt_file, mount=mount)
@@ -306,14 +302,12 @@ async def test_kubernetes_login_against_a_token_review_endpoint(
             ttl="60s",
             mount_point=mount,
         )
-        now = int(time.time())
         claims = {
-            "iss": "https://kubernetes.default.svc",
-            "sub": "system:serviceaccount:shop:app",
-            "aud": ["https://kubernetes.default.svc"],
-            "iat": now,
-            "nbf": now - 5,
-            "exp": now + 300,
+            **fresh_claims(
+                "https://kubernetes.default.svc",
+                "system:serviceaccount:shop:app",
+                ["https://kubernetes.default.svc"],
+            ),
             "kubernetes.io": {
                 "namespace": "shop",
                 "serviceaccount": {"name": "app", "uid": "6f1f4d0a-0000-4000-8000-000000000001"},
@@ -341,7 +335,7 @@ async def test_kubernetes_login_against_a_token_review_endpoint(
 
 async def test_token_is_renewed_then_replaced_past_its_max_ttl_without_losing_leases(
     openbao: OpenBaoServer,
-    postgres: PostgresCluster,
+    database_mount: Any,
     new_vault: Any,
     unique: str,
     events: Any,
@@ -350,8 +344,7 @@ async def test_token_is_renewed_then_replaced_past_its_max_ttl_without_losing_le
     make_source: Any,
     pg_login: Any,
 ) -> None:
-    db = f"db-{unique}"
-    configure_database_engine(openbao, postgres, role="app", ttl="6s", max_ttl="10m", mount=db)
+    db = database_mount(ttl="6s", max_ttl="10m")
     policy = f"""
     path "{db}/creds/app" {{ capabilities = ["read"] }}
     path "sys/leases/renew" {{ capabilities = ["update"] }}
@@ -390,7 +383,6 @@ async def test_token_is_renewed_then_replaced_past_its_max_ttl_without_losing_le
         keeper.cancel()
         await asyncio.gather(keeper, return_exceptions=True)
         await client.close()
-        openbao.client().sys.disable_secrets_engine(db)
 
 
 # --------------------------------------------------------------------------- tls
