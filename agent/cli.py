@@ -66,22 +66,7 @@ def _deep_check(config: Config) -> list[str]:
             Template(template)
         except RenderError as exc:
             problems.append(f"templates[{index}]: {exc}")
-    if config.proxy is not None:
-        problems.extend(_check_proxy(config))
     return problems
-
-
-def _check_proxy(config: Config) -> list[str]:
-    from proxy.config import ProxyConfigError, parse_proxy_config
-
-    try:
-        pcfg = parse_proxy_config(config.proxy or {}, config.base_dir)
-    except ProxyConfigError as exc:
-        return list(exc.problems)
-    secret = pcfg.credentials.secret
-    if secret is not None and secret not in config.secrets and secret not in config.rotate:
-        return [f'proxy.credentials.secret: "{secret}" is not a secret in secrets or rotate']
-    return []
 
 
 async def _run(config: Config) -> int:

@@ -10,34 +10,42 @@ from __future__ import annotations
 import os
 import re
 import signal
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Literal, get_args
 
 import yaml
 
 from agent.errors import ConfigError
+from agent.rotate.config import RotateConfig, parse_rotate
+from proxy.config import ProxyConfig, parse_proxy_config
 
-# one duration parser for both packages (proxy cannot import agent)
-from proxy.config import parse_duration as parse_duration
+# the one reader kit, shared with the proxy's config (proxy cannot import agent)
+from proxy.configkit import (
+    Problems,
+    Section,
+    as_bool,
+    as_command,
+    as_fraction,
+    as_int,
+    as_mapping,
+    as_str,
+    as_str_map,
+    choice,
+    parse_duration,
+    parse_listen,
+    show_value,
+)
 
-if TYPE_CHECKING:
-    from agent.rotate.config import RotateConfig
-
-T = TypeVar("T")
-
-SECRET_KINDS = ("database", "kv", "database-static", "pki", "file")
-AUTH_METHODS = ("token", "approle", "kubernetes", "jwt")
+SecretKind = Literal["database", "kv", "database-static", "pki", "file"]
+AuthMethod = Literal["token", "approle", "kubernetes", "jwt"]
+ExecReload = Literal["signal", "restart", "none"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+SECRET_KINDS: tuple[SecretKind, ...] = get_args(SecretKind)
+AUTH_METHODS: tuple[AuthMethod, ...] = get_args(AuthMethod)
+LOG_LEVELS: tuple[LogLevel, ...] = get_args(LogLevel)
 K8S_TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount/token"
-
-
-def show_value(value: object) -> str:
-    """A bad value as it appears in an error, shortened."""
-    text = value if isinstance(value, str) else repr(value)
-    if isinstance(value, str):
-        text = '"' + value + '"'
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def parse_signal(value: object) -> signal.Signals:
@@ -62,7 +70,7 @@ def parse_mode(value: object) -> int:
 
 @dataclass(frozen=True)
 class AuthConfig:
-    method: str = "token"
+    method: AuthMethod = "token"
     token: str | None = field(default=None, repr=False)
     token_file: Path | None = None
     role_id: str | None = None
@@ -89,7 +97,7 @@ class VaultConfig:
 @dataclass(frozen=True)
 class SecretConfig:
     name: str
-    kind: str
+    kind: SecretKind
     path: str
     refresh: float | None = None  # kv/database-static/file poll; None = kind default
     params: Mapping[str, Any] = field(default_factory=dict)
@@ -134,7 +142,7 @@ class NotifyConfig:
 @dataclass(frozen=True)
 class ExecConfig:
     command: tuple[str, ...]
-    reload: str = "signal"  # signal | restart | none
+    reload: ExecReload = "signal"
     signal: signal.Signals = signal.SIGHUP
     env: Mapping[str, str] = field(default_factory=dict)
     wait: Wait = field(default_factory=Wait)
@@ -156,11 +164,11 @@ class Config:
     exec: ExecConfig | None
     health: HealthConfig | None
     state_dir: Path
-    log_level: str = "info"
+    log_level: LogLevel = "info"
     revoke_on_shutdown: bool = False
-    proxy: Mapping[str, Any] | None = None  # validated by the proxy package
+    proxy: ProxyConfig | None = None
     source_path: Path | None = None
-    rotate: Mapping[str, RotateConfig] = field(default_factory=dict)  # agent/rotate/config.py
+    rotate: Mapping[str, RotateConfig] = field(default_factory=dict)
 
     @property
     def base_dir(self) -> Path:
@@ -175,117 +183,7 @@ class Config:
 # --------------------------------------------------------------------------- reading
 
 
-class _Problems:
-    def __init__(self) -> None:
-        self.items: list[str] = []
-
-    def add(self, path: str, message: str) -> None:
-        self.items.append(f"{path}: {message}" if path else message)
-
-
-class _Section:
-    """Reads one mapping, recording problems under its key path and rejecting unknown keys."""
-
-    def __init__(self, problems: _Problems, path: str, raw: object, known: tuple[str, ...]):
-        self.problems, self.path = problems, path
-        self.raw: Mapping[str, Any] = {}
-        if raw is None:
-            raw = {}
-        if not isinstance(raw, Mapping):
-            problems.add(path, f"must be a mapping, got {type(raw).__name__}")
-            return
-        self.raw = raw
-        for key in raw:
-            if key not in known:
-                problems.add(
-                    self.key(str(key)), f"unknown key (expected one of: {', '.join(known)})"
-                )
-
-    def key(self, name: str) -> str:
-        return f"{self.path}.{name}" if self.path else name
-
-    def get(
-        self,
-        name: str,
-        convert: Callable[[Any], T],
-        default: T,
-        *,
-        secret: bool = False,
-    ) -> T:
-        if name not in self.raw or self.raw[name] is None:
-            return default
-        value = self.raw[name]
-        try:
-            return convert(value)
-        except (ValueError, TypeError) as exc:
-            shown = "(value hidden)" if secret else str(exc)
-            self.problems.add(self.key(name), shown)
-            return default
-
-    def required(self, name: str, convert: Callable[[Any], T], default: T) -> T:
-        if name not in self.raw or self.raw[name] in (None, ""):
-            self.problems.add(self.key(name), "is required")
-            return default
-        return self.get(name, convert, default)
-
-
-def as_str(value: object) -> str:
-    if not isinstance(value, str | int | float) or isinstance(value, bool):
-        raise ValueError(f"{show_value(value)} is not a string")
-    return str(value)
-
-
-def _bool(value: object) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{show_value(value)} is not true or false")
-    return value
-
-
-def _int(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{show_value(value)} is not an integer")
-    return value
-
-
-def as_fraction(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
-        raise ValueError(f"{show_value(value)} is not a fraction between 0 and 1")
-    return float(value)
-
-
-def as_command(value: object) -> tuple[str, ...]:
-    if isinstance(value, str) or not isinstance(value, list) or not value:
-        raise ValueError(f"{show_value(value)} must be a non-empty list of strings (no shell)")
-    if not all(isinstance(v, str) for v in value):
-        raise ValueError(f"{show_value(value)} must be a list of strings")
-    return tuple(value)
-
-
-def _duration(value: object) -> float:
-    return parse_duration(value)
-
-
-def _str_map(value: object) -> Mapping[str, str]:
-    if not isinstance(value, Mapping):
-        raise ValueError("must be a mapping of strings")
-    return {str(k): str(v) for k, v in value.items()}
-
-
-def as_mapping(value: Any) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping):
-        raise ValueError("must be a mapping")
-    return {str(k): v for k, v in value.items()}
-
-
-def _listen(value: object) -> tuple[str, int]:
-    text = str(value)
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"{show_value(value)} is not host:port")
-    return host.strip("[]") or "127.0.0.1", int(port)
-
-
-def _wait(problems: _Problems, path: str, raw: object) -> Wait:
+def _wait(problems: Problems, path: str, raw: object) -> Wait:
     if isinstance(raw, str | int | float) and not isinstance(raw, bool):
         try:
             d = parse_duration(raw)
@@ -293,15 +191,19 @@ def _wait(problems: _Problems, path: str, raw: object) -> Wait:
             problems.add(path, str(exc))
             return Wait()
         return Wait(min=d, max=max(d, d * 4))
-    s = _Section(problems, path, raw, ("min", "max"))
-    w = Wait(min=s.get("min", _duration, Wait.min), max=s.get("max", _duration, Wait.max))
+    s = Section(problems, path, raw, ("min", "max"))
+    w = Wait(min=s.get("min", parse_duration, Wait.min), max=s.get("max", parse_duration, Wait.max))
     if w.max < w.min:
         problems.add(path + ".max", f"{w.max:g}s is shorter than min {w.min:g}s")
     return w
 
 
-def _auth(problems: _Problems, raw: object, env: Mapping[str, str], base: Path) -> AuthConfig:
-    s = _Section(
+def _log_level(value: object) -> LogLevel:
+    return choice(LOG_LEVELS)(as_str(value).lower())
+
+
+def _auth(problems: Problems, raw: object, env: Mapping[str, str], base: Path) -> AuthConfig:
+    s = Section(
         problems,
         "vault.auth",
         raw,
@@ -322,11 +224,7 @@ def _auth(problems: _Problems, raw: object, env: Mapping[str, str], base: Path) 
     def path(value: object) -> Path:
         return base / as_str(value)
 
-    method = s.get("method", as_str, "token")
-    if method not in AUTH_METHODS:
-        problems.add(
-            "vault.auth.method", f"{show_value(method)} is not one of {', '.join(AUTH_METHODS)}"
-        )
+    method: AuthMethod = s.get("method", choice(AUTH_METHODS), "token")
     auth = AuthConfig(
         method=method,
         token=s.get("token", as_str, None, secret=True),
@@ -360,8 +258,8 @@ def _auth(problems: _Problems, raw: object, env: Mapping[str, str], base: Path) 
     return auth
 
 
-def _vault(problems: _Problems, raw: object, env: Mapping[str, str], base: Path) -> VaultConfig:
-    s = _Section(
+def _vault(problems: Problems, raw: object, env: Mapping[str, str], base: Path) -> VaultConfig:
+    s = Section(
         problems,
         "vault",
         raw,
@@ -374,28 +272,26 @@ def _vault(problems: _Problems, raw: object, env: Mapping[str, str], base: Path)
         problems.add("vault.address", f"{show_value(address)} is not an http:// or https:// URL")
     ca = s.get("ca_cert", as_str, env.get("VAULT_CACERT") or None)
     skip_env = env.get("VAULT_SKIP_VERIFY", "").lower() in ("1", "true", "yes")
-    retry = _Section(problems, "vault.retry", s.raw.get("retry"), ("initial", "max"))
+    retry = Section(problems, "vault.retry", s.raw.get("retry"), ("initial", "max"))
     return VaultConfig(
         address=address.rstrip("/"),
         auth=_auth(problems, s.raw.get("auth"), env, base),
         namespace=s.get("namespace", as_str, env.get("VAULT_NAMESPACE") or None),
         ca_cert=(base / ca) if ca else None,
-        tls_skip_verify=s.get("tls_skip_verify", _bool, skip_env),
-        timeout=s.get("timeout", _duration, 10.0),
-        retry_initial=retry.get("initial", _duration, 0.5),
-        retry_max=retry.get("max", _duration, 30.0),
+        tls_skip_verify=s.get("tls_skip_verify", as_bool, skip_env),
+        timeout=s.get("timeout", parse_duration, 10.0),
+        retry_initial=retry.get("initial", parse_duration, 0.5),
+        retry_max=retry.get("max", parse_duration, 30.0),
     )
 
 
 _SECRET_KEYS = ("kind", "path", "refresh", "params", "revoke_grace", "renew_fraction")
 
 
-def _secret(problems: _Problems, name: str, raw: object, base: Path) -> SecretConfig:
+def _secret(problems: Problems, name: str, raw: object, base: Path) -> SecretConfig:
     path = f"secrets.{name}"
-    s = _Section(problems, path, raw, _SECRET_KEYS)
-    kind = s.required("kind", as_str, "file")
-    if kind not in SECRET_KINDS:
-        problems.add(f"{path}.kind", f"{show_value(kind)} is not one of {', '.join(SECRET_KINDS)}")
+    s = Section(problems, path, raw, _SECRET_KEYS)
+    kind: SecretKind = s.required("kind", choice(SECRET_KINDS), "file")
     where = s.required("path", as_str, "")
     if kind == "file" and where:
         where = str(base / where)
@@ -406,9 +302,9 @@ def _secret(problems: _Problems, name: str, raw: object, base: Path) -> SecretCo
         name=name,
         kind=kind,
         path=where,
-        refresh=s.get("refresh", _duration, None),
+        refresh=s.get("refresh", parse_duration, None),
         params=params,
-        revoke_grace=s.get("revoke_grace", _duration, 30.0),
+        revoke_grace=s.get("revoke_grace", parse_duration, 30.0),
         renew_fraction=s.get("renew_fraction", as_fraction, 2 / 3),
     )
 
@@ -425,9 +321,9 @@ _TEMPLATE_KEYS = (
 )
 
 
-def _template(problems: _Problems, index: int, raw: object, base: Path) -> TemplateConfig:
+def _template(problems: Problems, index: int, raw: object, base: Path) -> TemplateConfig:
     path = f"templates[{index}]"
-    s = _Section(problems, path, raw, _TEMPLATE_KEYS)
+    s = Section(problems, path, raw, _TEMPLATE_KEYS)
     contents = s.get("contents", as_str, None)
     source = s.get("source", lambda v: base / as_str(v), None)
     if (contents is None) == (source is None):
@@ -439,19 +335,19 @@ def _template(problems: _Problems, index: int, raw: object, base: Path) -> Templ
         contents=contents,
         source=source,
         perms=s.get("perms", parse_mode, 0o600),
-        uid=s.get("uid", _int, None),
-        gid=s.get("gid", _int, None),
-        allow_disk=s.get("allow_disk", _bool, False),
-        error_on_missing_key=s.get("error_on_missing_key", _bool, True),
+        uid=s.get("uid", as_int, None),
+        gid=s.get("gid", as_int, None),
+        allow_disk=s.get("allow_disk", as_bool, False),
+        error_on_missing_key=s.get("error_on_missing_key", as_bool, True),
     )
 
 
 _NOTIFY_KEYS = ("signal", "pid_file", "pid", "process", "command", "wait", "timeout")
 
 
-def _notify(problems: _Problems, name: str, raw: object, base: Path) -> NotifyConfig:
+def _notify(problems: Problems, name: str, raw: object, base: Path) -> NotifyConfig:
     path = f"notify.{name}"
-    s = _Section(problems, path, raw, _NOTIFY_KEYS)
+    s = Section(problems, path, raw, _NOTIFY_KEYS)
 
     def regex(value: object) -> str:
         text = as_str(value)
@@ -465,11 +361,11 @@ def _notify(problems: _Problems, name: str, raw: object, base: Path) -> NotifyCo
         name=name,
         signal=s.get("signal", parse_signal, signal.SIGHUP),
         pid_file=s.get("pid_file", lambda v: base / as_str(v), None),
-        pid=s.get("pid", _int, None),
+        pid=s.get("pid", as_int, None),
         process=s.get("process", regex, None),
         command=s.get("command", as_command, None),
         wait=_wait(problems, f"{path}.wait", s.raw.get("wait")),
-        timeout=s.get("timeout", _duration, 30.0),
+        timeout=s.get("timeout", parse_duration, 30.0),
     )
     targets = [k for k in ("pid_file", "pid", "process", "command") if s.raw.get(k) is not None]
     if len(targets) != 1:
@@ -477,20 +373,18 @@ def _notify(problems: _Problems, name: str, raw: object, base: Path) -> NotifyCo
     return cfg
 
 
-def _exec(problems: _Problems, raw: object) -> ExecConfig:
-    s = _Section(
+def _exec(problems: Problems, raw: object) -> ExecConfig:
+    s = Section(
         problems, "exec", raw, ("command", "reload", "signal", "env", "wait", "kill_timeout")
     )
-    reload = s.get("reload", as_str, "signal")
-    if reload not in ("signal", "restart", "none"):
-        problems.add("exec.reload", f"{show_value(reload)} is not one of signal, restart, none")
+    reload: ExecReload = s.get("reload", choice(get_args(ExecReload)), "signal")
     return ExecConfig(
         command=s.required("command", as_command, ("true",)),
         reload=reload,
         signal=s.get("signal", parse_signal, signal.SIGHUP),
-        env=s.get("env", _str_map, {}),
+        env=s.get("env", as_str_map, {}),
         wait=_wait(problems, "exec.wait", s.raw.get("wait")),
-        kill_timeout=s.get("kill_timeout", _duration, 30.0),
+        kill_timeout=s.get("kill_timeout", parse_duration, 30.0),
     )
 
 
@@ -515,8 +409,8 @@ def parse_config(
     """Validate a parsed YAML document. Raises :class:`ConfigError` listing every problem."""
     env = os.environ if env is None else env
     base = base_dir or Path.cwd()
-    problems = _Problems()
-    top = _Section(problems, "", raw, _TOP_KEYS)
+    problems = Problems()
+    top = Section(problems, "", raw, _TOP_KEYS)
 
     secrets_raw = top.raw.get("secrets") or {}
     secrets: dict[str, SecretConfig] = {}
@@ -549,9 +443,7 @@ def parse_config(
     else:
         notify = {str(n): _notify(problems, str(n), r, base) for n, r in notify_raw.items()}
 
-    from agent.rotate.config import parse_rotate
-
-    rotate = parse_rotate(top.raw.get("rotate"), problems.add, secrets, base)
+    rotate = parse_rotate(top.raw.get("rotate"), problems, secrets, base)
     needs_vault = bool(rotate) or any(s.kind != "file" for s in secrets.values())
     vault = None
     if "vault" in top.raw or needs_vault:
@@ -559,18 +451,21 @@ def parse_config(
 
     health = None
     if top.raw.get("health") is not None:
-        hs = _Section(problems, "health", top.raw["health"], ("listen",))
-        host, port = hs.get("listen", _listen, ("127.0.0.1", 8080))
+        hs = Section(problems, "health", top.raw["health"], ("listen",))
+        host, port = hs.get("listen", parse_listen, ("127.0.0.1", 8080))
         health = HealthConfig(listen_host=host, listen_port=port)
 
-    level = top.get("log_level", as_str, "info").lower()
-    if level not in ("debug", "info", "warning", "error"):
-        problems.add("log_level", f"{show_value(level)} is not one of debug, info, warning, error")
+    level: LogLevel = top.get("log_level", _log_level, "info")
 
-    proxy = top.raw.get("proxy")
-    if proxy is not None and not isinstance(proxy, Mapping):
-        problems.add("proxy", "must be a mapping")
-        proxy = None
+    proxy = None
+    if top.has("proxy"):
+        proxy = parse_proxy_config(top.raw["proxy"], base, problems)
+        secret = proxy.credentials.secret
+        if secret is not None and secret not in secrets and secret not in rotate:
+            problems.add(
+                "proxy.credentials.secret",
+                f"{show_value(secret)} is not a secret in secrets or rotate",
+            )
 
     config = Config(
         vault=vault,
@@ -581,11 +476,11 @@ def parse_config(
         health=health,
         state_dir=base / top.get("state_dir", as_str, "/dev/shm/credsidecar"),
         log_level=level,
-        revoke_on_shutdown=top.get("revoke_on_shutdown", _bool, False),
+        revoke_on_shutdown=top.get("revoke_on_shutdown", as_bool, False),
         proxy=proxy,
         rotate=rotate,
     )
-    if problems.items:
+    if problems:
         raise ConfigError(problems.items)
     return config
 

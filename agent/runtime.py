@@ -185,7 +185,7 @@ class Runtime:
     def _push_proxy_credentials(self) -> None:
         if self.proxy_provider is None:
             return
-        name = (self.config.proxy or {}).get("credentials", {}).get("secret")
+        name = self.config.proxy.credentials.secret if self.config.proxy else None
         value = self.values.get(name) if name else None
         if value is not None:
             self.proxy_provider.update(
@@ -195,11 +195,10 @@ class Runtime:
     async def _start_proxy(self) -> None:
         if self.config.proxy is None:
             return
-        from proxy.config import parse_proxy_config
         from proxy.credentials import FileCredentialProvider, StaticCredentialProvider
         from proxy.server import ProxyServer
 
-        pcfg = parse_proxy_config(self.config.proxy, self.config.base_dir)
+        pcfg = self.config.proxy
         if pcfg.credentials.file is not None:
             provider: Any = FileCredentialProvider(pcfg.credentials.file)
         else:

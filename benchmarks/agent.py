@@ -33,7 +33,7 @@ from pathlib import Path
 from types import FrameType
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "examples"))  # devservers/procs live with the examples
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "examples")]  # dev servers, procs
 
 from devservers import ROOT_TOKEN, OpenBaoServer, bao_binary  # noqa: E402
 from procs import cpu_seconds, rss_bytes, stop_group  # noqa: E402

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(ROOT / "tests"))  # the dev servers the tests start
 
 from devservers import PostgresCluster, free_port, pg_bindir  # noqa: E402
 

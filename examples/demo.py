@@ -30,6 +30,9 @@ from types import FrameType
 from typing import IO
 
 import yaml
+
+# the demo starts the same throwaway OpenBao and PostgreSQL as the tests
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from devservers import (
     ROOT_TOKEN,
     OpenBaoServer,

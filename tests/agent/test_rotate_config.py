@@ -49,7 +49,6 @@ def test_a_valid_dual_user_entry() -> None:
     rot = cfg.rotate["db-password"]
     assert (rot.every, rot.grace, rot.poll) == (86400.0, 600.0, 30.0)
     assert rot.admin.host == "db" and rot.admin.database == "app"
-    assert rot.metadata_path == "secret/metadata/app/db"
     assert cfg.needs_vault()
     assert "hooks.example.com" not in repr(rot)  # a webhook URL carries a token
 
