@@ -1,4 +1,4 @@
-"""Session-wide real servers: one OpenBao dev server and one PostgreSQL cluster.
+"""Session-wide real servers: OpenBao dev, PostgreSQL, Redis, MariaDB and moto's AWS.
 
 Tests that need isolation from each other use their own mounts, roles or
 databases on these servers rather than mocks. Every log line of the session (in
@@ -15,7 +15,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from devservers import AUDIT, ROOT_TOKEN, OpenBaoServer, PostgresCluster, SecretAudit
+from devservers import (
+    AUDIT,
+    ROOT_TOKEN,
+    MariaDBServer,
+    MotoServer,
+    OpenBaoServer,
+    PostgresCluster,
+    RedisServer,
+    SecretAudit,
+)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -58,3 +67,27 @@ def postgres() -> Iterator[PostgresCluster]:
     AUDIT.secret(cluster.password)
     yield cluster
     cluster.remove()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    AUDIT.secret(server.admin_password)
+    yield server
+    server.remove()
+
+
+@pytest.fixture(scope="session")
+def mariadb() -> Iterator[MariaDBServer]:
+    """MariaDB with the general log on: tests grep it for plaintext passwords."""
+    server = MariaDBServer(general_log=True).start()
+    AUDIT.secret(server.admin_password)
+    yield server
+    server.remove()
+
+
+@pytest.fixture(scope="session")
+def moto() -> Iterator[MotoServer]:
+    server = MotoServer().start()
+    yield server
+    server.remove()

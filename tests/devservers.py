@@ -366,12 +366,14 @@ class FaultRelay:
 
     ``cut()`` drops every open connection and refuses new ones (connection refused,
     as if the server had gone away); ``restore()`` accepts again. Runs in a thread so
-    it works the same for sync and async tests.
+    it works the same for sync and async tests. ``sent`` holds, per connection, every
+    byte clients sent to the server (a tap: what crossed the wire).
     """
 
     def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
         import threading
 
+        self.sent: list[bytearray] = []
         self.target = (target_host, target_port)
         self.port = free_port()
         self._lock = threading.Lock()
@@ -429,12 +431,16 @@ class FaultRelay:
                     upstream.close()
                     return
                 self._conns.update((client, upstream))
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+                tap = bytearray()
+                self.sent.append(tap)
+            for a, b, copy in ((client, upstream, tap), (upstream, client, None)):
+                threading.Thread(target=self._pump, args=(a, b, copy), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, tap: bytearray | None) -> None:
         try:
             while data := src.recv(65536):
+                if tap is not None:
+                    tap += data
                 dst.sendall(data)
         except OSError:
             pass
@@ -561,3 +567,282 @@ def make_test_pki(directory: Path, hostname: str = "localhost") -> dict[str, Pat
     paths["key"].chmod(0o600)
     paths["ca_key"].chmod(0o600)
     return paths
+
+
+# --------------------------------------------------------------------------- beyond PostgreSQL
+# Redis, MariaDB and moto's AWS server, each on a free loopback port with nothing persisted.
+
+
+def _run_as_user(name: str) -> dict[str, Any]:
+    """Popen keyword arguments that drop to ``name`` when we are root (else: as we are)."""
+    if os.geteuid() != 0:
+        return {}
+    pw = pwd.getpwnam(name)
+    return {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
+
+
+def _terminate(proc: subprocess.Popen[bytes] | None, timeout: float = 15) -> None:
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@dataclass
+class RedisServer:
+    """Debian's ``redis-server`` with an ``admin`` ACL user (all permissions) and the
+    ``default`` user switched off. ``aclfile=True`` keeps the users in an ACL file (so
+    ``ACL SAVE`` has somewhere to write); nothing is persisted otherwise."""
+
+    aclfile: bool = False
+    port: int = field(default_factory=free_port)
+    admin_password: str = field(default_factory=lambda: "redis-" + os.urandom(12).hex())
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="redis-")))
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "redis.log"
+
+    @property
+    def acl_path(self) -> Path:
+        return self.workdir / "users.acl"
+
+    def start(self) -> RedisServer:
+        users = f"user admin on >{self.admin_password} ~* &* +@all\nuser default off\n"
+        conf = [
+            "bind 127.0.0.1",
+            f"port {self.port}",
+            'save ""',
+            "appendonly no",
+            f"dir {self.workdir}",
+            "daemonize no",
+        ]
+        if self.aclfile:
+            self.acl_path.write_text(users)
+            conf.append(f"aclfile {self.acl_path}")
+        else:
+            conf.extend(users.splitlines())
+        config = self.workdir / "redis.conf"
+        config.write_text("\n".join(conf) + "\n")
+        config.chmod(0o600)
+        log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
+        self.proc = subprocess.Popen(
+            ["redis-server", str(config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.workdir,
+            start_new_session=True,
+        )
+        log.close()
+        _wait_until(self._ready, 30, f"Redis on port {self.port}")
+        return self
+
+    def _ready(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"redis-server exited: {self.log_path.read_text()[-2000:]}")
+        return self.command("PING") == "PONG"
+
+    def command(self, *args: str) -> str:
+        """One command as ``admin`` through redis-cli (password in the environment)."""
+        out = subprocess.run(
+            ["redis-cli", "-h", "127.0.0.1", "-p", str(self.port), "--user", "admin", *args],
+            env=dict(os.environ, REDISCLI_AUTH=self.admin_password),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        if out.returncode != 0:
+            raise RuntimeError(f"redis-cli failed: {out.stderr.strip()}")
+        return out.stdout.strip()
+
+    def remove(self) -> None:
+        _terminate(self.proc)
+        self.proc = None
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+@dataclass
+class MariaDBServer:
+    """Debian's ``mariadbd`` on a throwaway datadir, run as the ``mysql`` user, with an
+    ``admin``@``%`` account (all privileges, grant option). ``general_log=True`` records
+    every statement the server receives in :attr:`general_log_path`."""
+
+    general_log: bool = False
+    port: int = field(default_factory=free_port)
+    admin_password: str = field(default_factory=lambda: "maria-" + os.urandom(12).hex())
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="mariadb-")))
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def datadir(self) -> Path:
+        return self.workdir / "data"
+
+    @property
+    def socket_path(self) -> Path:
+        return self.workdir / "mysqld.sock"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "mariadbd.log"
+
+    @property
+    def general_log_path(self) -> Path:
+        return self.workdir / "general.log"
+
+    def start(self) -> MariaDBServer:
+        self.workdir.chmod(0o755)
+        if os.geteuid() == 0:
+            pw = pwd.getpwnam("mysql")
+            os.chown(self.workdir, pw.pw_uid, pw.pw_gid)
+        subprocess.run(
+            [
+                "mariadb-install-db",
+                "--no-defaults",
+                f"--datadir={self.datadir}",
+                "--auth-root-authentication-method=socket",
+                "--skip-test-db",
+                *(["--user=mysql"] if os.geteuid() == 0 else []),
+            ],
+            check=True,
+            capture_output=True,
+            cwd=self.workdir,
+        )
+        args = [
+            "mariadbd",
+            "--no-defaults",
+            f"--datadir={self.datadir}",
+            f"--port={self.port}",
+            "--bind-address=127.0.0.1",
+            f"--socket={self.socket_path}",
+            f"--pid-file={self.workdir / 'mysqld.pid'}",
+            "--skip-name-resolve",
+            "--skip-log-bin",
+            "--innodb-buffer-pool-size=16M",
+            "--innodb-flush-log-at-trx-commit=0",
+            "--max-connections=300",
+        ]
+        if self.general_log:
+            args += ["--general-log=1", f"--general-log-file={self.general_log_path}"]
+        log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
+        self.proc = subprocess.Popen(
+            args,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.workdir,
+            start_new_session=True,
+            **_run_as_user("mysql"),
+        )
+        log.close()
+        _wait_until(self._ready, 60, f"MariaDB on port {self.port}")
+        self.sql(
+            f"CREATE USER 'admin'@'%' IDENTIFIED BY PASSWORD "
+            f"'{mysql_native_hash(self.admin_password)}'; "
+            "GRANT ALL PRIVILEGES ON *.* TO 'admin'@'%' WITH GRANT OPTION"
+        )
+        return self
+
+    def _ready(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"mariadbd exited: {self.log_path.read_text()[-2000:]}")
+        return self.sql("SELECT 1") == "1"
+
+    def sql(self, statements: str) -> str:
+        """Run SQL as root over the unix socket (root logs in by socket credentials)."""
+        out = subprocess.run(
+            ["mariadb", "--no-defaults", "-S", str(self.socket_path), "-uroot", "-N", "-B"],
+            input=statements,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if out.returncode != 0:
+            raise RuntimeError(f"mariadb failed: {out.stderr.strip()}")
+        return out.stdout.strip()
+
+    def remove(self) -> None:
+        _terminate(self.proc, timeout=30)
+        self.proc = None
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def mysql_native_hash(password: str) -> str:
+    """``mysql_native_password``'s stored form: ``*`` + hex(SHA1(SHA1(password)))."""
+    import hashlib
+
+    return "*" + hashlib.sha1(hashlib.sha1(password.encode()).digest()).hexdigest().upper()
+
+
+@dataclass
+class MotoServer:
+    """moto's standalone AWS server (``moto_server``); reach it with ``endpoint_url``."""
+
+    port: int = field(default_factory=free_port)
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="moto-")))
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "moto.log"
+
+    def start(self) -> MotoServer:
+        binary = Path(sys.executable).parent / "moto_server"
+        command = [str(binary)] if binary.exists() else [sys.executable, "-m", "moto.server"]
+        log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
+        self.proc = subprocess.Popen(
+            [*command, "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.workdir,
+            env=aws_test_env(),
+            start_new_session=True,
+        )
+        log.close()
+        _wait_until(self._ready, 60, f"moto at {self.endpoint_url}")
+        return self
+
+    def _ready(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"moto exited: {self.log_path.read_text()[-2000:]}")
+        with urllib.request.urlopen(f"{self.endpoint_url}/moto-api/", timeout=1) as r:
+            return bool(r.status == 200)
+
+    def client(self, service: str = "secretsmanager") -> Any:
+        """A synchronous botocore client for test setup (the agent uses aiobotocore)."""
+        import botocore.session
+
+        session = botocore.session.Session()
+        return session.create_client(
+            service,
+            region_name="us-east-1",
+            endpoint_url=self.endpoint_url,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
+
+    def remove(self) -> None:
+        _terminate(self.proc)
+        self.proc = None
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def aws_test_env() -> dict[str, str]:
+    """Our environment without AWS settings, plus moto's fixed test credentials."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_EC2_METADATA_DISABLED="true",
+    )
+    return env

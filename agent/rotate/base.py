@@ -6,6 +6,9 @@ knows how to make, check, undo and retire one kind of credential.
 
 from __future__ import annotations
 
+import secrets
+import ssl
+import string
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -13,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent.errors import SidecarError
 from agent.lazy import load_class
-from agent.rotate.config import RotateConfig
+from agent.rotate.config import AdminConfig, RotateConfig
 from agent.rotate.store import Record
 from agent.secret import SecretValue
 
@@ -21,6 +24,12 @@ if TYPE_CHECKING:
     from agent.vault.client import VaultClient
 
 Fields = dict[str, Any]
+_ALPHABET = string.ascii_letters + string.digits
+
+
+def new_password(length: int) -> str:
+    """Random letters and digits: safe in every server's syntax and in every template."""
+    return "".join(secrets.choice(_ALPHABET) for _ in range(length))
 
 
 class RotationError(SidecarError):
@@ -37,6 +46,32 @@ class Rotator(ABC):
     def __init__(self, config: RotateConfig, context: RotatorContext) -> None:
         self.config = config
         self.context = context
+
+    @property
+    def admin(self) -> AdminConfig:
+        assert self.config.admin is not None
+        return self.config.admin
+
+    def admin_login(self) -> tuple[str, str]:
+        """(username, password) from the agent's admin secret named in ``admin.secret``."""
+        value = self.context.lookup(self.admin.secret)
+        if value is None:
+            raise RotationError(f"admin secret {self.admin.secret} is not available yet")
+        user = value.data.get("username") or value.data.get("user")
+        password = value.data.get("password")
+        if not user or password is None:
+            raise RotationError(f"admin secret {self.admin.secret} needs username and password")
+        return str(user), str(password)
+
+    def admin_tls(self) -> ssl.SSLContext | None:
+        """A verifying TLS context for ``admin.tls`` (hostname checked), else None."""
+        if not self.admin.tls:
+            return None
+        ca = str(self.admin.ca_cert) if self.admin.ca_cert is not None else None
+        try:
+            return ssl.create_default_context(cafile=ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise RotationError(f"admin.ca_cert {ca}: {exc}") from None
 
     @abstractmethod
     async def create(self, record: Record) -> Fields:
@@ -77,6 +112,9 @@ _KINDS = {
     "jwt-keys": "agent.rotate.jwtkeys:JwtKeysRotator",
     "tls-cert": "agent.rotate.tls:TlsCertRotator",
     "command": "agent.rotate.command:CommandRotator",
+    "redis-acl": "agent.rotate.redis:AclRotator",
+    "mysql-password": "agent.rotate.mysql:PasswordRotator",
+    "mysql-dual-user": "agent.rotate.mysql:DualUserRotator",
 }
 
 

@@ -12,9 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from agent.awsconfig import AwsConfig, parse_aws
 from proxy.configkit import (
     Problems,
     Section,
+    as_bool,
     as_command,
     as_fraction,
     as_mapping,
@@ -26,7 +28,17 @@ from proxy.configkit import (
     show_value,
 )
 
-RotateKind = Literal["postgres-password", "postgres-dual-user", "jwt-keys", "tls-cert", "command"]
+RotateKind = Literal[
+    "postgres-password",
+    "postgres-dual-user",
+    "jwt-keys",
+    "tls-cert",
+    "command",
+    "redis-acl",
+    "mysql-password",
+    "mysql-dual-user",
+]
+StoreKind = Literal["vault_kv", "aws_secretsmanager"]
 JwtAlgorithm = Literal["ES256", "ES384", "RS256"]
 KINDS: tuple[RotateKind, ...] = get_args(RotateKind)
 JWT_ALGORITHMS: tuple[JwtAlgorithm, ...] = get_args(JwtAlgorithm)
@@ -44,24 +56,37 @@ _KEYS: dict[RotateKind, tuple[str, ...]] = {
     "jwt-keys": ("algorithm",),
     "tls-cert": ("pki", "params", "ca_cert", "ca_key", "common_name", "ttl", "renew_fraction"),
     "command": ("create", "verify", "revoke", "timeout"),
+    "redis-acl": ("admin", "user", "password_length"),
+    "mysql-password": ("admin", "user", "host", "verify_query", "password_length"),
+    "mysql-dual-user": ("admin", "user", "host", "verify_query", "password_length"),
+}
+# the server each kind logs in to as ``admin``, and its port when none is given
+_ADMIN_PORTS = {
+    "postgres-password": 5432,
+    "postgres-dual-user": 5432,
+    "redis-acl": 6379,
+    "mysql-password": 3306,
+    "mysql-dual-user": 3306,
 }
 
 
 @dataclass(frozen=True)
 class AdminConfig:
-    """Where and as whom the sidecar connects to PostgreSQL to change roles."""
+    """Where and as whom the sidecar connects to the server whose accounts it rotates."""
 
     secret: str  # a secret of the agent with username and password fields
     host: str = "127.0.0.1"
     port: int = 5432
-    database: str = "postgres"
+    database: str = "postgres"  # PostgreSQL; MySQL/MariaDB: none unless given
+    tls: bool = False  # redis-acl, mysql kinds: TLS to the server (verified)
+    ca_cert: Path | None = None  # the CA that signed the server's certificate (with tls)
 
 
 @dataclass(frozen=True)
 class RotateConfig:
     name: str
     kind: RotateKind
-    store: str  # KV v2 data path, e.g. secret/data/app/db
+    store: str  # KV v2 data path (secret/data/app/db), or the AWS secret's name or ARN
     every: float = 86400.0
     grace: float = 600.0
     poll: float = 30.0  # how often a replica re-reads the store to adopt others' rotations
@@ -90,6 +115,12 @@ class RotateConfig:
     verify: tuple[str, ...] | None = None
     revoke: tuple[str, ...] | None = None
     timeout: float = 30.0
+    # redis-acl, mysql kinds: the rotated account (and its host part for MySQL)
+    user: str | None = None
+    account_host: str = "%"
+    # where the record lives: KV v2 (check-and-set), or AWS Secrets Manager (staging labels)
+    store_kind: StoreKind = "vault_kv"
+    aws: AwsConfig | None = None
 
 
 def _url(value: object) -> str:
@@ -99,37 +130,61 @@ def _url(value: object) -> str:
     return text
 
 
-def _store(r: Section) -> str:
+def _store(r: Section) -> tuple[StoreKind, str, AwsConfig | None]:
     raw = r.raw.get("store")
     path = r.key("store")
+    if isinstance(raw, Mapping) and "aws_secretsmanager" in raw:
+        s = r.sub("store", ("aws_secretsmanager", "region", "endpoint_url"))
+        return "aws_secretsmanager", s.required("aws_secretsmanager", as_str, ""), parse_aws(s)
     if not isinstance(raw, Mapping) or set(raw) != {"vault_kv"}:
-        r.problems.add(path, "must be {vault_kv: <mount>/data/<path>} (a KV v2 path)")
-        return ""
+        r.problems.add(
+            path,
+            "must be {vault_kv: <mount>/data/<path>} (a KV v2 path) "
+            "or {aws_secretsmanager: <name or ARN>, region: ..., endpoint_url: ...}",
+        )
+        return "vault_kv", "", None
     where = str(raw["vault_kv"]).strip("/")
     if not re.fullmatch(r"[^/]+/data/.+", where):
         r.problems.add(
             f"{path}.vault_kv",
             f"{show_value(where)} is not a KV v2 data path (<mount>/data/<path>)",
         )
-    return where
+    return "vault_kv", where, None
 
 
-def _admin(r: Section, secrets: Mapping[str, object]) -> AdminConfig | None:
+def _admin(r: Section, secrets: Mapping[str, object], kind: RotateKind) -> AdminConfig | None:
     if not isinstance(r.raw.get("admin"), Mapping):
         r.problems.add(
             r.key("admin"), "is required: {secret: NAME, host: HOST, port: PORT, database: DB}"
         )
         return None
-    a = r.sub("admin", ("secret", "host", "port", "database"))
+    postgres = kind.startswith("postgres-")
+    known: tuple[str, ...] = ("secret", "host", "port")
+    known += () if kind == "redis-acl" else ("database",)  # Redis has no database to name
+    known += () if postgres else ("tls", "ca_cert")
+    a = r.sub("admin", known)
     secret = a.required("secret", as_str, "")
     if secret and secret not in secrets:
         a.problems.add(a.key("secret"), f"{show_value(secret)} is not a secret in secrets")
+    ca_cert = a.path_value("ca_cert")
+    tls = a.get("tls", as_bool, ca_cert is not None)
+    if ca_cert is not None and not tls:
+        a.problems.add(a.key("ca_cert"), "is given but tls is false")
     return AdminConfig(
         secret=secret,
         host=a.get("host", as_str, "127.0.0.1"),
-        port=a.get("port", as_port, 5432),
-        database=a.get("database", as_str, "postgres"),
+        port=a.get("port", as_port, _ADMIN_PORTS[kind]),
+        database=a.get("database", as_str, "postgres" if postgres else ""),
+        tls=tls,
+        ca_cert=ca_cert,
     )
+
+
+def _account(value: object) -> str:
+    text = as_str(value)
+    if not text or len(text) > 255 or any(c in text for c in "\x00\r\n"):
+        raise ValueError(f"{show_value(text)} is not an account name")
+    return text
 
 
 def _one(
@@ -149,10 +204,14 @@ def _one(
         problems.add(f"{path}.every", "must be longer than 0s")
     why = f"for kind {kind}"
     postgres = kind.startswith("postgres-")
+    account = kind in ("redis-acl", "mysql-password", "mysql-dual-user")
+    store_kind, store, aws = _store(r)
     cfg = RotateConfig(
         name=name,
         kind=kind,
-        store=_store(r),
+        store=store,
+        store_kind=store_kind,
+        aws=aws,
         every=every,
         grace=r.get("grace", parse_duration, 600.0),
         # replicas re-read the store often enough to follow a rotation within ~1/10 period
@@ -161,7 +220,9 @@ def _one(
         retry_initial=retry.get("initial", parse_duration, 1.0),
         retry_max=retry.get("max", parse_duration, 300.0),
         claim_timeout=r.get("claim_timeout", parse_duration, 120.0),
-        admin=_admin(r, secrets) if postgres else None,
+        admin=_admin(r, secrets, kind) if kind in _ADMIN_PORTS else None,
+        user=r.required("user", _account, "", why=why) if account else None,
+        account_host=r.get("host", _account, "%"),
         role=r.required("role", as_str, "", why=why) if postgres else None,
         password_length=r.get("password_length", as_positive_int, 32),
         verify_query=r.get("verify_query", as_str, None),
@@ -179,7 +240,7 @@ def _one(
         revoke=r.get("revoke", as_command, None),
         timeout=r.get("timeout", parse_duration, 30.0),
     )
-    if postgres and cfg.password_length < 16:
+    if (postgres or account) and cfg.password_length < 16:
         problems.add(f"{path}.password_length", f"{cfg.password_length} is shorter than 16")
     if kind == "tls-cert":
         local = cfg.ca_cert is not None or cfg.ca_key is not None
@@ -216,10 +277,9 @@ def parse_rotate(
         cfg = _one(problems, name, item, secrets, base)
         if cfg is None:
             continue
-        if cfg.store and cfg.store in stores:
-            problems.add(
-                f"rotate.{name}.store", f"is already the store of rotate.{stores[cfg.store]}"
-            )
-        stores[cfg.store] = name
+        where = f"{cfg.store_kind}:{cfg.store}"
+        if cfg.store and where in stores:
+            problems.add(f"rotate.{name}.store", f"is already the store of rotate.{stores[where]}")
+        stores[where] = name
         out[name] = cfg
     return out

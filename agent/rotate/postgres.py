@@ -15,20 +15,18 @@ import hashlib
 import hmac
 import logging
 import os
-import secrets
-import string
 from collections.abc import Mapping
 from typing import Any
 
 import asyncpg
 
 from agent.logs import event
-from agent.rotate.base import Fields, RotationError, Rotator, RotatorContext
-from agent.rotate.config import AdminConfig, RotateConfig
+from agent.rotate.base import Fields, RotationError, Rotator, RotatorContext, new_password
+from agent.rotate.config import RotateConfig
 from agent.rotate.store import Record
 
 SCRAM_ITERATIONS = 4096  # PostgreSQL's default scram_iterations
-_ALPHABET = string.ascii_letters + string.digits
+__all__ = ["new_password", "quote_ident", "quote_literal", "scram_verifier"]
 
 
 def scram_verifier(password: str, *, salt: bytes | None = None, iterations: int = 4096) -> str:
@@ -61,30 +59,15 @@ def quote_literal(value: str) -> str:
     return "E'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
-def new_password(length: int) -> str:
-    return "".join(secrets.choice(_ALPHABET) for _ in range(length))
-
-
 class _PostgresRotator(Rotator):
-    @property
-    def admin(self) -> AdminConfig:
-        assert self.config.admin is not None
-        return self.config.admin
-
     @property
     def role(self) -> str:
         assert self.config.role is not None
         return self.config.role
 
     async def connect_admin(self) -> Any:
-        value = self.context.lookup(self.admin.secret)
-        if value is None:
-            raise RotationError(f"admin secret {self.admin.secret} is not available yet")
-        user = value.data.get("username") or value.data.get("user")
-        password = value.data.get("password")
-        if not user or password is None:
-            raise RotationError(f"admin secret {self.admin.secret} needs username and password")
-        return await self._connect(str(user), str(password), "admin login")
+        user, password = self.admin_login()
+        return await self._connect(user, password, "admin login")
 
     async def _connect(self, user: str, password: str, what: str) -> Any:
         try:

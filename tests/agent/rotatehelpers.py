@@ -60,9 +60,14 @@ def rotation(
     vault: VaultClient,
     pg: PostgresCluster | None = None,
     owner: str = "test-replica",
+    *,
+    admin: SecretValue | None = None,
 ) -> tuple[Rotation, Published]:
-    admin = admin_value(pg) if pg is not None else None
-    context = RotatorContext(vault=vault, lookup=lambda n: admin if n == "db_admin" else None)
+    """A Rotation of ``cfg``; its admin secret (``cfg.admin.secret``) is ``admin``, or
+    the superuser of ``pg``."""
+    admin = admin if admin is not None else admin_value(pg) if pg is not None else None
+    name = cfg.admin.secret if cfg.admin is not None else "db_admin"
+    context = RotatorContext(vault=vault, lookup=lambda n: admin if n == name else None)
     published = Published()
     store = Store(vault, cfg.store)
     return Rotation(cfg, create_rotator(cfg, context), store, published, owner), published
