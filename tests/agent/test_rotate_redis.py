@@ -77,7 +77,6 @@ async def test_both_passwords_work_during_grace_and_only_hashes_cross_the_wire(
         assert "password" not in record["previous"]  # the store keeps only the old hash
         assert record["previous"]["password_sha256"] == password_sha256(one)
 
-
         async def retired() -> bool:
             await rot.step(force=False)  # retires once grace has passed
             return hashes(redis_server, user) == {password_sha256(two)}
