@@ -17,6 +17,7 @@ from typing import Any, Literal, get_args
 
 import yaml
 
+from agent.awsconfig import AwsConfig, parse_aws
 from agent.errors import ConfigError
 from agent.rotate.config import RotateConfig, parse_rotate
 from proxy.config import ProxyConfig, parse_proxy_config
@@ -38,7 +39,9 @@ from proxy.configkit import (
     show_value,
 )
 
-SecretKind = Literal["database", "kv", "database-static", "pki", "file"]
+SecretKind = Literal[
+    "database", "kv", "database-static", "pki", "file", "command", "aws-secretsmanager"
+]
 AuthMethod = Literal["token", "approle", "kubernetes", "jwt"]
 ExecReload = Literal["signal", "restart", "none"]
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -103,6 +106,10 @@ class SecretConfig:
     params: Mapping[str, Any] = field(default_factory=dict)
     revoke_grace: float = 30.0  # database: revoke the replaced lease this long after the switch
     renew_fraction: float = 2 / 3  # renew / re-issue at this fraction of the lifetime
+    command: tuple[str, ...] | None = None  # command: argv (no shell) printing a JSON object
+    timeout: float = 30.0  # command: how long one run may take
+    version_stage: str = "AWSCURRENT"  # aws-secretsmanager: which version to read
+    aws: AwsConfig | None = None  # aws-secretsmanager: region, endpoint_url (path: secret id)
 
 
 @dataclass(frozen=True)
@@ -176,8 +183,18 @@ class Config:
         return self.source_path.parent if self.source_path else Path.cwd()
 
     def needs_vault(self) -> bool:
-        # rotated credentials live in a KV v2 store
-        return bool(self.rotate) or any(s.kind != "file" for s in self.secrets.values())
+        return needs_vault(self.secrets, self.rotate)
+
+
+# kinds whose values come from somewhere other than Vault
+_NOT_VAULT = ("file", "command", "aws-secretsmanager")
+
+
+def needs_vault(secrets: Mapping[str, SecretConfig], rotate: Mapping[str, RotateConfig]) -> bool:
+    """A Vault login is needed for a Vault secret or a rotation stored in KV v2."""
+    return any(s.kind not in _NOT_VAULT for s in secrets.values()) or any(
+        r.store_kind == "vault_kv" for r in rotate.values()
+    )
 
 
 # --------------------------------------------------------------------------- reading
@@ -286,12 +303,44 @@ def _vault(problems: Problems, raw: object, env: Mapping[str, str], base: Path) 
 
 
 _SECRET_KEYS = ("kind", "path", "refresh", "params", "revoke_grace", "renew_fraction")
+_KIND_KEYS: dict[str, tuple[str, ...]] = {
+    "command": ("kind", "command", "refresh", "timeout"),
+    "aws-secretsmanager": (
+        "kind",
+        "secret_id",
+        "version_stage",
+        "refresh",
+        "region",
+        "endpoint_url",
+    ),
+}
 
 
 def _secret(problems: Problems, name: str, raw: object, base: Path) -> SecretConfig:
     path = f"secrets.{name}"
-    s = Section(problems, path, raw, _SECRET_KEYS)
-    kind: SecretKind = s.required("kind", choice(SECRET_KINDS), "file")
+    kind: SecretKind = Section(problems, path, raw).required("kind", choice(SECRET_KINDS), "file")
+    s = Section(problems, path, raw, _KIND_KEYS.get(kind, _SECRET_KEYS))
+    if kind == "command":
+        timeout = s.get("timeout", parse_duration, 30.0)
+        if timeout <= 0:
+            problems.add(f"{path}.timeout", "must be longer than 0s")
+        return SecretConfig(
+            name=name,
+            kind=kind,
+            path="",
+            command=s.required("command", as_command, None, why="for kind command"),
+            refresh=s.get("refresh", parse_duration, None),
+            timeout=timeout,
+        )
+    if kind == "aws-secretsmanager":
+        return SecretConfig(
+            name=name,
+            kind=kind,
+            path=s.required("secret_id", as_str, "", why="(a secret name or ARN)"),
+            version_stage=s.get("version_stage", as_str, "AWSCURRENT"),
+            refresh=s.get("refresh", parse_duration, None),
+            aws=parse_aws(s),
+        )
     where = s.required("path", as_str, "")
     if kind == "file" and where:
         where = str(base / where)
@@ -444,9 +493,8 @@ def parse_config(
         notify = {str(n): _notify(problems, str(n), r, base) for n, r in notify_raw.items()}
 
     rotate = parse_rotate(top.raw.get("rotate"), problems, secrets, base)
-    needs_vault = bool(rotate) or any(s.kind != "file" for s in secrets.values())
     vault = None
-    if "vault" in top.raw or needs_vault:
+    if "vault" in top.raw or needs_vault(secrets, rotate):
         vault = _vault(problems, top.raw.get("vault"), env, base)
 
     health = None

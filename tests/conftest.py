@@ -9,6 +9,7 @@ the tests created.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -91,3 +92,15 @@ def moto() -> Iterator[MotoServer]:
     server = MotoServer().start()
     yield server
     server.remove()
+
+
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """moto's fixed credentials and region in our environment, as the AWS chain reads them."""
+    from devservers import aws_test_env
+
+    for key in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(key)
+    for key, value in aws_test_env().items():
+        if key.startswith("AWS_"):
+            monkeypatch.setenv(key, value)

@@ -17,6 +17,8 @@ _KINDS = {
     "database-static": "agent.sources.static:StaticDatabaseSource",
     "pki": "agent.sources.pki:PkiSource",
     "file": "agent.sources.file:FileSource",
+    "command": "agent.sources.command:CommandSource",
+    "aws-secretsmanager": "agent.sources.aws:SecretsManagerSource",
 }
 
 

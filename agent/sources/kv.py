@@ -10,7 +10,7 @@ from typing import Any
 
 from agent.errors import VaultNotFound
 from agent.secret import SecretValue
-from agent.sources.polling import PollingSource
+from agent.sources.polling import PollingSource, refresh_delay
 
 DEFAULT_REFRESH = 300.0
 
@@ -35,5 +35,4 @@ class KvSource(PollingSource):
         return SecretValue(name=self.name, data=dict(fields), version=version)
 
     def next_check(self, value: SecretValue, now: float) -> float:
-        refresh = self.config.refresh if self.config.refresh is not None else DEFAULT_REFRESH
-        return max(0.0, refresh - (now - value.issued_at))
+        return refresh_delay(self.config, value, now, DEFAULT_REFRESH)

@@ -15,7 +15,7 @@ from abc import abstractmethod
 from typing import Any
 
 from agent.config import SecretConfig
-from agent.errors import ConfigError, VaultError
+from agent.errors import ConfigError, SidecarError, VaultError
 from agent.leases import Backoff
 from agent.logs import event
 from agent.secret import SecretValue
@@ -23,16 +23,31 @@ from agent.sources.base import Source, SourceContext
 from agent.vault.client import VaultClient
 
 
+def refresh_delay(config: SecretConfig, value: SecretValue, now: float, default: float) -> float:
+    """Seconds until ``value`` is ``refresh`` (or ``default``) old: a plain polling period."""
+    refresh = config.refresh if config.refresh is not None else default
+    return max(0.0, refresh - (now - value.issued_at))
+
+
 class PollingSource(Source):
     operation = "read"  # the Vault operation name in logs and metrics
     updated_event = "updated"
     wake_fetches = True  # False: a wake only re-checks the schedule (pki: no needless certs)
+    # sources that fetch from elsewhere (a command, AWS) need no Vault; their failures are
+    # SidecarErrors, logged as ``source_failed``
+    uses_vault = True
+    failure: type[SidecarError] = VaultError  # what a failed fetch raises (and is retried)
+    failed_event = "vault_unavailable"
+    retry_initial, retry_max = 0.5, 30.0  # without Vault; with it, vault.retry applies
 
     def __init__(self, config: SecretConfig, context: SourceContext) -> None:
         super().__init__(config, context)
-        if context.vault is None:
-            raise ConfigError([f"secrets.{config.name}: kind {config.kind} needs vault"])
-        self.vault: VaultClient = context.vault
+        if self.uses_vault:
+            if context.vault is None:
+                raise ConfigError([f"secrets.{config.name}: kind {config.kind} needs vault"])
+            self.vault: VaultClient = context.vault
+            self.retry_initial = self.vault.config.retry_initial
+            self.retry_max = self.vault.config.retry_max
         self.rng = random.Random()
 
     @abstractmethod
@@ -58,7 +73,7 @@ class PollingSource(Source):
         return value
 
     async def run(self) -> None:
-        backoff = Backoff(self.vault.config.retry_initial, self.vault.config.retry_max, self.rng)
+        backoff = Backoff(self.retry_initial, self.retry_max, self.rng)
         retry_in: float | None = None
         while True:
             if retry_in is not None:
@@ -73,11 +88,11 @@ class PollingSource(Source):
         """Fetch and publish a changed value; on failure log and return the retry delay."""
         try:
             value = await self.fetch()
-        except VaultError as exc:
+        except self.failure as exc:
             remaining = self.current.remaining() if self.current else None
             delay = backoff.next(remaining)
             event(
-                "vault_unavailable",
+                self.failed_event,
                 logging.WARNING,
                 secret=self.name,
                 operation=self.operation,

@@ -1,0 +1,133 @@
+"""``kind: command``: a JSON object from a command's stdout, refreshed, bounded in time and
+size, run without our Vault token; failures keep the last good value."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.config import parse_config
+from agent.errors import ConfigError
+from agent.sources.command import MAX_OUTPUT, CommandError, run_capped
+
+SCRIPT = """
+import json, os, sys, time
+mode = open(sys.argv[1]).read().strip()
+if mode == "fail":
+    sys.exit(3)
+if mode == "garbage":
+    print("not json: s3cr3t-value")
+elif mode == "env":
+    print(json.dumps({"env": sorted(os.environ)}))
+elif mode == "flood":
+    sys.stdout.write("x" * (2 * 1024 * 1024))
+elif mode == "hang":
+    import subprocess
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    open(sys.argv[1] + ".pid", "w").write(str(child.pid))
+    time.sleep(600)
+else:
+    print(json.dumps({"username": "svc", "password": mode}))
+"""
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> tuple[Path, tuple[str, ...]]:
+    """(the file that tells the fake store what to print, the argv of the command)."""
+    script, state = tmp_path / "store.py", tmp_path / "state"
+    script.write_text(SCRIPT)
+    state.write_text("pw-one")
+    return state, (sys.executable, str(script), str(state))
+
+
+async def test_fields_come_from_stdout_and_changes_are_picked_up(
+    store: Any, make_source: Any, events: Any, until: Any, run: Any
+) -> None:
+    state, argv = store
+    source, published = make_source("ext", "command", "", command=argv, refresh=0.2)
+    first = await source.start()
+    assert first.data == {"username": "svc", "password": "pw-one"} and first.version == "1"
+    async with run(source):
+        state.write_text("pw-two")
+        value = await published.wait_for(lambda v: v.data.get("password") == "pw-two")
+        assert value.version == "2"
+        state.write_text("garbage")  # a broken store: the last good value stays
+        await until(lambda: events.named("source_failed", secret="ext"), 10, "a failed run")
+        state.write_text("pw-two")
+        await until(lambda: len(events.named("source_failed", secret="ext")) == 1, 5, "no more")
+    assert [v.version for v in published.values] == ["2"]  # unchanged runs publish nothing
+    assert source.current is not None and source.current.data["password"] == "pw-two"
+    failure = events.named("source_failed", secret="ext")[0]
+    assert "not a JSON object" in failure.error and "s3cr3t" not in failure.error
+
+
+async def test_a_failing_command_keeps_the_last_value(store: Any, make_source: Any) -> None:
+    state, argv = store
+    source, _ = make_source("ext", "command", "", command=argv, refresh=0.1)
+    await source.start()
+    state.write_text("fail")
+    with pytest.raises(CommandError, match="exited with status 3"):
+        await source.fetch()
+    assert source.current is not None and source.current.data["password"] == "pw-one"
+
+
+async def test_the_timeout_kills_the_whole_process_group(store: Any, until: Any) -> None:
+    state, argv = store
+    state.write_text("hang")
+    with pytest.raises(CommandError, match=r"timed out after 1s"):
+        await run_capped(argv, 1.0)
+    pid = int(Path(str(state) + ".pid").read_text())
+
+    def gone() -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"  # reaped by init soon
+
+    await until(gone, 10, "the grandchild to die")
+
+
+async def test_output_is_capped(store: Any) -> None:
+    state, argv = store
+    state.write_text("flood")
+    with pytest.raises(CommandError, match=f"more than {MAX_OUTPUT} bytes"):
+        await run_capped(argv, 30.0)
+
+
+async def test_the_child_gets_no_vault_token(
+    store: Any, monkeypatch: pytest.MonkeyPatch, make_source: Any
+) -> None:
+    state, argv = store
+    state.write_text("env")
+    monkeypatch.setenv("VAULT_TOKEN", "hvs.not-for-children")
+    monkeypatch.setenv("SOME_TOOL_TOKEN", "for-the-tool")  # the command's own login stays
+    source, _ = make_source("ext", "command", "", command=argv)
+    value = await source.start()
+    assert "VAULT_TOKEN" not in value.data["env"] and "SOME_TOOL_TOKEN" in value.data["env"]
+
+
+def test_config_needs_a_command_and_no_vault(tmp_path: Path) -> None:
+    cfg = parse_config(
+        {"secrets": {"ext": {"kind": "command", "command": ["op", "read", "x"], "refresh": "1m"}}},
+        base_dir=tmp_path,
+        env={},
+    )
+    assert cfg.vault is None and not cfg.needs_vault()
+    assert cfg.secrets["ext"].command == ("op", "read", "x") and cfg.secrets["ext"].refresh == 60
+    with pytest.raises(ConfigError) as info:
+        parse_config(
+            {"secrets": {"ext": {"kind": "command", "command": "op read x", "path": "p"}}},
+            base_dir=tmp_path,
+            env={},
+        )
+    assert any(
+        p.startswith("secrets.ext.command: ") and "no shell" in p for p in info.value.problems
+    )
+    assert any(p.startswith("secrets.ext.path: unknown key") for p in info.value.problems)
+    assert json.dumps(info.value.problems)  # plain strings
