@@ -443,6 +443,7 @@ class Runtime:
             await self.proxy.stop(timeout=10.0)
         if self.rotations is not None:
             await self.rotations.drain(30.0)  # half a rotation costs a claim timeout
+            await self.rotations.aclose()
         for task in tasks:
             if task.get_name().startswith(("source-", "vault-token")):
                 task.cancel()

@@ -38,7 +38,7 @@ from agent.logs import event
 from agent.rotate import webhook
 from agent.rotate.base import Fields, Rotator, RotatorContext, create_rotator
 from agent.rotate.config import RotateConfig
-from agent.rotate.store import CasConflict, Claim, Record, Store
+from agent.rotate.store import CasConflict, Claim, Record, RecordStore, open_store
 from agent.secret import SecretValue
 
 Publish = Callable[[SecretValue], Awaitable[None]]
@@ -69,7 +69,7 @@ class Rotation:
         self,
         config: RotateConfig,
         rotator: Rotator,
-        store: Store,
+        store: RecordStore,
         publish: Publish,
         owner: str,
         rng: random.Random | None = None,
@@ -189,6 +189,7 @@ class Rotation:
         except Exception as exc:  # any failure of the step is reported and retried
             return await self._failed(claimed, version, exc, None)
         try:
+            await self.store.stage(claimed, new)  # AWS: the AWSPENDING version, then verified
             await self.rotator.verify(new)
         except Exception as exc:
             return await self._failed(claimed, version, exc, await self._rollback(record, new))
@@ -385,7 +386,7 @@ class RotationManager:
         context = RotatorContext(vault=vault, lookup=lookup)
         self.rotations = {
             name: Rotation(
-                cfg, create_rotator(cfg, context), Store(vault, cfg.store), publish, owner
+                cfg, create_rotator(cfg, context), open_store(cfg, vault), publish, owner
             )
             for name, cfg in configs.items()
         }
@@ -407,6 +408,11 @@ class RotationManager:
             async with asyncio.timeout(limit):
                 for rotation in self.rotations.values():
                     await rotation.idle()
+
+    async def aclose(self) -> None:
+        """Close the stores' clients (AWS); the Vault client belongs to the agent."""
+        for rotation in self.rotations.values():
+            await rotation.store.aclose()
 
     def not_ready(self) -> list[str]:
         return [

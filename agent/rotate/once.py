@@ -22,11 +22,13 @@ async def _ignore(_: SecretValue) -> None:
 
 async def rotate_once(config: Config, name: str) -> Outcome:
     cfg = config.rotate[name]
-    if config.vault is None:
+    if config.vault is None and config.needs_vault():
         raise SidecarError("rotation needs vault: (the store is KV v2)")
-    vault = VaultClient(config.vault)
+    vault = VaultClient(config.vault) if config.vault is not None else None
+    manager: RotationManager | None = None
     try:
-        await vault.login()
+        if vault is not None:
+            await vault.login()
         values: dict[str, SecretValue] = {}
         if cfg.admin is not None:
             context = SourceContext(publish=_ignore, vault=vault, ledger=None)
@@ -36,4 +38,7 @@ async def rotate_once(config: Config, name: str) -> Outcome:
         manager = RotationManager({name: cfg}, vault, values.get, _ignore)
         return await manager.rotate_now(name)
     finally:
-        await vault.close()
+        if manager is not None:
+            await manager.aclose()
+        if vault is not None:
+            await vault.close()

@@ -1,4 +1,9 @@
-"""The shared record of a rotated credential in KV v2, written with check-and-set.
+"""The shared record of a rotated credential, and the KV v2 store written with check-and-set.
+
+Any store implements :class:`RecordStore`: ``read``, a ``write`` that fails with
+:class:`CasConflict` when someone else wrote since the record was read, ``stage`` (the
+new credential, before it is verified) and ``aclose``. :class:`Store` keeps the record in
+KV v2; ``awsstore.py`` keeps it in AWS Secrets Manager with AWS's staging labels.
 
 Replicas coordinate only through this record. Every write carries ``cas=<the KV
 version the writer read>``, so of several replicas acting on the same reading
@@ -21,16 +26,23 @@ import asyncio
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.errors import VaultError, VaultNotFound
-from agent.vault.client import VaultClient
+
+if TYPE_CHECKING:
+    from agent.rotate.config import RotateConfig
+    from agent.vault.client import VaultClient
 
 _TORN_READS = 20
 
 
 class CasConflict(VaultError):
     """Someone else wrote the record since we read it."""
+
+
+class StoreError(VaultError):
+    """A store other than Vault failed; the manager retries it like a Vault outage."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +64,7 @@ class Record:
     retire_at: float | None = None
     retired: bool = True
     claim: Claim | None = None
+    etag: str | None = None  # stores other than KV: the revision the next write must follow
 
     def data(self) -> dict[str, Any]:
         return {
@@ -91,9 +104,39 @@ class Record:
         return replace(self, **changes)
 
 
+class RecordStore(Protocol):
+    async def read(self) -> Record: ...
+
+    async def write(self, record: Record) -> Record:
+        """Write ``record`` if nothing was written since it was read, else CasConflict."""
+
+    async def stage(self, record: Record, new: Mapping[str, Any]) -> None:
+        """Store the new, not yet verified credential (AWS: the AWSPENDING version)."""
+
+    async def aclose(self) -> None: ...
+
+
+def open_store(config: RotateConfig, vault: VaultClient | None) -> RecordStore:
+    if config.store_kind == "aws_secretsmanager":
+        from agent.rotate.awsstore import SecretsManagerStore  # only AWS configs load botocore
+
+        return SecretsManagerStore(config.store, config.aws)
+    if vault is None:
+        raise StoreError(f"rotate.{config.name}: a vault_kv store needs vault:")
+    return Store(vault, config.store)
+
+
 class Store:
+    """The record in KV v2 at ``path``; every write carries cas=<the version read>."""
+
     def __init__(self, vault: VaultClient, path: str) -> None:
         self.vault, self.path = vault, path
+
+    async def stage(self, record: Record, new: Mapping[str, Any]) -> None:
+        """Nothing to do: the record only ever holds verified credentials."""
+
+    async def aclose(self) -> None:
+        """The Vault client belongs to the agent."""
 
     async def read(self) -> Record:
         # OpenBao can answer a read that races a write with the new version number and no
