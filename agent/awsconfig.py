@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from proxy.configkit import Section, as_str
+from proxy.configkit import Section, as_str, show_value
 
 
 @dataclass(frozen=True)
@@ -22,14 +22,14 @@ class AwsConfig:
 def _endpoint(value: object) -> str:
     text = as_str(value)
     if not re.match(r"^https?://[^/\s]+", text):
-        raise ValueError(f"{text!r} is not an http:// or https:// URL")
+        raise ValueError(f"{show_value(text)} is not an http:// or https:// URL")
     return text.rstrip("/")
 
 
 def _region(value: object) -> str:
     text = as_str(value)
     if not re.fullmatch(r"[a-z]{2}(-[a-z]+)+-\d+", text):
-        raise ValueError(f"{text!r} is not an AWS region (like eu-west-1)")
+        raise ValueError(f"{show_value(text)} is not an AWS region (like eu-west-1)")
     return text
 
 
