@@ -3,7 +3,9 @@
 The command runs without a shell every ``refresh`` (default 5 min, and on
 ``POST /refresh``), in its own process group, with no stdin, our environment minus
 Vault tokens, and a ``timeout``. Its stdout must be one JSON object (at most
-:data:`MAX_OUTPUT` bytes): its fields become ``secrets.<name>.<field>``. stdout and
+:data:`MAX_OUTPUT` bytes): its fields become ``secrets.<name>.<field>``; a list of
+``{"key" (or "name"), "value"}`` entries (what some CLIs export) counts as the object
+``{key: value, ...}``. stdout and
 stderr are never logged (they hold the secret, or may echo it). A failure keeps the
 last good value and is retried with backoff. The version counts changes (1, 2, ...),
 so no fingerprint of the value ever appears in logs or ``/status``.
@@ -72,6 +74,21 @@ async def run_capped(argv: tuple[str, ...], limit_s: float, limit: int = MAX_OUT
     return bytes(out)
 
 
+def as_fields(parsed: object) -> dict[str, object] | None:
+    """A JSON object as is; a list of key/value entries as the object they spell."""
+    if isinstance(parsed, dict):
+        return parsed
+    if isinstance(parsed, list) and parsed and all(isinstance(e, dict) for e in parsed):
+        fields = {}
+        for entry in parsed:
+            key = entry.get("key", entry.get("name"))
+            if not isinstance(key, str) or "value" not in entry:
+                return None
+            fields[key] = entry["value"]
+        return fields
+    return None
+
+
 class CommandSource(PollingSource):
     operation = "command"
     uses_vault = False
@@ -82,10 +99,10 @@ class CommandSource(PollingSource):
         assert self.config.command is not None
         out = await run_capped(self.config.command, self.config.timeout)
         try:
-            data = json.loads(out)
+            data = as_fields(json.loads(out))
         except ValueError:
             data = None
-        if not isinstance(data, dict):
+        if data is None:
             # never quote it: it is (or contains) the secret
             raise CommandError(f"command {self.config.command[0]}: stdout is not a JSON object")
         old = self.current

@@ -131,3 +131,105 @@ def test_config_needs_a_command_and_no_vault(tmp_path: Path) -> None:
     )
     assert any(p.startswith("secrets.ext.path: unknown key") for p in info.value.problems)
     assert json.dumps(info.value.problems)  # plain strings
+
+
+# ----------------------------------------------------------------- README recipes, by shape
+# Stand-ins for gcloud, az, op and infisical: each checks the arguments the recipe passes
+# and prints the shape of the tool's documented JSON output. Not the real services.
+
+STAND_INS = {
+    "gcloud": (
+        ["secrets", "versions", "access", "latest", "--secret=app-db"],
+        {"username": "app", "password": "gcp-pw"},
+    ),
+    "az": (
+        ["keyvault", "secret", "show", "--name", "app-db", "--output", "json"],
+        {
+            "attributes": {"enabled": True},
+            "id": "https://my-vault.vault.azure.net/secrets/app-db/0123",
+            "name": "app-db",
+            "tags": {},
+            "value": "azure-pw",
+        },
+    ),
+    "infisical": (
+        ["export", "--format", "json"],
+        [
+            {"key": "DB_PASSWORD", "value": "infisical-pw", "type": "shared"},
+            {"key": "DB_USER", "value": "app", "type": "shared"},
+        ],
+    ),
+}
+OP_ITEM = {
+    "id": "abc",
+    "title": "app-db",
+    "category": "LOGIN",
+    "fields": [
+        {"id": "username", "label": "username", "type": "STRING", "value": "app"},
+        {"id": "password", "label": "password", "type": "CONCEALED", "value": "op-pw"},
+    ],
+}
+STAND_IN = """#!{python}
+import json, sys
+expected, output = json.loads({spec!r})
+args = sys.argv[1:]
+if not all(a in args for a in expected):
+    sys.exit(2)  # the recipe would not work with the real tool either
+print(json.dumps(output))
+"""
+OP = """#!{python}
+import json, sys
+args = sys.argv[1:]
+json_mode = "--format" in args and args[args.index("--format") + 1] == "json"
+if args[:2] == ["item", "get"] and json_mode:
+    print({item!r})
+elif args[:1] == ["read"] and args[1].startswith("op://"):
+    print(json.dumps({{"username": "app", "password": "op-cfg-pw"}}))
+else:
+    sys.exit(2)
+"""
+
+
+def readme_recipes() -> dict[str, Any]:
+    import yaml
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = text.index("# recipes (tested by shape)")
+    block = text[start : text.index("```", start)]
+    return dict(yaml.safe_load(block))
+
+
+def test_the_readme_recipes_work_on_stand_ins(
+    tmp_path: Path, shm: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import subprocess
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool, spec in STAND_INS.items():
+        (bin_dir / tool).write_text(STAND_IN.format(python=sys.executable, spec=json.dumps(spec)))
+    (bin_dir / "op").write_text(OP.format(python=sys.executable, item=json.dumps(OP_ITEM)))
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    config = readme_recipes()
+    assert set(config["secrets"]) == {"gcp", "azure", "onepw", "onepw_cfg", "infisical"}
+    config["templates"][0]["destination"] = str(shm / "recipes.txt")
+    config["state_dir"] = str(shm / "state")
+    path = tmp_path / "recipes.yaml"
+    path.write_text(json.dumps(config))
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")
+    out = subprocess.run(
+        [sys.executable, "-m", "agent", "run", "--once", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert (shm / "recipes.txt").read_text().split() == [
+        "gcp=gcp-pw",
+        "azure=azure-pw",
+        "onepw=op-pw",
+        "onepw_cfg=op-cfg-pw",
+        "infisical=infisical-pw",
+    ]
