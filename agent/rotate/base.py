@@ -27,6 +27,17 @@ Fields = dict[str, Any]
 _ALPHABET = string.ascii_letters + string.digits
 
 
+def alternate(users: tuple[str, str], record: Record) -> tuple[str, str | None]:
+    """Dual-user kinds: (the user to rotate now, the active one whose grants it copies)."""
+    a, b = users
+    active = (record.current or {}).get("username")
+    if active == a:
+        return b, a
+    if active == b:
+        return a, b
+    return a, None
+
+
 def new_password(length: int) -> str:
     """Random letters and digits: safe in every server's syntax and in every template."""
     return "".join(secrets.choice(_ALPHABET) for _ in range(length))

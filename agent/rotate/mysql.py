@@ -31,7 +31,7 @@ from typing import Any, Literal
 import aiomysql
 import pymysql
 
-from agent.rotate.base import Fields, RotationError, Rotator, new_password
+from agent.rotate.base import Fields, RotationError, Rotator, alternate, new_password
 from agent.rotate.store import Record
 
 _TIMEOUT = 30.0
@@ -294,13 +294,7 @@ class DualUserRotator(_MySQLRotator):
         return f"{self.user}_a", f"{self.user}_b"
 
     def next_user(self, record: Record) -> tuple[str, str | None]:
-        a, b = self.users()
-        active = (record.current or {}).get("username")
-        if active == a:
-            return b, a
-        if active == b:
-            return a, b
-        return a, None
+        return alternate(self.users(), record)
 
     async def _exists(self, session: Session, user: str) -> bool:
         rows = await session.rows(

@@ -21,7 +21,14 @@ from typing import Any
 import asyncpg
 
 from agent.logs import event
-from agent.rotate.base import Fields, RotationError, Rotator, RotatorContext, new_password
+from agent.rotate.base import (
+    Fields,
+    RotationError,
+    Rotator,
+    RotatorContext,
+    alternate,
+    new_password,
+)
 from agent.rotate.config import RotateConfig
 from agent.rotate.store import Record
 
@@ -150,14 +157,7 @@ class DualUserRotator(_PostgresRotator):
         return f"{self.role}_a", f"{self.role}_b"
 
     def next_user(self, record: Record) -> tuple[str, str | None]:
-        """(the user to rotate now, the active one whose grants it copies)."""
-        a, b = self.users()
-        active = (record.current or {}).get("username")
-        if active == a:
-            return b, a
-        if active == b:
-            return a, b
-        return a, None
+        return alternate(self.users(), record)
 
     async def create(self, record: Record) -> Fields:
         user, active = self.next_user(record)

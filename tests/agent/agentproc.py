@@ -180,3 +180,25 @@ class AgentProcess:
         assert self.proc is not None
         os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
+
+
+def run_once(
+    config: dict[str, Any], workdir: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``credsidecar run --once`` on ``config`` (written to ``workdir`` as JSON, which is
+    YAML), without our Vault settings; its log is kept for the secret audit."""
+    path = workdir / "once.yaml"
+    path.write_text(json.dumps(config))
+    base = os.environ if env is None else env
+    out = subprocess.run(
+        [sys.executable, "-m", "agent", "run", "--once", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in base.items() if not k.startswith(("VAULT_", "BAO_"))},
+        cwd=REPO,
+        timeout=120,
+    )
+    log = workdir / "once.log"
+    log.write_text(out.stderr)
+    AUDIT.log(log)
+    return out

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -84,6 +85,20 @@ async def looping(rot: Rotation) -> AsyncIterator[Rotation]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def step_until(
+    until: Any, rot: Rotation, done: Callable[[], Awaitable[bool] | bool], what: str
+) -> None:
+    """Step ``rot`` as its loop would (it retires once grace has passed) until ``done``;
+    ``until`` is the fixture of that name."""
+
+    async def stepped() -> bool:
+        await rot.step(force=False)
+        result = done()
+        return bool(await result if inspect.isawaitable(result) else result)
+
+    await until(stepped, 20, what)
 
 
 def but(cfg: RotateConfig, **changes: Any) -> RotateConfig:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from devservers import AUDIT, MotoServer
-from rotatehelpers import Published, config
+from rotatehelpers import Published, config, step_until
 
 from agent.awsconfig import AwsConfig
 from agent.config import parse_config
@@ -106,11 +106,12 @@ async def test_a_rotation_follows_the_staging_labels(
         finally:
             await other_store.aclose()
 
-        async def retired() -> bool:
-            await rot.step(force=False)
-            return rot.record is not None and rot.record.retired
-
-        await until(retired, 20, "the previous key to be retired")
+        await step_until(
+            until,
+            rot,
+            lambda: rot.record is not None and rot.record.retired,
+            "the previous key retired",
+        )
         assert events.named("rotation_retired", secret="api", version=1)
     finally:
         await store.aclose()

@@ -11,7 +11,7 @@ import aiomysql
 import pymysql
 import pytest
 from devservers import AUDIT, MariaDBServer
-from rotatehelpers import Published, config, kv_data, rotation
+from rotatehelpers import Published, but, config, kv_data, rotation, step_until
 
 from agent.rotate.base import RotatorContext
 from agent.rotate.config import AdminConfig
@@ -88,11 +88,10 @@ async def test_mariadb_holds_both_passwords_during_grace_and_never_sees_plaintex
         assert await can_login(mariadb, user, one) and await can_login(mariadb, user, two)
         assert "password" not in kv_data(openbao, store)["previous"]
 
-        async def retired() -> bool:
-            await rot.step(force=False)
+        async def refused() -> bool:
             return not await can_login(mariadb, user, one)
 
-        await until(retired, 20, "the previous password to stop working")
+        await step_until(until, rot, refused, "the previous password to stop working")
         assert await can_login(mariadb, user, two)
         assert events.named("rotation_retired", secret="mydb", version=1)
 
@@ -116,7 +115,7 @@ async def test_a_failed_verification_leaves_only_the_old_password(
     try:
         assert (await rot.rotate_now()).ok
         one = published.last.data["password"]
-        rot.rotator.config = cfg.__class__(**{**cfg.__dict__, "verify_query": "SELECT * FROM nope"})
+        rot.rotator.config = but(cfg, verify_query="SELECT * FROM nope")
         outcome = await rot.rotate_now()
         assert outcome.result == "failed" and "verify_query" in (outcome.error or "")
         assert events.named("rotation_rolled_back", secret="mybad", version=2, undone=True)
@@ -171,10 +170,9 @@ async def test_dual_user_copies_grants_and_locks_the_previous_user(
         assert await can_login(mariadb, a["username"], a["password"])  # within grace
 
         async def locked() -> bool:
-            await rot.step(force=False)
             return not await can_login(mariadb, a["username"], a["password"])
 
-        await until(locked, 20, "the previous user to be locked")
+        await step_until(until, rot, locked, "the previous user to be locked")
         assert "ACCOUNT LOCK" in mariadb.sql(f"SHOW CREATE USER '{base}_a'@'%'")  # never dropped
         assert await can_login(mariadb, b["username"], b["password"], f"SELECT * FROM {db}.t")
         log = mariadb.general_log_path.read_text(errors="replace")

@@ -8,7 +8,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from devservers import AUDIT, FaultRelay, RedisServer
 from redis.exceptions import AuthenticationError, ResponseError
-from rotatehelpers import config, kv_data, rotation
+from rotatehelpers import config, kv_data, rotation, step_until
 
 from agent.rotate.config import AdminConfig
 from agent.rotate.redis import password_sha256
@@ -77,11 +77,12 @@ async def test_both_passwords_work_during_grace_and_only_hashes_cross_the_wire(
         assert "password" not in record["previous"]  # the store keeps only the old hash
         assert record["previous"]["password_sha256"] == password_sha256(one)
 
-        async def retired() -> bool:
-            await rot.step(force=False)  # retires once grace has passed
-            return hashes(redis_server, user) == {password_sha256(two)}
-
-        await until(retired, 20, "the previous password to be removed")
+        await step_until(
+            until,
+            rot,
+            lambda: hashes(redis_server, user) == {password_sha256(two)},
+            "the previous password to be removed",
+        )
         assert not await can_auth(redis_server, user, one)
         assert await can_auth(redis_server, user, two)
         assert events.named("rotation_retired", secret="cache", version=1)

@@ -5,13 +5,11 @@ secrets only runs without Vault."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from agentproc import run_once
 from devservers import AUDIT, FaultRelay, MotoServer
 
 from agent.awsconfig import AwsConfig
@@ -118,18 +116,6 @@ def test_a_config_of_aws_secrets_runs_without_vault(
         ],
         "state_dir": str(shm / "state"),
     }
-    path = tmp_path / "config.yaml"
-    path.write_text(json.dumps(config))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
-    out = subprocess.run(
-        [sys.executable, "-m", "agent", "run", "--once", "-c", str(path)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
-    log = tmp_path / "agent.log"
-    log.write_text(out.stderr)
-    AUDIT.log(log)
+    out = run_once(config, tmp_path)
     assert out.returncode == 0, out.stderr
     assert (shm / "api.txt").read_text() == f"key-{unique}"

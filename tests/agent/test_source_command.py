@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from agentproc import run_once
 
 from agent.config import parse_config
 from agent.errors import ConfigError
@@ -202,8 +203,6 @@ def readme_recipes() -> dict[str, Any]:
 def test_the_readme_recipes_work_on_stand_ins(
     tmp_path: Path, shm: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import subprocess
-
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for tool, spec in STAND_INS.items():
@@ -215,16 +214,7 @@ def test_the_readme_recipes_work_on_stand_ins(
     assert set(config["secrets"]) == {"gcp", "azure", "onepw", "onepw_cfg", "infisical"}
     config["templates"][0]["destination"] = str(shm / "recipes.txt")
     config["state_dir"] = str(shm / "state")
-    path = tmp_path / "recipes.yaml"
-    path.write_text(json.dumps(config))
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")
-    out = subprocess.run(
-        [sys.executable, "-m", "agent", "run", "--once", "-c", str(path)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
+    out = run_once(config, tmp_path, dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}"))
     assert out.returncode == 0, out.stderr
     assert (shm / "recipes.txt").read_text().split() == [
         "gcp=gcp-pw",

@@ -52,7 +52,21 @@ def plugin_mount(openbao: OpenBaoServer, unique: str) -> Iterator[Callable[..., 
     client.sys.disable_secrets_engine(mount)  # revokes what is left
 
 
-async def no_failed_logins(
+Check = Callable[[str, Login], Awaitable[None]]
+
+
+@pytest.fixture
+def no_failed_logins(make_source: Any, vault: Any, events: Any, until: Any) -> Check:
+    """``no_failed_logins(mount, login)``: run a ``database`` source on ``mount``'s role
+    through renewals and a replacement while a consumer logs in with ``login``."""
+
+    async def check(mount: str, login: Login) -> None:
+        await _no_failed_logins(make_source, vault, mount, events, until, login)
+
+    return check
+
+
+async def _no_failed_logins(
     make_source: Any, vault: Any, mount: str, events: Any, until: Any, login: Login
 ) -> None:
     source, published = make_source("db", "database", f"{mount}/creds/app", vault=vault)
@@ -90,12 +104,7 @@ async def no_failed_logins(
 
 
 async def test_mariadb_dynamic_credentials_renew_and_replace_without_a_failed_login(
-    mariadb: MariaDBServer,
-    plugin_mount: Callable[..., str],
-    make_source: Any,
-    vault: Any,
-    events: Any,
-    until: Any,
+    mariadb: MariaDBServer, plugin_mount: Callable[..., str], no_failed_logins: Check
 ) -> None:
     mount = plugin_mount(
         "mysql-database-plugin",
@@ -118,16 +127,11 @@ async def test_mariadb_dynamic_credentials_renew_and_replace_without_a_failed_lo
         await conn.ensure_closed()
         return True
 
-    await no_failed_logins(make_source, vault, mount, events, until, login)
+    await no_failed_logins(mount, login)
 
 
 async def test_redis_dynamic_credentials_renew_and_replace_without_a_failed_login(
-    redis_server: RedisServer,
-    plugin_mount: Callable[..., str],
-    make_source: Any,
-    vault: Any,
-    events: Any,
-    until: Any,
+    redis_server: RedisServer, plugin_mount: Callable[..., str], no_failed_logins: Check
 ) -> None:
     mount = plugin_mount(
         "redis-database-plugin",
@@ -147,4 +151,4 @@ async def test_redis_dynamic_credentials_renew_and_replace_without_a_failed_logi
         finally:
             await client.aclose()
 
-    await no_failed_logins(make_source, vault, mount, events, until, login)
+    await no_failed_logins(mount, login)
