@@ -595,13 +595,16 @@ def _terminate(proc: subprocess.Popen[bytes] | None, timeout: float = 15) -> Non
 class RedisServer:
     """Debian's ``redis-server`` with an ``admin`` ACL user (all permissions) and the
     ``default`` user switched off. ``aclfile=True`` keeps the users in an ACL file (so
-    ``ACL SAVE`` has somewhere to write); nothing is persisted otherwise."""
+    ``ACL SAVE`` has somewhere to write); nothing is persisted otherwise. ``tls=True``
+    serves TLS only, with a certificate for 127.0.0.1 signed by :attr:`pki` ``["ca"]``."""
 
     aclfile: bool = False
+    tls: bool = False
     port: int = field(default_factory=free_port)
     admin_password: str = field(default_factory=lambda: "redis-" + os.urandom(12).hex())
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="redis-")))
     proc: subprocess.Popen[bytes] | None = None
+    pki: dict[str, Path] = field(default_factory=dict)
 
     @property
     def log_path(self) -> Path:
@@ -613,9 +616,19 @@ class RedisServer:
 
     def start(self) -> RedisServer:
         users = f"user admin on >{self.admin_password} ~* &* +@all\nuser default off\n"
-        conf = [
-            "bind 127.0.0.1",
-            f"port {self.port}",
+        conf = ["bind 127.0.0.1", f"port {self.port}"]
+        if self.tls:
+            self.pki = make_test_pki(self.workdir / "pki")
+            conf = [
+                "bind 127.0.0.1",
+                "port 0",
+                f"tls-port {self.port}",
+                f"tls-cert-file {self.pki['cert']}",
+                f"tls-key-file {self.pki['key']}",
+                f"tls-ca-cert-file {self.pki['ca']}",
+                "tls-auth-clients no",
+            ]
+        conf += [
             'save ""',
             "appendonly no",
             f"dir {self.workdir}",
@@ -649,8 +662,9 @@ class RedisServer:
 
     def command(self, *args: str) -> str:
         """One command as ``admin`` through redis-cli (password in the environment)."""
+        tls = ["--tls", "--cacert", str(self.pki["ca"])] if self.tls else []
         out = subprocess.run(
-            ["redis-cli", "-h", "127.0.0.1", "-p", str(self.port), "--user", "admin", *args],
+            ["redis-cli", "-h", "127.0.0.1", "-p", str(self.port), *tls, "--user", "admin", *args],
             env=dict(os.environ, REDISCLI_AUTH=self.admin_password),
             capture_output=True,
             text=True,
@@ -670,13 +684,16 @@ class RedisServer:
 class MariaDBServer:
     """Debian's ``mariadbd`` on a throwaway datadir, run as the ``mysql`` user, with an
     ``admin``@``%`` account (all privileges, grant option). ``general_log=True`` records
-    every statement the server receives in :attr:`general_log_path`."""
+    every statement the server receives in :attr:`general_log_path`. ``tls=True`` also
+    offers TLS with a certificate for 127.0.0.1 signed by :attr:`pki` ``["ca"]``."""
 
     general_log: bool = False
+    tls: bool = False
     port: int = field(default_factory=free_port)
     admin_password: str = field(default_factory=lambda: "maria-" + os.urandom(12).hex())
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="mariadb-")))
     proc: subprocess.Popen[bytes] | None = None
+    pki: dict[str, Path] = field(default_factory=dict)
 
     @property
     def datadir(self) -> Path:
@@ -728,6 +745,16 @@ class MariaDBServer:
         ]
         if self.general_log:
             args += ["--general-log=1", f"--general-log-file={self.general_log_path}"]
+        if self.tls:
+            self.pki = make_test_pki(self.workdir / "pki")
+            if os.geteuid() == 0:  # the server reads its key as the mysql user
+                for path in (self.workdir / "pki", *self.pki.values()):
+                    os.chown(path, pwd.getpwnam("mysql").pw_uid, pwd.getpwnam("mysql").pw_gid)
+            args += [
+                f"--ssl-cert={self.pki['cert']}",
+                f"--ssl-key={self.pki['key']}",
+                f"--ssl-ca={self.pki['ca']}",
+            ]
         log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(
             args,

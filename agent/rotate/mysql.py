@@ -93,6 +93,8 @@ def _reason(exc: BaseException) -> str:
     code = args[0] if len(args) > 1 and isinstance(args[0], int) else None
     text = str(args[1]) if code is not None else str(exc) or type(exc).__name__
     text = _HASH.sub("<hash>", text.splitlines()[0] if text else "")[:200]
+    if isinstance(exc.__cause__, OSError):  # aiomysql keeps why it could not connect here
+        text += f": {str(exc.__cause__)[:200]}"
     return f"{text} (error {code})" if code is not None else text
 
 

@@ -298,3 +298,45 @@ async def test_mysql8_caching_sha2_needs_tls_and_old_servers_are_refused(
     outcome = await rot.rotate_now()
     assert outcome.result == "failed" and "MySQL 8.0.13" in (outcome.error or "")
     assert not any(s.startswith("ALTER") for s in rotator.statements)
+
+
+async def test_tls_to_mariadb_is_verified(vault: Any, unique: str, tmp_path: Any) -> None:
+    from devservers import make_test_pki
+
+    server = MariaDBServer(tls=True).start()
+    AUDIT.secret(server.admin_password)
+    try:
+        # both logins refuse to work without TLS: a rotation that succeeds used it
+        server.sql(
+            f"CREATE USER 'tlsadmin'@'%' IDENTIFIED BY PASSWORD "
+            f"'{native_hash(server.admin_password)}' REQUIRE SSL; "
+            "GRANT ALL PRIVILEGES ON *.* TO 'tlsadmin'@'%' WITH GRANT OPTION; "
+            f"CREATE USER 'app'@'%' IDENTIFIED BY PASSWORD '{native_hash(unique)}' REQUIRE SSL"
+        )
+        admin = SecretValue(
+            name="my_admin",
+            data={"username": "tlsadmin", "password": server.admin_password},
+            version="1",
+        )
+        store = f"secret/data/rot-my-tls-{unique}"
+        good = AdminConfig(
+            "my_admin", port=server.port, database="", tls=True, ca_cert=server.pki["ca"]
+        )
+        cfg = config("mytls", "mysql-password", store, admin=good, user="app", every=3600.0)
+        rot, _ = rotation(cfg, vault, admin=admin)
+        assert (await rot.rotate_now()).ok
+
+        plain = AdminConfig("my_admin", port=server.port, database="")
+        rot, _ = rotation(but(cfg, admin=plain, store=store + "-plain"), vault, admin=admin)
+        assert (await rot.rotate_now()).result == "failed"  # REQUIRE SSL: TLS was needed
+
+        other_ca = make_test_pki(tmp_path / "other")["ca"]
+        wrong = AdminConfig("my_admin", port=server.port, database="", tls=True, ca_cert=other_ca)
+        rot, _ = rotation(but(cfg, admin=wrong, store=store + "-wrong"), vault, admin=admin)
+        outcome = await rot.rotate_now()
+        assert (
+            outcome.result == "failed"
+            and "CERTIFICATE_VERIFY_FAILED" in (outcome.error or "").upper()
+        )
+    finally:
+        server.remove()

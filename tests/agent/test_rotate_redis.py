@@ -162,3 +162,30 @@ async def test_a_failed_verification_removes_the_new_password(
         assert published.last.data["password"] == one and len(published.values) == 1
     finally:
         redis_server.command("ACL", "DELUSER", user)
+
+
+async def test_tls_to_redis_is_verified(vault: Any, unique: str, tmp_path: Any) -> None:
+    from devservers import make_test_pki
+
+    server = RedisServer(tls=True).start()
+    AUDIT.secret(server.admin_password)
+    try:
+        server.command("ACL", "SETUSER", "app", "on", "nopass", "~*", "+@all")
+        store = f"secret/data/rot-redis-tls-{unique}"
+        admin = AdminConfig("redis_admin", port=server.port, tls=True, ca_cert=server.pki["ca"])
+        cfg = config("tls", "redis-acl", store, admin=admin, user="app", every=3600.0)
+        rot, published = rotation(cfg, vault, admin=admin_of(server))
+        assert (await rot.rotate_now()).ok  # admin and verification logins over TLS
+        assert hashes(server, "app") == {password_sha256(published.last.data["password"])}
+
+        other_ca = make_test_pki(tmp_path / "other")["ca"]  # a CA that did not sign it
+        wrong = AdminConfig("redis_admin", port=server.port, tls=True, ca_cert=other_ca)
+        rot, _ = rotation(
+            config("tls2", "redis-acl", store + "-2", admin=wrong, user="app"),
+            vault,
+            admin=admin_of(server),
+        )
+        outcome = await rot.rotate_now()
+        assert outcome.result == "failed" and "certificate verify failed" in (outcome.error or "")
+    finally:
+        server.remove()
