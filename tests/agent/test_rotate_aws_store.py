@@ -222,3 +222,32 @@ def test_config_of_an_aws_store_needs_no_vault(tmp_path: Path) -> None:
         )
     assert any(p.startswith("rotate.jwt.store.region: ") for p in info.value.problems)
     assert any(p.startswith("rotate.jwt.store.cas: unknown key") for p in info.value.problems)
+
+
+def test_credsidecar_rotate_with_an_aws_store_needs_no_vault(
+    moto: MotoServer, unique: str, tmp_path: Path
+) -> None:
+    import os
+    import subprocess
+
+    name = f"cli-{unique}"
+    moto.client().create_secret(Name=name, SecretString="{}")
+    store = {"aws_secretsmanager": name, "region": "us-east-1", "endpoint_url": moto.endpoint_url}
+    config = {"rotate": {"jwt": {"kind": "jwt-keys", "store": store}}, "state_dir": str(tmp_path)}
+    path = tmp_path / "config.yaml"
+    path.write_text(json.dumps(config))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
+    out = subprocess.run(
+        [sys.executable, "-m", "agent", "rotate", "jwt", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    (tmp_path / "rotate.log").write_text(out.stderr + out.stdout)
+    AUDIT.log(tmp_path / "rotate.log")
+    assert out.returncode == 0, out.stderr
+    assert "rotated jwt to version 1" in out.stdout
+    current = at(moto, name, "AWSCURRENT")
+    assert current["kid"] and current["algorithm"] == "ES256"
+    AUDIT.secret(current["private_key"].splitlines()[1])
