@@ -581,6 +581,11 @@ def _run_as_user(name: str) -> dict[str, Any]:
     return {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
 
 
+def _sbin(name: str) -> str:
+    """A server binary by name; Debian puts some in /usr/sbin, not on every user's PATH."""
+    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/sbin") or name
+
+
 def _terminate(proc: subprocess.Popen[bytes] | None, timeout: float = 15) -> None:
     if proc is not None and proc.poll() is None:
         proc.terminate()
@@ -644,7 +649,7 @@ class RedisServer:
         config.chmod(0o600)
         log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(
-            ["redis-server", str(config)],
+            [_sbin("redis-server"), str(config)],
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=self.workdir,
@@ -730,7 +735,7 @@ class MariaDBServer:
             cwd=self.workdir,
         )
         args = [
-            "mariadbd",
+            _sbin("mariadbd"),
             "--no-defaults",
             f"--datadir={self.datadir}",
             f"--port={self.port}",
