@@ -1,13 +1,15 @@
 """Drives rotations: schedule, claim, create, verify, publish, retire, roll back.
 
-The protocol, per credential, through the shared KV v2 record (``store.py``):
+The protocol, per credential, through the shared record (``store.py``: KV v2 with
+check-and-set, or ``awsstore.py``: AWS Secrets Manager with staging labels):
 
 1. read the record; publish its credential if it is newer than ours (adopt);
 2. when due (or asked), **claim** it: write ``claim={owner, until}`` with
    cas=<version read>. Of replicas racing, one wins; the others see the claim and
    wait for the result. A loser therefore never touches the credential;
-3. the winner creates the new credential and verifies it. If verification fails it
-   rolls back, releases the claim, reports, and backs off;
+3. the winner creates the new credential, stages it in the store (AWS: the AWSPENDING
+   version; KV: nothing) and verifies it. If verification fails it rolls back,
+   releases the claim, reports, and backs off;
 4. it publishes with cas=<its claim's version>; then every replica adopts it;
 5. after ``grace`` one replica (the one whose CAS write marks it retired) retires
    the previous credential. The record keeps ``retire_at``, so a restarted sidecar
