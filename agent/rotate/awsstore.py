@@ -39,9 +39,9 @@ RECORD_LABEL = "credsidecar-record"
 _PREFIX = "credsidecar-"
 
 
-def next_token(etag: str | None) -> str:
+def next_token(etag: str) -> str:
     """The ClientRequestToken of the record write that follows version ``etag``."""
-    return _PREFIX + hashlib.sha256(f"after:{etag or ''}".encode()).hexdigest()[:40]
+    return _PREFIX + hashlib.sha256(f"after:{etag}".encode()).hexdigest()[:40]
 
 
 class SecretsManagerStore:
@@ -161,7 +161,8 @@ class SecretsManagerStore:
                 "put_secret_value",
                 "rotate_write",
                 SecretId=self.secret_id,
-                ClientRequestToken=next_token(record.etag),
+                # the first record follows the secret's AWSCURRENT version of that moment
+                ClientRequestToken=next_token(record.etag or f"none:{self._aws_current}"),
                 SecretString=json.dumps(meta, sort_keys=True),
                 VersionStages=[RECORD_LABEL],
             )
