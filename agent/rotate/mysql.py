@@ -198,6 +198,19 @@ class _MySQLRotator(Rotator):
 class PasswordRotator(_MySQLRotator):
     """One account, two valid passwords from publish until ``grace`` has passed."""
 
+    _taken_over: str | None = None  # the hash a failed first rotation puts back
+
+    async def _account_auth(self, session: Session) -> tuple[str, str]:
+        """(the account's authentication plugin, its stored authentication string)."""
+        rows = await session.rows(
+            "SELECT plugin, authentication_string FROM mysql.user WHERE user = %s AND host = %s",
+            f"read the authentication of {self.account()}",
+            (self.user, self.config.account_host),
+        )
+        if not rows:
+            raise RotationError(f"account {self.account()} does not exist")
+        return str(rows[0][0]), str(rows[0][1] or "")
+
     async def create(self, record: Record) -> Fields:
         password = new_password(self.config.password_length)
         old = (record.current or {}).get("password")
@@ -205,31 +218,28 @@ class PasswordRotator(_MySQLRotator):
         try:
             server = await session.version()
             server.require_two_passwords()
+            plugin, stored = await self._account_auth(session)
+            if old is None:  # the first rotation takes the account over
+                native = plugin == _NATIVE and _HASH.fullmatch(stored)
+                self._taken_over = stored if native else None
             if server.flavor == "mariadb":
-                await self._mariadb_set(session, password, None if old is None else str(old))
+                old_hash = None if old is None else native_hash(str(old))
+                await self._mariadb_set(session, native_hash(password), old_hash)
             else:
-                await self._mysql_set(session, password, first=old is None)
+                await self._mysql_set(session, plugin, password, first=old is None)
         finally:
             await session.close()
         return self.fields(self.user, password)
 
-    async def _mariadb_set(self, session: Session, password: str, old: str | None) -> None:
-        using = f"{_NATIVE} USING {quote_string(native_hash(password))}"
+    async def _mariadb_set(self, session: Session, new: str, old: str | None) -> None:
+        using = f"{_NATIVE} USING {quote_string(new)}"
         if old is not None:  # both, new first: most logins match on the first try
-            using += f" OR {_NATIVE} USING {quote_string(native_hash(old))}"
+            using += f" OR {_NATIVE} USING {quote_string(old)}"
         await session.execute(
             f"ALTER USER {self.account()} IDENTIFIED VIA {using}", f"set {self.account()}"
         )
 
-    async def _mysql_set(self, session: Session, password: str, first: bool) -> None:
-        rows = await session.rows(
-            "SELECT plugin FROM mysql.user WHERE user = %s AND host = %s",
-            f"read the plugin of {self.account()}",
-            (self.user, self.config.account_host),
-        )
-        if not rows:
-            raise RotationError(f"account {self.account()} does not exist")
-        plugin = str(rows[0][0])
+    async def _mysql_set(self, session: Session, plugin: str, password: str, first: bool) -> None:
         if plugin == _NATIVE:
             auth = f"IDENTIFIED WITH {_NATIVE} AS {quote_string(native_hash(password))}"
         elif plugin in ("caching_sha2_password", "sha256_password"):
@@ -251,34 +261,28 @@ class PasswordRotator(_MySQLRotator):
 
     async def rollback(self, record: Record, new: Mapping[str, Any]) -> bool:
         old = (record.current or {}).get("password")
-        if old is None:
-            return False  # the first rotation replaced a password we never knew
-        await self._only(str(old))
+        hashed = native_hash(str(old)) if old is not None else self._taken_over
+        if hashed is None:
+            return False  # a first rotation of an account whose old hash we could not keep
+        await self._only(hashed)
         return True
 
     async def retire(self, previous: Mapping[str, Any], current: Mapping[str, Any]) -> None:
-        await self._only(str(current["password"]))
+        await self._only(native_hash(str(current["password"])))
 
-    async def _only(self, password: str) -> None:
-        """Leave ``password`` as the account's only valid password."""
+    async def _only(self, hashed: str) -> None:
+        """Leave the password whose native hash is ``hashed`` as the account's only one."""
         session = await self.admin_session()
         try:
             server = await session.version()
             if server.flavor == "mariadb":
-                await self._mariadb_set(session, password, None)
+                await self._mariadb_set(session, hashed, None)
                 return
-            rows = await session.rows(
-                "SELECT plugin FROM mysql.user WHERE user = %s AND host = %s",
-                f"read the plugin of {self.account()}",
-                (self.user, self.config.account_host),
-            )
-            if rows and str(rows[0][0]) == _NATIVE:
-                # a roll back: the current password again (a retire: it is already primary)
-                hashed = quote_string(native_hash(password))
-                await session.execute(
-                    f"ALTER USER {self.account()} IDENTIFIED WITH {_NATIVE} AS {hashed}",
-                    "restore the password",
-                )
+            plugin, _ = await self._account_auth(session)
+            if plugin == _NATIVE:
+                # a roll back: that password again (a retire: it is already the primary)
+                auth = f"IDENTIFIED WITH {_NATIVE} AS {quote_string(hashed)}"
+                await session.execute(f"ALTER USER {self.account()} {auth}", "restore the password")
             await session.execute(
                 f"ALTER USER {self.account()} DISCARD OLD PASSWORD", "discard the old password"
             )

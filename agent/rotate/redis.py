@@ -6,7 +6,8 @@ A Redis ACL user may hold several passwords at once. A rotation adds the new one
 (``!<sha256>``), so both are valid in between; ``CONFIG SET requirepass`` would end
 the old password at once. The first rotation takes the account over: it replaces
 whatever passwords it had (``resetpass``), like ``postgres-password`` does. ``ACL
-SAVE`` follows each change when the server keeps its users in an ACL file.
+SAVE`` follows each change when the server keeps its users in an ACL file. A first
+rotation that fails verification puts the replaced passwords back (by their hashes).
 
 redis-py's asyncio client is imported here only, so only configs with this kind load it.
 """
@@ -43,6 +44,8 @@ def _reason(exc: BaseException) -> str:
 
 
 class AclRotator(Rotator):
+    _taken_over: tuple[list[str], bool] | None = None  # before the first rotation
+
     @property
     def user(self) -> str:
         assert self.config.user is not None
@@ -95,6 +98,10 @@ class AclRotator(Rotator):
 
     async def _hashes(self, client: Any) -> list[str]:
         """The SHA-256 of every password the user has; RotationError if there is no user."""
+        return (await self._passwords(client))[0]
+
+    async def _passwords(self, client: Any) -> tuple[list[str], bool]:
+        """(the user's password hashes, whether it is ``nopass``); RotationError if none."""
         answer = await self._command(client, "ACL GETUSER", "ACL", "GETUSER", self.user)
         if answer is None:
             raise RotationError(
@@ -105,8 +112,12 @@ class AclRotator(Rotator):
             fields = answer
         else:
             fields = dict(zip(answer[::2], answer[1::2], strict=False))
-        passwords = fields.get(b"passwords", fields.get("passwords")) or []
-        return [p.decode() if isinstance(p, bytes) else str(p) for p in passwords]
+
+        def text(values: Any) -> list[str]:
+            return [v.decode() if isinstance(v, bytes) else str(v) for v in values or []]
+
+        flags = text(fields.get(b"flags", fields.get("flags")))
+        return text(fields.get(b"passwords", fields.get("passwords"))), "nopass" in flags
 
     async def _set(self, client: Any, *rules: str) -> None:
         await self._command(client, "ACL SETUSER", "ACL", "SETUSER", self.user, *rules)
@@ -129,8 +140,9 @@ class AclRotator(Rotator):
     async def create(self, record: Record) -> Fields:
         password = new_password(self.config.password_length)
         async with self._admin() as client:
-            await self._hashes(client)  # the user must exist, with its permissions
+            before = await self._passwords(client)  # the user must exist, with its permissions
             if record.current is None:
+                self._taken_over = before  # what a failed first rotation puts back
                 await self._set(client, "resetpass", f"#{password_sha256(password)}")
             else:
                 await self._set(client, f"#{password_sha256(password)}")
@@ -141,8 +153,14 @@ class AclRotator(Rotator):
             pass
 
     async def rollback(self, record: Record, new: Mapping[str, Any]) -> bool:
-        if record.current is None:
-            return False  # the first rotation replaced passwords we never knew
+        if record.current is None:  # the first rotation: the passwords it replaced come back
+            if self._taken_over is None:
+                return False
+            hashes, nopass = self._taken_over
+            rules = ["resetpass", *(f"#{h}" for h in hashes)] + (["nopass"] if nopass else [])
+            async with self._admin() as client:
+                await self._set(client, *rules)
+            return True
         await self._remove(password_sha256(str(new["password"])))
         return True
 

@@ -220,7 +220,7 @@ class RecordingSession:
         if sql == "SELECT VERSION()":
             return [(self._version,)]
         if sql.startswith("SELECT plugin"):
-            return [(self.plugin,)]
+            return [(self.plugin, "*" + "0" * 40)]
         return []
 
     async def version(self) -> Server:
@@ -257,7 +257,10 @@ async def test_mysql8_statements_retain_then_discard(vault: Any, unique: str) ->
     assert (await rot.rotate_now()).ok
     one = published.last.data["password"]
     acct = "'app'@'%'"
-    plugin = "SELECT plugin FROM mysql.user WHERE user = %s AND host = %s ('app', '%')"
+    plugin = (
+        "SELECT plugin, authentication_string FROM mysql.user WHERE user = %s AND host = %s "
+        "('app', '%')"
+    )
     assert rotator.statements == [
         "-- login root",
         "SELECT VERSION()",
@@ -340,3 +343,24 @@ async def test_tls_to_mariadb_is_verified(vault: Any, unique: str, tmp_path: Any
         )
     finally:
         server.remove()
+
+
+async def test_a_failed_first_rotation_puts_the_old_password_back(
+    mariadb: MariaDBServer, vault: Any, unique: str, events: Any
+) -> None:
+    user, boot = f"app{unique}", f"boot-{unique}-pw"
+    AUDIT.secret(boot)
+    mariadb.sql(f"CREATE USER '{user}'@'%' IDENTIFIED BY PASSWORD '{native_hash(boot)}'")
+    store = f"secret/data/rot-myfirst-{unique}"
+    cfg = my_config("myfirst", "mysql-password", store, mariadb.port, user)
+    rot, published = rotation(
+        but(cfg, verify_query="SELECT * FROM nope"), vault, admin=admin_of(mariadb)
+    )
+    try:
+        outcome = await rot.rotate_now()
+        assert outcome.result == "failed" and not published.values
+        assert events.named("rotation_rolled_back", secret="myfirst", version=1, undone=True)
+        assert await can_login(mariadb, user, boot)
+        assert " OR " not in mariadb.sql(f"SHOW CREATE USER '{user}'@'%'")
+    finally:
+        mariadb.sql(f"DROP USER IF EXISTS '{user}'@'%'")

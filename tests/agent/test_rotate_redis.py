@@ -189,3 +189,20 @@ async def test_tls_to_redis_is_verified(vault: Any, unique: str, tmp_path: Any) 
         assert outcome.result == "failed" and "certificate verify failed" in (outcome.error or "")
     finally:
         server.remove()
+
+
+async def test_a_failed_first_rotation_puts_the_old_passwords_back(
+    redis_server: RedisServer, vault: Any, unique: str, events: Any
+) -> None:
+    user, boot = f"app-{unique}", f"boot-{unique}-password"
+    AUDIT.secret(boot)
+    redis_server.command("ACL", "SETUSER", user, "off", f">{boot}", "~*", "+@all")
+    try:
+        cfg = acl_config("first", f"secret/data/rot-redis-first-{unique}", redis_server.port, user)
+        rot, published = rotation(cfg, vault, admin=admin_of(redis_server))
+        outcome = await rot.rotate_now()  # the user is off: verification cannot succeed
+        assert outcome.result == "failed" and not published.values
+        assert events.named("rotation_rolled_back", secret="first", version=1, undone=True)
+        assert hashes(redis_server, user) == {password_sha256(boot)}
+    finally:
+        redis_server.command("ACL", "DELUSER", user)
