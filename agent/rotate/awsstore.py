@@ -32,6 +32,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from agent.awsconfig import AwsConfig
+from agent.errors import SidecarError
 from agent.rotate.store import CasConflict, Record, StoreError
 from agent.sources.aws import AwsError, SecretsManager, secret_fields
 
@@ -76,7 +77,7 @@ class SecretsManagerStore:
             )
             try:
                 self._fields[version_id] = secret_fields(answer)
-            except Exception:
+            except SidecarError:
                 raise StoreError(f"rotate_read {self.secret_id}: version has no value") from None
         return self._fields[version_id]
 
