@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import signal
 import sys
 from collections.abc import Coroutine, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 from agent import __version__
-from agent.config import Config, load_config
+from agent.config import Config, load_config, parse_config_text
 from agent.errors import ConfigError, RenderError, SidecarError
 
 T = TypeVar("T")
@@ -27,15 +30,29 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run until SIGTERM/SIGINT (or render once with --once)")
-    run.add_argument("-c", "--config", required=True, help="YAML config file")
+    _config_source(run)
     run.add_argument("--once", action="store_true", help="render every template once and exit")
     check = sub.add_parser("check", help="validate the config and templates, then exit")
-    check.add_argument("-c", "--config", required=True, help="YAML config file")
+    _config_source(check)
     rotate = sub.add_parser("rotate", help="rotate a credential under rotate: now, then exit")
     rotate.add_argument("name", help="the name under rotate:")
     rotate.add_argument("-c", "--config", required=True, help="YAML config file")
     sub.add_parser("version", help="print the version")
+    injector = sub.add_parser("injector", help="serve the Kubernetes mutating admission webhook")
+    injector.add_argument("--listen", help="host:port (default 0.0.0.0:8443)")
+    injector.add_argument("--tls-cert", help="PEM certificate (re-read when it changes)")
+    injector.add_argument("--tls-key", help="PEM private key (re-read when it changes)")
+    injector.add_argument("-c", "--config", help="YAML settings file (flags win)")
+    injector.add_argument("--image", help="the credsidecar image to inject")
+    injector.add_argument("--vault-address", help="Vault address for pods that name none")
     return parser
+
+
+def _config_source(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("-c", "--config", help="YAML config file")
+    # the injector passes a pod's generated config this way: no ConfigMap needed
+    source.add_argument("--config-env", metavar="NAME", help="read the config from $NAME")
 
 
 def _run_loop(coro: Coroutine[Any, Any, T]) -> T:
@@ -48,8 +65,15 @@ def _run_loop(coro: Coroutine[Any, Any, T]) -> T:
         return runner.run(coro)
 
 
-def _load(path: str) -> Config:
-    config = load_config(path)
+def _load(args: argparse.Namespace) -> Config:
+    variable = getattr(args, "config_env", None)  # `rotate` reads files only
+    if variable is None:
+        config = load_config(args.config)
+    else:
+        text = os.environ.get(variable)
+        if text is None:
+            raise ConfigError([f"the environment variable {variable} is not set"])
+        config = parse_config_text(text, f"${variable}", Path.cwd())
     problems = _deep_check(config)
     if problems:
         raise ConfigError(problems)
@@ -103,25 +127,62 @@ def _rotate(config: Config, name: str) -> None:
     sys.exit(EXIT_FAILURE)
 
 
+def _injector(args: argparse.Namespace) -> None:
+    from agent import logs
+    from agent.injector.settings import load_settings
+
+    flags = {
+        "listen": args.listen,
+        "tls_cert": args.tls_cert,
+        "tls_key": args.tls_key,
+        "image": args.image,
+        "vault_address": args.vault_address,
+    }
+    try:
+        settings = load_settings(Path(args.config) if args.config else None, flags)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"credsidecar injector: {problem}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+    logs.setup("info")
+
+    async def serve() -> None:
+        from agent.injector.server import serve
+
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(settings, stop)
+
+    try:
+        _run_loop(serve())
+    except (OSError, ValueError) as exc:  # cannot listen, unreadable TLS files
+        print(f"credsidecar injector: {exc}", file=sys.stderr)
+        sys.exit(EXIT_FAILURE)
+    sys.exit(EXIT_OK)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     if args.command == "version":
         print(f"credsidecar {__version__}")
         sys.exit(EXIT_OK)
+    if args.command == "injector":
+        _injector(args)
 
     from agent import logs
 
+    origin = args.config or f"${args.config_env}"  # exactly one of them is given
     try:
-        config = _load(args.config)
+        config = _load(args)
     except ConfigError as exc:
         for problem in exc.problems:
-            print(f"{args.config}: {problem}", file=sys.stderr)
+            print(f"{origin}: {problem}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
 
     if args.command == "check":
-        print(
-            f"{args.config}: ok ({len(config.secrets)} secrets, {len(config.templates)} templates)"
-        )
+        print(f"{origin}: ok ({len(config.secrets)} secrets, {len(config.templates)} templates)")
         sys.exit(EXIT_OK)
 
     logs.setup(config.log_level)

@@ -49,6 +49,20 @@ SECRET_KINDS: tuple[SecretKind, ...] = get_args(SecretKind)
 AUTH_METHODS: tuple[AuthMethod, ...] = get_args(AuthMethod)
 LOG_LEVELS: tuple[LogLevel, ...] = get_args(LogLevel)
 K8S_TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+# letters, digits, _, - and . (a template reaches any of them as secrets["db-admin"]);
+# never starting with . or -, so a name is never a hidden or relative file name
+SECRET_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+# names of the lease ledger's own files beside the secrets' <name>.json (agent/ledger.py)
+RESERVED_SECRET_NAMES = frozenset({"retired-leases"})
+
+
+def secret_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a secret, or None when it can."""
+    if not SECRET_NAME.fullmatch(name):
+        return "name must be letters, digits, _, - and . (not starting with . or -)"
+    if name in RESERVED_SECRET_NAMES:
+        return "name is reserved (a file of the lease ledger)"
+    return None
 
 
 def parse_signal(value: object) -> signal.Signals:
@@ -467,8 +481,9 @@ def parse_config(
         problems.add("secrets", "must be a mapping of name -> secret")
     else:
         for name, sraw in secrets_raw.items():
-            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(name)):
-                problems.add(f"secrets.{name}", "name must be an identifier (letters, digits, _)")
+            problem = secret_name_problem(str(name))
+            if problem:
+                problems.add(f"secrets.{name}", problem)
             secrets[str(name)] = _secret(problems, str(name), sraw, base)
 
     templates_raw = top.raw.get("templates") or []
@@ -533,6 +548,22 @@ def parse_config(
     return config
 
 
+def parse_config_text(
+    text: str, origin: str, base_dir: Path, env: Mapping[str, str] | None = None
+) -> Config:
+    """Validate a YAML (or JSON) document; ``origin`` names it in errors."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{origin}:{mark.line + 1}:{mark.column + 1}" if mark else origin
+        reason = getattr(exc, "problem", None) or "malformed YAML"
+        raise ConfigError([f"{where}: malformed YAML: {reason}"]) from None
+    if raw is None:
+        raise ConfigError([f"{origin}: the config is empty"])
+    return parse_config(raw, base_dir=base_dir, env=env)
+
+
 def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
     """Read and validate a YAML config file."""
     p = Path(path)
@@ -540,14 +571,5 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Confi
         text = p.read_text()
     except OSError as exc:
         raise ConfigError([f"{p}: cannot read config: {exc.strerror}"]) from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark else str(p)
-        reason = getattr(exc, "problem", None) or "malformed YAML"
-        raise ConfigError([f"{where}: malformed YAML: {reason}"]) from None
-    if raw is None:
-        raise ConfigError([f"{p}: the config file is empty"])
-    config = parse_config(raw, base_dir=p.resolve().parent, env=env)
+    config = parse_config_text(text, str(p), p.resolve().parent, env)
     return Config(**{**config.__dict__, "source_path": p.resolve()})

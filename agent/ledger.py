@@ -1,10 +1,10 @@
 """The lease ledger on the state dir, so a restarted agent adopts its leases.
 
 One JSON file per secret (``<name>.json``) and one list of replaced leases still to
-revoke (``retired-leases.json``; the dash keeps it apart from secret names, which
-are identifiers). Files are ``0600`` in a ``0700`` directory: they hold the
-credential itself, because Vault cannot hand a dynamic password out twice. A
-corrupt file is logged and ignored; the worst case is one extra lease.
+revoke (``retired-leases.json``; the config reserves that secret name). Files are
+``0600`` in a ``0700`` directory: they hold the credential itself, because Vault
+cannot hand a dynamic password out twice. A corrupt file is logged and ignored; the
+worst case is one extra lease.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.config import secret_name_problem
 from agent.files import atomic_write
 from agent.logs import event
 from agent.secret import SecretValue
@@ -120,7 +121,7 @@ class Ledger:
     # ------------------------------------------------------------------ files
 
     def _path(self, name: str) -> Path:
-        if not name.isidentifier():
+        if secret_name_problem(name):
             raise ValueError(f"{name!r} is not a secret name")
         return self.state_dir / f"{name}.json"
 
