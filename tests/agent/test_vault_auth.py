@@ -3,88 +3,32 @@ against the session's real OpenBao dev server.
 
 The Kubernetes method validates a service-account token by calling the Kubernetes
 TokenReview API; there is no Kubernetes here, so the test serves that one endpoint
-itself with aiohttp (a fake of Kubernetes, not of OpenBao): it checks the JWT's
+itself (``tests/k8sauth.py``, a fake of Kubernetes, not of OpenBao): it checks the JWT's
 signature with the test's own RSA key, as the API server would.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from devservers import (
     OpenBaoServer,
     free_port,
     make_test_pki,
 )
+from k8sauth import TokenReviewServer, fresh_claims, service_account_claims, sign_jwt
 
 from agent import metrics
 from agent.config import AuthConfig
 from agent.errors import VaultAuthError, VaultNotFound, VaultUnavailable
 
 # --------------------------------------------------------------------------- helpers
-
-
-def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def sign_jwt(key: rsa.RSAPrivateKey, claims: dict[str, Any]) -> str:
-    header = {"alg": "RS256", "typ": "JWT", "kid": "test"}
-    signing_input = f"{b64url(json.dumps(header).encode())}.{b64url(json.dumps(claims).encode())}"
-    signature = key.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
-    return f"{signing_input}.{b64url(signature)}"
-
-
-def fresh_claims(iss: str, sub: str, aud: str | list[str]) -> dict[str, Any]:
-    """Registered claims for a token issued now, valid for five minutes."""
-    now = int(time.time())
-    return {"iss": iss, "sub": sub, "aud": aud, "iat": now, "nbf": now - 5, "exp": now + 300}
-
-
-def verify_jwt(key: rsa.RSAPublicKey, token: str) -> dict[str, Any] | None:
-    try:
-        head, body, sig = token.split(".")
-        key.verify(
-            base64.urlsafe_b64decode(sig + "=" * (-len(sig) % 4)),
-            f"{head}.{body}".encode(),
-            padding.PKCS1v15(),
-            hashes.SHA256(),
-        )
-    except Exception:  # any failure: not authenticated
-        return None
-    claims: dict[str, Any] = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
-    return claims
-
-
-def self_signed_pem(key: rsa.RSAPrivateKey) -> str:
-    """A CA certificate for the method's config; unused over plain http, but required."""
-    import datetime
-
-    from cryptography import x509
-    from cryptography.x509.oid import NameOID
-
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test-kubernetes-ca")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    return cert.public_bytes(serialization.Encoding.PEM).decode()
 
 
 def public_pem(key: rsa.RSAPrivateKey) -> str:
@@ -255,46 +199,11 @@ async def test_jwt_login_with_a_token_the_test_signed(
 async def test_kubernetes_login_against_a_token_review_endpoint(
     openbao: OpenBaoServer, new_vault: Any, unique: str, tmp_path: Path, rsa_key: Any
 ) -> None:
-    reviews: list[str] = []
-
-    async def token_review(request: web.Request) -> web.Response:
-        body = await request.json()
-        claims = verify_jwt(rsa_key.public_key(), body["spec"]["token"])
-        reviews.append("ok" if claims else "refused")
-        status: dict[str, Any] = {"authenticated": False}
-        if claims:
-            sa = claims["kubernetes.io"]
-            status = {
-                "authenticated": True,
-                "user": {
-                    "username": claims["sub"],
-                    "uid": sa["serviceaccount"]["uid"],
-                    "groups": ["system:serviceaccounts"],
-                },
-                "audiences": claims.get("aud", []),
-            }
-        return web.json_response(
-            {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "status": status}
-        )
-
-    app = web.Application()
-    app.router.add_post("/apis/authentication.k8s.io/v1/tokenreviews", token_review)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    reviews = TokenReviewServer(rsa_key).start()
     try:
         mount = f"k8s-{unique}"
-        root = openbao.client()
-        root.sys.enable_auth_method("kubernetes", path=mount)
-        await asyncio.to_thread(
-            root.auth.kubernetes.configure,
-            kubernetes_host=f"http://127.0.0.1:{port}",
-            kubernetes_ca_cert=self_signed_pem(rsa_key),
-            disable_local_ca_jwt=True,
-            mount_point=mount,
-        )
-        root.auth.kubernetes.create_role(
+        await asyncio.to_thread(reviews.configure, openbao, mount)
+        openbao.client().auth.kubernetes.create_role(
             "agent",
             bound_service_account_names=["app"],
             bound_service_account_namespaces=["shop"],
@@ -302,32 +211,22 @@ async def test_kubernetes_login_against_a_token_review_endpoint(
             ttl="60s",
             mount_point=mount,
         )
-        claims = {
-            **fresh_claims(
-                "https://kubernetes.default.svc",
-                "system:serviceaccount:shop:app",
-                ["https://kubernetes.default.svc"],
-            ),
-            "kubernetes.io": {
-                "namespace": "shop",
-                "serviceaccount": {"name": "app", "uid": "6f1f4d0a-0000-4000-8000-000000000001"},
-            },
-        }
+        claims = service_account_claims("shop", "app")
         jwt_file = write_secret_file(tmp_path / "sa-token", sign_jwt(rsa_key, claims))
         auth = AuthConfig(method="kubernetes", role="agent", jwt_file=jwt_file, mount=mount)
         client = new_vault(openbao.address, auth)
         await client.login()
         assert client.token_expires_at is not None
-        assert reviews == ["ok"]
+        assert reviews.reviews == ["ok"]
 
         forged = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         write_secret_file(jwt_file, sign_jwt(forged, claims))
         with pytest.raises(VaultAuthError):
             await client.login()
-        assert reviews == ["ok", "refused"]
+        assert reviews.reviews == ["ok", "refused"]
         await client.close()
     finally:
-        await runner.cleanup()
+        reviews.stop()
 
 
 # --------------------------------------------------------------------------- token upkeep
