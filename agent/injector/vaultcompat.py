@@ -185,7 +185,9 @@ def vault_request(
             if raw_name not in raw_names:
                 problems.add(r.key(f"agent-inject-{kind}-{raw_name}"), f"no secret {raw_name}")
     names = {n: n if preserve.get(n, preserve_all) else n.lower() for n in raw_names}
-    preferred = {v.strip().strip("/"): names[k] for k, v in sorted(declared.items()) if v.strip()}
+    preferred: dict[str, str] = {}  # a path's secret takes the first file's name
+    for raw_name, path in sorted(declared.items()):
+        preferred.setdefault(path.strip().strip("/"), names[raw_name])
     secrets = _Secrets(preferred)
     files, commands = [], []
     for raw_name in raw_names:
