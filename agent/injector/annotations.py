@@ -398,8 +398,9 @@ def native_request(
         for name in clash:
             problems.add(r.key(name), f"cannot be combined with {r.key('config')}")
     else:
-        if role is None:
-            problems.add(r.key("role"), "is required (the Vault Kubernetes auth role)")
+        if role is None:  # a role per service account is the common binding
+            account = podspec.spec(pod).get("serviceAccountName")
+            role = account if isinstance(account, str) and account else "default"
         if address is None:
             problems.add(
                 r.key("vault-address"),

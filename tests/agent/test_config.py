@@ -169,3 +169,35 @@ def test_empty_and_missing_files(tmp_path: Path) -> None:
         load_config(empty, env={})
     with pytest.raises(ConfigError, match="cannot read config"):
         load_config(tmp_path / "absent.yaml", env={})
+
+
+@pytest.mark.parametrize("name", ["db-admin", "db.v2", "_x", "A9", "db-admin.v2"])
+def test_secret_names_may_hold_dashes_and_dots(name: str, tmp_path: Path) -> None:
+    from agent.ledger import Ledger
+    from agent.render import Template
+    from agent.secret import SecretValue
+
+    raw = {
+        **BASE,
+        "secrets": {name: {"kind": "database", "path": "database/creds/app"}},
+        "templates": [
+            {"destination": "/dev/shm/x/db", "contents": f'{{{{ secrets["{name}"].username }}}}'}
+        ],
+    }
+    config = parse_config(raw, base_dir=Path("/cfg"), env={})
+    template = Template(config.templates[0])
+    assert template.secret_names() == {name}
+    value = SecretValue(name=name, data={"username": "u-1", "password": "p"}, version="1")
+    assert template.render({name: value}) == b"u-1"
+    ledger = Ledger(tmp_path / "state")  # the lease ledger keeps such a secret too
+    ledger.save(value)
+    loaded = ledger.load(name)
+    assert loaded is not None and loaded.data == value.data
+
+
+@pytest.mark.parametrize("name", ["-x", ".x", "..", "a/b", "a b", "é", "retired-leases"])
+def test_secret_names_that_cannot_be_files_are_refused(name: str) -> None:
+    raw = {**BASE, "secrets": {name: {"kind": "database", "path": "database/creds/app"}}}
+    raw["templates"] = []
+    (problem,) = [p for p in problems_of(raw) if p.startswith(f"secrets.{name}:")]
+    assert "name" in problem

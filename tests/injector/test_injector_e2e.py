@@ -218,8 +218,9 @@ def test_example_app_renders_the_json_the_app_reads(
     pod = materialize(injector.admit(example("app.yaml")))
     pod.run_once()
     creds = pod.ledger("db")
+    user, password = json.dumps(creds["username"]), json.dumps(creds["password"])
     expected = (
-        f'{{"username": {json.dumps(creds["username"])}, "password": {json.dumps(creds["password"])}, '
+        f'{{"username": {user}, "password": {password}, '
         '"host": "postgres.app.svc", "port": 5432, "database": "app"}\n'
     )
     assert pod.file("/run/credsidecar/db.json") == expected.encode()
@@ -231,6 +232,18 @@ def test_example_app_renders_the_json_the_app_reads(
     )
     assert pod.local("/run/credsidecar/db.json").stat().st_mode & 0o777 == 0o600
     assert can_login(postgres, creds["username"], creds["password"]) == creds["username"]
+
+
+def test_the_two_annotation_pod_renders_the_secret_as_json(
+    injector: InjectorProcess, materialize: Any
+) -> None:
+    pod = materialize(injector.admit(example("minimal.yaml")))
+    assert pod.config["vault"]["auth"]["role"] == "app"  # its service account's name
+    pod.run_once()
+    creds = pod.ledger("db")
+    assert set(creds) == {"username", "password"}
+    text = json.dumps(creds, sort_keys=True, separators=(",", ":")) + "\n"
+    assert pod.file("/run/credsidecar/db") == text.encode()
 
 
 def test_example_job_renders_a_pgpass_line(
@@ -355,15 +368,23 @@ def vault_templates(manifest: dict[str, Any]) -> dict[str, str]:
 
 
 # Go templates of the forms the translation carries, over the KV v2 secrets above
+DB = '{{ with secret "internal/data/database/config" }}'
+WEB = '{{ with secret "secret/data/web" }}'
 GO_TEMPLATES = {
-    "range": '{{ with secret "internal/data/database/config" }}{{ range $k, $v := .Data.data }}{{ $k }}={{ $v }}\n{{ end }}{{ end }}',
-    "range-values": '{{- with secret "internal/data/database/config" -}}{{- range $v := .Data.data -}}{{- $v -}};{{- end -}}{{- end -}}',
-    "printf": '{{ with secret "internal/data/database/config" }}{{ printf "%s:%s@%v %d%%" .Data.data.username .Data.data.password "db" 5 }}{{ end }}\n',
-    "index": '{{ with secret "secret/data/web" }}[{{ index .Data.data "payments_api_key" }}]{{ end }}',
-    "tojson": '{{ with secret "internal/data/database/config" }}{{ .Data.data | toJSON }}{{ end }}',
-    "pretty": '{{ with secret "internal/data/database/config" }}{{ .Data.data | toJSONPretty }}{{ end }}',
-    "b64": '{{ with secret "internal/data/database/config" -}}\n  {{ .Data.data.password | base64Encode }} {{ .Data.data.username | toUpper }}\n{{- end }}',
-    "comment": '{{/* a comment */}}a {% not jinja %} {# nor this #}\n{{- with secret "secret/data/web" }} {{ .Data.data.payments_api_key | trimSpace }}{{ end -}}\n\n',
+    "range": DB + "{{ range $k, $v := .Data.data }}{{ $k }}={{ $v }}\n{{ end }}{{ end }}",
+    "range-values": DB.replace("}}", "-}}")
+    + "{{- range $v := .Data.data -}}{{- $v -}};{{- end -}}{{- end -}}",
+    "printf": DB
+    + '{{ printf "%s:%s@%v %d%%" .Data.data.username .Data.data.password "db" 5 }}{{ end }}\n',
+    "index": WEB + '[{{ index .Data.data "payments_api_key" }}]{{ end }}',
+    "tojson": DB + "{{ .Data.data | toJSON }}{{ end }}",
+    "pretty": DB + "{{ .Data.data | toJSONPretty }}{{ end }}",
+    "b64": DB.replace("}}", "-}}")
+    + "\n  {{ .Data.data.password | base64Encode }} {{ .Data.data.username | toUpper }}\n"
+    + "{{- end }}",
+    "comment": "{{/* a comment */}}a {% not jinja %} {# nor this #}\n"
+    + WEB.replace("{{", "{{-")
+    + " {{ .Data.data.payments_api_key | trimSpace }}{{ end -}}\n\n",
 }
 
 
@@ -382,7 +403,7 @@ def test_vault_documentation_kv_pods_render_what_openbao_agent_renders(
     manifest = doc_pod("tutorial.yaml")
     pod = materialize(injector.admit(manifest))
     pod.run_once()
-    go = '{{ with secret "internal/data/database/config" }}{{ range $k, $v := .Data }}{{ $k }}: {{ $v }}\n{{ end }}{{ end }}'
+    go = DB + "{{ range $k, $v := .Data }}{{ $k }}: {{ $v }}\n{{ end }}{{ end }}"
     (bao,) = bao_agent_render(openbao, tmp_path / "default", {"d": go}).values()
     data_line = bao.splitlines(keepends=True)[0]
     assert data_line.startswith(b"data: map[")

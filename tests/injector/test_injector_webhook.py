@@ -144,6 +144,7 @@ def bad_pod() -> dict[str, Any]:
                 "credsidecar.io/notify": "SIGNOPE",
                 "credsidecar.io/frobnicate": "yes",
                 "credsidecar.io/containers": "app,ghost",
+                "credsidecar.io/proxy": "db",
             },
         },
         "spec": {"containers": [{"name": "app", "image": "app:1"}]},
@@ -151,7 +152,7 @@ def bad_pod() -> dict[str, Any]:
 
 
 EVERY_PROBLEM = [
-    "credsidecar.io/role: is required",
+    "credsidecar.io/proxy: needs credsidecar.io/proxy-upstream: host:port",
     'credsidecar.io/secret-db: cannot tell the kind from the path "kv1/app"',
     "credsidecar.io/secret-tls: a pki secret needs credsidecar.io/secret-tls-params",
     'credsidecar.io/template-out: uses secrets["missing"]',
@@ -199,7 +200,7 @@ def test_pods_not_asking_are_left_alone(injector: InjectorProcess) -> None:
 
 def test_vault_migration_can_be_turned_off(start_injector: Any, openbao: Any) -> None:
     off = start_injector(vault_compat=False, vault_address=openbao.address)
-    (_, pod, _) = [p for p in DOC_PODS if p[0] == "environment.yaml"][0]
+    (_, pod, _) = next(p for p in DOC_PODS if p[0] == "environment.yaml")
     admission = off.admit(pod)
     assert admission.allowed and "patch" not in admission.response
 
@@ -207,14 +208,15 @@ def test_vault_migration_can_be_turned_off(start_injector: Any, openbao: Any) ->
 def test_a_template_the_migration_cannot_translate_names_the_construct(
     injector: InjectorProcess,
 ) -> None:
+    a = '{{ with secret "secret/data/a" }}'
     cases = {
-        '{{ with secret "secret/data/a" }}{{ if .Data.data.x }}y{{ end }}{{ end }}': "{{ if }}",
-        '{{ with secret "secret/data/a" }}{{ .Data.metadata.version }}{{ end }}': "KV v2 metadata",
-        '{{ with secret "secret/data/a" }}{{ printf "%q" .Data.data.x }}{{ end }}': "printf verb %q",
-        '{{ with secret "secret/data/a" }}{{ .Data.data.x | sha256Hex }}{{ end }}': "the function sha256Hex",
-        '{{ with secret "secret/data/a" }}{{ $x := .Data.data.x }}{{ end }}': "variable declarations",
+        a + "{{ if .Data.data.x }}y{{ end }}{{ end }}": "{{ if }}",
+        a + "{{ .Data.metadata.version }}{{ end }}": "KV v2 metadata",
+        a + '{{ printf "%q" .Data.data.x }}{{ end }}': "printf verb %q",
+        a + "{{ .Data.data.x | sha256Hex }}{{ end }}": "the function sha256Hex",
+        a + "{{ $x := .Data.data.x }}{{ end }}": "variable declarations",
         "{{ .Data.password }}": "outside a {{ with secret ... }} block",
-        '{{ with secret "secret/data/a" }}no end': "{{ with }} without {{ end }}",
+        a + "no end": "{{ with }} without {{ end }}",
     }
     for template, construct in cases.items():
         pod = {
@@ -242,12 +244,12 @@ def test_a_template_the_migration_cannot_translate_names_the_construct(
 
 def raw_exchange(injector: InjectorProcess, data: bytes, timeout: float = 30) -> bytes:
     """Send raw bytes over TLS; return everything the server answers until it closes."""
-    with socket.create_connection(("127.0.0.1", injector.port), timeout=timeout) as tcp:
-        with injector.context.wrap_socket(tcp, server_hostname="localhost") as tls:
-            tls.sendall(data)
-            chunks = []
-            while chunk := tls.recv(65536):
-                chunks.append(chunk)
+    tcp = socket.create_connection(("127.0.0.1", injector.port), timeout=timeout)
+    with tcp, injector.context.wrap_socket(tcp, server_hostname="localhost") as tls:
+        tls.sendall(data)
+        chunks = []
+        while chunk := tls.recv(65536):
+            chunks.append(chunk)
     return b"".join(chunks)
 
 
@@ -342,9 +344,9 @@ def served_certificate(injector: InjectorProcess) -> bytes:
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
-    with socket.create_connection(("127.0.0.1", injector.port), timeout=30) as tcp:
-        with context.wrap_socket(tcp, server_hostname="localhost") as tls:
-            der = tls.getpeercert(binary_form=True)
+    tcp = socket.create_connection(("127.0.0.1", injector.port), timeout=30)
+    with tcp, context.wrap_socket(tcp, server_hostname="localhost") as tls:
+        der = tls.getpeercert(binary_form=True)
     assert der is not None
     return der
 
