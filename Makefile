@@ -37,6 +37,7 @@ bench: $(STAMP)
 		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -yq pgbouncer; }
 	$(BIN)/python benchmarks/agent.py
 	$(BIN)/python benchmarks/proxy.py
+	$(BIN)/python benchmarks/injector.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .demo .bench

@@ -8,6 +8,7 @@ with the Vault Agent Injector translation.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -285,19 +286,35 @@ def check_template(
     problems: Problems, annotation: str, file: FileRequest, declared: set[str], hint: str
 ) -> None:
     """The template compiles and uses only declared secrets."""
+    error, names = (
+        _compiled(file.destination, file.template)
+        if len(file.template) <= _CACHED_TEMPLATE_SIZE
+        else _compiled.__wrapped__(file.destination, file.template)
+    )
+    if error is not None:
+        problems.add(annotation, error)
+        return
+    for name in sorted(names - declared):
+        problems.add(annotation, f'uses secrets["{name}"], which {hint.format(name=name)}')
+
+
+# the pods of one Deployment carry the same templates: compile each once (bounded: only
+# templates up to 8 KiB, at most 256 of them, are kept)
+_CACHED_TEMPLATE_SIZE = 8192
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled(destination: str, text: str) -> tuple[str | None, frozenset[str]]:
+    """(the compile error or None, the secrets the template names)."""
     from agent.config import TemplateConfig
     from agent.errors import RenderError
     from agent.render import Template
 
     try:
-        template = Template(
-            TemplateConfig(destination=Path(file.destination), contents=file.template)
-        )
+        template = Template(TemplateConfig(destination=Path(destination), contents=text))
     except RenderError as exc:
-        problems.add(annotation, str(exc))
-        return
-    for name in sorted(template.secret_names() - declared):
-        problems.add(annotation, f'uses secrets["{name}"], which {hint.format(name=name)}')
+        return str(exc), frozenset()
+    return None, frozenset(template.secret_names())
 
 
 def resources(r: AnnotationReader, names: Mapping[str, str], default: Resources) -> Resources:

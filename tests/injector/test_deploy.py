@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import REPO, validate
+from injectorproc import REPO, validate
 
 from agent.cli import _parser
 from agent.injector.settings import parse_settings

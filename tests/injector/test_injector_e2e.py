@@ -27,7 +27,6 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import EXAMPLES, REPO, VAULT_DOCS, Admission, InjectorProcess, manifests
 from cryptography.hazmat.primitives.asymmetric import rsa
 from devservers import (
     AUDIT,
@@ -38,6 +37,7 @@ from devservers import (
     free_port,
     pg_bindir,
 )
+from injectorproc import EXAMPLES, REPO, VAULT_DOCS, Admission, InjectorProcess, manifests
 from k8sauth import TokenReviewServer, service_account_claims, sign_jwt
 
 KV = {

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from injectorproc import REPO
 
 from agent.errors import ConfigError
 from agent.injector.settings import parse_settings

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import (
+from devservers import make_test_pki
+from injectorproc import (
     EXAMPLES,
     VAULT_DOCS,
     Admission,
@@ -24,7 +25,6 @@ from conftest import (
     review_body,
     validate,
 )
-from devservers import make_test_pki
 
 EXAMPLE_PODS = manifests(EXAMPLES)
 DOC_PODS = manifests(VAULT_DOCS)
