@@ -72,7 +72,7 @@ class InjectionRequest:
     auth_mount: str = "kubernetes"
     vault_namespace: str | None = None
     tls_secret: str | None = None  # a Secret mounted into the sidecar (Vault's CA)
-    tls_mount: str = CONFIG_MOUNT + "/tls"
+    tls_mount: str = "/etc/credsidecar-tls"  # beside, not inside, a config volume
     ca_cert: str | None = None
     tls_skip_verify: bool = False
     secrets: tuple[SecretRequest, ...] = ()
