@@ -37,7 +37,7 @@ from agent.injector.settings import (
     as_vault_address,
 )
 from proxy.config import SSLMODES
-from proxy.configkit import Problems, as_nonempty_str, choice, show_value
+from proxy.configkit import Problems, as_nonempty_str, as_port, choice, show_value
 
 T = TypeVar("T")
 OUR_VOLUMES = (FILES_VOLUME, STATE_VOLUME, TOKEN_VOLUME, TLS_VOLUME, CONFIG_VOLUME)
@@ -95,10 +95,7 @@ def parse_int(value: str) -> int:
 
 
 def parse_port(value: str) -> int:
-    number = parse_int(value)
-    if not 0 < number < 65536:
-        raise ValueError(f"{number} is not a port")
-    return number
+    return as_port(parse_int(value))
 
 
 def parse_uid(value: str) -> int:
@@ -317,6 +314,17 @@ def _compiled(destination: str, text: str) -> tuple[str | None, frozenset[str]]:
     return None, frozenset(template.secret_names())
 
 
+def served(targets: list[Mapping[str, Any]], who: podspec.Identity) -> dict[str, Any]:
+    """The request's fields that follow from the served containers and their user."""
+    return {
+        "containers": tuple(str(c.get("name")) for c in targets),
+        "run_as_user": who.uid,
+        "run_as_group": who.gid,
+        "default_perms": who.default_perms,
+        "file_gid": who.file_gid,
+    }
+
+
 def resources(r: AnnotationReader, names: Mapping[str, str], default: Resources) -> Resources:
     """Requests/limits from the annotations ``names`` maps (field -> annotation)."""
     return Resources(
@@ -473,12 +481,8 @@ def native_request(
         proxy=proxy,
         config_map=config_map,
         config_key=config_key,
-        containers=tuple(str(c.get("name")) for c in targets),
         resources=resources(r, NATIVE_RESOURCES, settings.resources),
-        run_as_user=who.uid,
-        run_as_group=who.gid,
-        default_perms=who.default_perms,
-        file_gid=who.file_gid,
+        **served(targets, who),
         share_process_namespace=notify is not None,
         init_first=r.get("init-first", parse_bool, False),
         health_port=r.get("health-port", parse_port, settings.health_port),

@@ -24,6 +24,7 @@ from agent.injector.annotations import (
     parse_uid,
     pod_problems,
     resources,
+    served,
 )
 from agent.injector.gotemplate import TranslationError, fields_expression, translate
 from agent.injector.request import FileRequest, InjectionRequest, SecretRequest
@@ -280,12 +281,8 @@ def vault_request(
         secrets=tuple(secrets.by_path.values()),
         files=tuple(files),
         commands=tuple(commands),
-        containers=tuple(str(c.get("name")) for c in targets),
         resources=resources(r, VAULT_RESOURCES, settings.resources),
-        run_as_user=who.uid,
-        run_as_group=who.gid,
-        default_perms=who.default_perms,
-        file_gid=who.file_gid,
+        **served(targets, who),
         share_process_namespace=r.get("agent-share-process-namespace", go_bool, False),
         init_first=r.get("agent-init-first", go_bool, False),
         health_port=settings.health_port,

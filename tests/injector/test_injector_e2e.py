@@ -212,24 +212,25 @@ def can_login(postgres: PostgresCluster, user: str, password: str) -> str:
     return done.stdout.strip()
 
 
+def rendered(
+    injector: InjectorProcess, materialize: Any, manifest: dict[str, Any], secret: str
+) -> tuple[Pod, dict[str, Any]]:
+    """Admit the pod, run its sidecar once; the pod and the credentials it obtained."""
+    pod = materialize(injector.admit(manifest))
+    pod.run_once()
+    return pod, pod.ledger(secret)
+
+
 def test_example_app_renders_the_json_the_app_reads(
     injector: InjectorProcess, materialize: Any, postgres: PostgresCluster
 ) -> None:
-    pod = materialize(injector.admit(example("app.yaml")))
-    pod.run_once()
-    creds = pod.ledger("db")
+    pod, creds = rendered(injector, materialize, example("app.yaml"), "db")
     user, password = json.dumps(creds["username"]), json.dumps(creds["password"])
     expected = (
         f'{{"username": {user}, "password": {password}, '
         '"host": "postgres.app.svc", "port": 5432, "database": "app"}\n'
     )
     assert pod.file("/run/credsidecar/db.json") == expected.encode()
-    # the secret's own file: its fields as JSON, keys sorted
-    assert json.loads(pod.file("/run/credsidecar/db")) == creds
-    assert (
-        pod.file("/run/credsidecar/db")
-        == (json.dumps(creds, sort_keys=True, separators=(",", ":")) + "\n").encode()
-    )
     assert pod.local("/run/credsidecar/db.json").stat().st_mode & 0o777 == 0o600
     assert can_login(postgres, creds["username"], creds["password"]) == creds["username"]
 
@@ -237,10 +238,8 @@ def test_example_app_renders_the_json_the_app_reads(
 def test_the_two_annotation_pod_renders_the_secret_as_json(
     injector: InjectorProcess, materialize: Any
 ) -> None:
-    pod = materialize(injector.admit(example("minimal.yaml")))
+    pod, creds = rendered(injector, materialize, example("minimal.yaml"), "db")
     assert pod.config["vault"]["auth"]["role"] == "app"  # its service account's name
-    pod.run_once()
-    creds = pod.ledger("db")
     assert set(creds) == {"username", "password"}
     text = json.dumps(creds, sort_keys=True, separators=(",", ":")) + "\n"
     assert pod.file("/run/credsidecar/db") == text.encode()
@@ -249,9 +248,7 @@ def test_the_two_annotation_pod_renders_the_secret_as_json(
 def test_example_job_renders_a_pgpass_line(
     injector: InjectorProcess, materialize: Any, postgres: PostgresCluster
 ) -> None:
-    pod = materialize(injector.admit(example("job.yaml")))
-    pod.run_once()
-    creds = pod.ledger("db")
+    pod, creds = rendered(injector, materialize, example("job.yaml"), "db")
     line = f"postgres.app.svc:5432:app:{creds['username']}:{creds['password']}\n"
     assert pod.file("/run/credsidecar/pgpass") == line.encode()
 
@@ -319,9 +316,7 @@ def test_vault_documentation_database_pod_renders_its_dsn(
     manifest = copy.deepcopy(doc_pod("deployment.yaml"))
     for name in ("client-cert", "client-key", "tls-secret", "ca-cert"):  # no TLS here
         del manifest["metadata"]["annotations"][f"vault.hashicorp.com/{name}"]
-    pod = materialize(injector.admit(manifest))
-    pod.run_once()
-    creds = pod.ledger("db-creds")
+    pod, creds = rendered(injector, materialize, manifest, "db-creds")
     dsn = (
         f"postgres://{creds['username']}:{creds['password']}@postgres:5432/appdb?sslmode=disable\n"
     )
@@ -453,9 +448,7 @@ def test_a_secret_name_with_dashes_and_dots_renders(
         "credsidecar.io/secret-db-admin.v2": "database/creds/app",
         "credsidecar.io/template-dsn": '{{ secrets["db-admin.v2"] | libpq_dsn(host="db") }}',
     }
-    pod = materialize(injector.admit(manifest))
-    pod.run_once()
-    creds = pod.ledger("db-admin.v2")
+    pod, creds = rendered(injector, materialize, manifest, "db-admin.v2")
     dsn = f"host=db user={creds['username']} password={creds['password']}"
     assert pod.file("/run/credsidecar/dsn") == dsn.encode()
     assert yaml.safe_load(pod.file("/run/credsidecar/db-admin.v2")) == creds
