@@ -317,6 +317,8 @@ class _Translator:
             params[key] = value
         name, kind = self.resolve(path, params)
         pki = tokens[0].text == "pkiCert"
+        if pki and kind != "pki":
+            raise TranslationError(f'pkiCert "{path}" is not a <mount>/issue/<role> path')
         kv2 = kind == "kv" and re.match(r"[^/]+/data/", path.lstrip("/")) is not None
         self.scope.blocks.append(_Block("with", name, kind, kv2=kv2, pki=pki))
         return ""

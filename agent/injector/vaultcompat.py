@@ -104,9 +104,7 @@ class _Secrets:
         self.preferred = preferred  # path -> the name of the file that declared it
         self.by_path: dict[str, SecretRequest] = {}
 
-    def resolve(
-        self, path: str, params: dict[str, str], pki: bool = False
-    ) -> tuple[str, SecretKind]:
+    def resolve(self, path: str, params: dict[str, str]) -> tuple[str, SecretKind]:
         path = path.strip("/")
         known = self.by_path.get(path)
         if known is not None:
@@ -114,8 +112,6 @@ class _Secrets:
                 raise TranslationError(f'secret "{path}" read with different arguments')
             return known.name, known.kind
         kind: SecretKind = kind_from_path(path) or "kv"  # anything else: a polled read
-        if pki and kind != "pki":
-            raise TranslationError(f'pkiCert "{path}" is not a pki/issue path')
         if kind == "pki" and "common_name" not in params:
             raise TranslationError(f'secret "{path}" issues a certificate: add "common_name=..."')
         if kind != "pki" and params:

@@ -217,6 +217,7 @@ def test_a_template_the_migration_cannot_translate_names_the_construct(
         a + "{{ $x := .Data.data.x }}{{ end }}": "variable declarations",
         "{{ .Data.password }}": "outside a {{ with secret ... }} block",
         a + "no end": "{{ with }} without {{ end }}",
+        '{{ with pkiCert "secret/data/a" }}{{ .Cert }}{{ end }}': "is not a <mount>/issue/",
     }
     for template, construct in cases.items():
         pod = {
