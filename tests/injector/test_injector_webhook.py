@@ -368,3 +368,95 @@ def test_rotated_tls_files_are_served_without_a_restart(
     process.context = ssl.create_default_context(cafile=str(fresh["ca"]))
     assert process.admit(EXAMPLE_PODS[0][1]).allowed  # verified against the new CA
     assert process.alive()
+
+
+def pod_with(annotations: dict[str, str], **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "p", "namespace": "shop", "annotations": annotations},
+        "spec": {
+            "serviceAccountName": "shop",
+            "containers": [{"name": "app", "image": "app:1"}],
+            **spec,
+        },
+    }
+
+
+def test_config_map_mode_resources_placement_and_vault_ca(injector: InjectorProcess) -> None:
+    setup = {"name": "setup", "image": "busybox", "command": ["true"]}
+    admission = injector.admit(
+        pod_with(
+            {
+                "credsidecar.io/inject": "true",
+                "credsidecar.io/config": "shop-credsidecar",
+                "credsidecar.io/cpu-limit": "250m",
+                "credsidecar.io/memory-request": "32Mi",
+                "credsidecar.io/init-first": "true",
+                "credsidecar.io/tls-secret": "vault-ca",
+            },
+            initContainers=[setup],
+        )
+    )
+    assert admission.allowed, admission.message
+    validate(admission.pod)
+    first, second = admission.pod["spec"]["initContainers"]
+    assert (first["name"], second) == ("credsidecar", setup)  # init-first: before setup
+    assert first["args"] == ["run", "-c", "/etc/credsidecar/config.yaml"] and "env" not in first
+    assert first["resources"] == {
+        "requests": {"cpu": "10m", "memory": "32Mi"},
+        "limits": {"cpu": "250m", "memory": "96Mi"},
+    }
+    volumes = {v["name"]: v for v in admission.pod["spec"]["volumes"]}
+    assert volumes["credsidecar-config"]["configMap"] == {"name": "shop-credsidecar"}
+    assert volumes["credsidecar-tls"]["secret"] == {"secretName": "vault-ca"}
+    mounts = {m["name"]: m["mountPath"] for m in first["volumeMounts"]}
+    assert mounts["credsidecar-config"] == "/etc/credsidecar"
+    assert mounts["credsidecar-tls"] == "/etc/credsidecar-tls"
+
+    clash = injector.admit(
+        pod_with(
+            {
+                "credsidecar.io/inject": "true",
+                "credsidecar.io/config": "shop-credsidecar",
+                "credsidecar.io/secret-db": "database/creds/app",
+            }
+        )
+    )
+    assert not clash.allowed
+    assert (
+        "credsidecar.io/secret-db: cannot be combined with credsidecar.io/config" in clash.message
+    )
+
+
+def test_vault_file_perms_command_and_pre_populate_only(injector: InjectorProcess) -> None:
+    prefix = "vault.hashicorp.com/"
+    admission = injector.admit(
+        pod_with(
+            {
+                prefix + "agent-inject": "true",
+                prefix + "role": "shop",
+                prefix + "agent-pre-populate-only": "true",
+                prefix + "agent-inject-secret-DB": "database/creds/app",
+                prefix + "agent-inject-file-DB": "db.env",
+                prefix + "agent-inject-perms-DB": "0640",
+                prefix + "agent-inject-command-DB": "pkill -HUP app || true",
+                prefix + "agent-inject-secret-Api": "secret/data/api",
+                prefix + "preserve-secret-case-Api": "true",
+                prefix + "secret-volume-path": "/etc/secrets",
+            },
+            securityContext={"runAsUser": 1000, "fsGroup": 2000},
+        )
+    )
+    assert admission.allowed, admission.message
+    validate(admission.pod)
+    (sidecar,) = admission.pod["spec"]["initContainers"]
+    assert sidecar["args"][-1] == "--once" and "restartPolicy" not in sidecar
+    assert sidecar["securityContext"]["runAsUser"] == 1000  # the app's own uid
+    config = admission.config()
+    files = {t["destination"]: t["perms"] for t in config["templates"]}
+    assert files == {"/etc/secrets/db.env": "0640", "/etc/secrets/Api": "0600"}
+    assert config["notify"] == {
+        "command-db": {"command": ["/bin/sh", "-c", "pkill -HUP app || true"]}
+    }
+    assert {s["kind"] for s in config["secrets"].values()} == {"database", "kv"}
