@@ -279,6 +279,18 @@ def default_template(secret: str) -> str:
     return "{{ " + fields_expression(secret) + " | tojson }}\n"
 
 
+# each template is compiled at admission, on the one event loop: a pod may not ask for an
+# unbounded number of them (a pod of one opted-in namespace must not stall every other)
+MAX_FILES = 100
+
+
+def too_many_files(problems: Problems, annotation: str, count: int) -> bool:
+    if count <= MAX_FILES:
+        return False
+    problems.add(annotation, f"{count} files asked for; at most {MAX_FILES} per pod")
+    return True
+
+
 def check_template(
     problems: Problems, annotation: str, file: FileRequest, declared: set[str], hint: str
 ) -> None:
@@ -367,7 +379,10 @@ def native_request(
             )
 
     files = []
-    for name in sorted(declared | set(templates)):
+    names = sorted(declared | set(templates))
+    if too_many_files(problems, r.key("inject"), len(names)):
+        names = []
+    for name in names:
         key = r.key("template-" + name) if name in templates else secret_keys[name]
         if name in templates and secret_name_problem(name):
             problems.add(key, f"{secret_name_problem(name)} (it is the file name)")

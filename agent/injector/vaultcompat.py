@@ -25,6 +25,7 @@ from agent.injector.annotations import (
     pod_problems,
     resources,
     served,
+    too_many_files,
 )
 from agent.injector.gotemplate import TranslationError, fields_expression, translate
 from agent.injector.request import FileRequest, InjectionRequest, SecretRequest
@@ -177,6 +178,8 @@ def vault_request(
     volume = r.get("secret-volume-path", _volume_path, DEFAULT_VOLUME_PATH)
 
     raw_names = sorted(set(declared) | set(templates))
+    if too_many_files(problems, r.key("agent-inject"), len(raw_names)):
+        raw_names = []
     for kind, values in per_file.items():
         for raw_name in values:
             if raw_name not in raw_names:

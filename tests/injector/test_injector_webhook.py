@@ -460,3 +460,15 @@ def test_vault_file_perms_command_and_pre_populate_only(injector: InjectorProces
         "command-db": {"command": ["/bin/sh", "-c", "pkill -HUP app || true"]}
     }
     assert {s["kind"] for s in config["secrets"].values()} == {"database", "kv"}
+
+
+def test_a_pod_asking_for_too_many_files_is_denied_before_any_compiling(
+    injector: InjectorProcess,
+) -> None:
+    annotations = {"credsidecar.io/inject": "true"}
+    for n in range(101):
+        annotations[f"credsidecar.io/template-f{n}"] = "{{ secrets.db.password }}"
+    admission = injector.admit(pod_with(annotations))
+    assert not admission.allowed
+    assert "credsidecar.io/inject: 101 files asked for; at most 100 per pod" in admission.message
+    assert "template-f" not in admission.message  # nothing was compiled
