@@ -452,3 +452,44 @@ def test_a_secret_name_with_dashes_and_dots_renders(
     dsn = f"host=db user={creds['username']} password={creds['password']}"
     assert pod.file("/run/credsidecar/dsn") == dsn.encode()
     assert yaml.safe_load(pod.file("/run/credsidecar/db-admin.v2")) == creds
+
+
+def wait_for_file_text(path: Path, needle: str, proc: subprocess.Popen[bytes], log: Path) -> str:
+    """Wait until ``path`` holds ``needle``, while ``proc`` lives (else show ``log``)."""
+    deadline = time.monotonic() + 60
+    while True:
+        assert proc.poll() is None, log.read_text()[-3000:] if log.exists() else "exited"
+        text = path.read_text() if path.exists() else ""
+        if needle in text:
+            return text
+        assert time.monotonic() < deadline, f"{needle!r} never appeared in {path}: {text!r}"
+        time.sleep(0.05)
+
+
+def test_notify_signals_the_app_found_by_its_command(
+    injector: InjectorProcess, materialize: Any, tmp_path: Path
+) -> None:
+    """The regex the injector derives from the app container's command finds the real
+    process (as /proc shows it with shareProcessNamespace), which gets the SIGHUP."""
+    record = tmp_path / "record"
+    app_command = [sys.executable, str(REPO / "tests/agent/sighup_counter.py"), str(record)]
+    manifest = copy.deepcopy(example("app.yaml"))
+    manifest["metadata"]["annotations"]["credsidecar.io/health-port"] = str(free_port())
+    manifest["spec"]["containers"][0]["command"] = app_command
+    pod = materialize(injector.admit(manifest))
+    assert pod.admission.pod["spec"]["shareProcessNamespace"] is True
+    log_path = pod.root / "sidecar.log"
+    AUDIT.log(log_path)
+    app = subprocess.Popen(app_command)
+    wait_for_file_text(record, f"started {app.pid}", app, log_path)  # its handler is set
+    with open(log_path, "wb") as log:
+        sidecar = subprocess.Popen(pod.command(), env=pod.env(), cwd=REPO, stdout=log, stderr=log)
+    try:
+        # the first render reaches the running app: one SIGHUP, to that process
+        wait_for_file_text(record, f"hup {app.pid}", sidecar, log_path)
+        assert pod.file("/run/credsidecar/db.json")
+    finally:
+        sidecar.terminate()
+        sidecar.wait(30)
+        app.terminate()
+        app.wait(30)
