@@ -10,20 +10,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from proxy.configkit import Section, as_str, show_value
+from proxy.configkit import Section, as_http_url, as_str, show_value
 
 
 @dataclass(frozen=True)
 class AwsConfig:
     region: str | None = None  # None: AWS_REGION / AWS_DEFAULT_REGION / the profile's
     endpoint_url: str | None = None  # tests, VPC endpoints, LocalStack-style servers
-
-
-def _endpoint(value: object) -> str:
-    text = as_str(value)
-    if not re.match(r"^https?://[^/\s]+", text):
-        raise ValueError(f"{show_value(text)} is not an http:// or https:// URL")
-    return text.rstrip("/")
 
 
 def _region(value: object) -> str:
@@ -37,5 +30,5 @@ def parse_aws(section: Section) -> AwsConfig:
     """``region`` and ``endpoint_url`` of ``section`` (a source or a store mapping)."""
     return AwsConfig(
         region=section.get("region", _region, None),
-        endpoint_url=section.get("endpoint_url", _endpoint, None),
+        endpoint_url=section.get("endpoint_url", as_http_url, None),
     )

@@ -122,6 +122,14 @@ def as_nonempty_str(value: object) -> str:
     return text
 
 
+def as_http_url(value: object) -> str:
+    """An ``http://`` or ``https://`` URL with a host, without a trailing slash."""
+    text = as_nonempty_str(value)
+    if not re.match(r"^https?://[^/\s]+", text):
+        raise ValueError(f"{show_value(text)} is not an http:// or https:// URL")
+    return text.rstrip("/")
+
+
 def as_bool(value: object) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{show_value(value)} is not true or false")

@@ -34,10 +34,9 @@ from agent.injector.settings import (
     Resources,
     as_dns_subdomain,
     as_quantity,
-    as_vault_address,
 )
 from proxy.config import SSLMODES
-from proxy.configkit import Problems, as_nonempty_str, as_port, choice, show_value
+from proxy.configkit import Problems, as_http_url, as_nonempty_str, as_port, choice, show_value
 
 T = TypeVar("T")
 OUR_VOLUMES = (FILES_VOLUME, STATE_VOLUME, TOKEN_VOLUME, TLS_VOLUME, CONFIG_VOLUME)
@@ -428,7 +427,7 @@ def native_request(
                 problems.add(r.key(name), f"needs {r.key('proxy')}: <secret>")
 
     role = r.get("role", as_nonempty_str, None)
-    address = r.get("vault-address", as_vault_address, settings.vault_address)
+    address = r.get("vault-address", as_http_url, settings.vault_address)
     if config_map is not None:
         clash = (
             [n for n in _CONFIG_EXCLUSIVE if r.has(n)]

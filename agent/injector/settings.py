@@ -20,6 +20,7 @@ from proxy.configkit import (
     Problems,
     Section,
     as_bool,
+    as_http_url,
     as_int,
     as_nonempty_str,
     as_port,
@@ -136,13 +137,6 @@ _TOP = (
 )
 
 
-def as_vault_address(value: object) -> str:
-    text = as_nonempty_str(value)
-    if not re.match(r"^https?://[^/\s]+", text):
-        raise ValueError(f"{show_value(text)} is not an http:// or https:// URL")
-    return text.rstrip("/")
-
-
 def _uid(value: object) -> int:
     number = as_int(value)
     if number < 1:
@@ -179,7 +173,7 @@ def parse_settings(raw: object, overrides: Mapping[str, Any] | None = None) -> I
         listen=s.get("listen", parse_listen, ("0.0.0.0", 8443)),
         image=s.get("image", as_nonempty_str, InjectorSettings.image),
         image_pull_policy=s.get("image_pull_policy", choice(PULL_POLICIES), "IfNotPresent"),
-        vault_address=s.get("vault_address", as_vault_address, None),
+        vault_address=s.get("vault_address", as_http_url, None),
         vault_ca_secret=s.get("vault_ca_secret", as_dns_subdomain, None),
         auth_mount=s.get("auth_mount", as_nonempty_str, "kubernetes").strip("/"),
         annotation_prefix=prefix,

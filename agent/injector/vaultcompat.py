@@ -29,8 +29,8 @@ from agent.injector.annotations import (
 )
 from agent.injector.gotemplate import TranslationError, fields_expression, translate
 from agent.injector.request import FileRequest, InjectionRequest, SecretRequest
-from agent.injector.settings import InjectorSettings, as_dns_subdomain, as_vault_address
-from proxy.configkit import Problems, as_nonempty_str, choice, show_value
+from agent.injector.settings import InjectorSettings, as_dns_subdomain
+from proxy.configkit import Problems, as_http_url, as_nonempty_str, choice, show_value
 
 PREFIX = "vault.hashicorp.com/"
 DEFAULT_VOLUME_PATH = "/vault/secrets"
@@ -257,7 +257,7 @@ def vault_request(
     role = r.get("role", as_nonempty_str, None)
     if role is None:
         problems.add(r.key("role"), "is required (the Vault Kubernetes auth role)")
-    address = r.get("service", as_vault_address, settings.vault_address)
+    address = r.get("service", as_http_url, settings.vault_address)
     if address is None:
         problems.add(r.key("service"), "is required: the injector has no vault_address setting")
     if not raw_names:
