@@ -18,6 +18,8 @@ from typing import Any, Literal, get_args
 import yaml
 
 from agent.awsconfig import AwsConfig, parse_aws
+from agent.childenv import EnvPolicy, parse_env, parse_sensitive
+from agent.commands import DEFAULT_MAX_OUTPUT
 from agent.errors import ConfigError
 from agent.rotate.config import RotateConfig, parse_rotate
 from proxy.config import ProxyConfig, parse_proxy_config
@@ -31,8 +33,8 @@ from proxy.configkit import (
     as_fraction,
     as_int,
     as_mapping,
+    as_positive_int,
     as_str,
-    as_str_map,
     choice,
     parse_duration,
     parse_listen,
@@ -122,6 +124,8 @@ class SecretConfig:
     renew_fraction: float = 2 / 3  # renew / re-issue at this fraction of the lifetime
     command: tuple[str, ...] | None = None  # command: argv (no shell) printing a JSON object
     timeout: float = 30.0  # command: how long one run may take
+    env: EnvPolicy = field(default_factory=EnvPolicy)  # command: what the command inherits
+    max_output: int = DEFAULT_MAX_OUTPUT  # command: bytes of stdout it may print
     version_stage: str = "AWSCURRENT"  # aws-secretsmanager: which version to read
     aws: AwsConfig | None = None  # aws-secretsmanager: region, endpoint_url (path: secret id)
 
@@ -158,6 +162,7 @@ class NotifyConfig:
     command: tuple[str, ...] | None = None
     wait: Wait = field(default_factory=Wait)
     timeout: float = 30.0  # for command
+    env: EnvPolicy = field(default_factory=EnvPolicy)  # for command
 
 
 @dataclass(frozen=True)
@@ -165,7 +170,7 @@ class ExecConfig:
     command: tuple[str, ...]
     reload: ExecReload = "signal"
     signal: signal.Signals = signal.SIGHUP
-    env: Mapping[str, str] = field(default_factory=dict)
+    env: EnvPolicy = field(default_factory=EnvPolicy)
     wait: Wait = field(default_factory=Wait)
     kill_timeout: float = 30.0
 
@@ -318,7 +323,7 @@ def _vault(problems: Problems, raw: object, env: Mapping[str, str], base: Path) 
 
 _SECRET_KEYS = ("kind", "path", "refresh", "params", "revoke_grace", "renew_fraction")
 _KIND_KEYS: dict[str, tuple[str, ...]] = {
-    "command": ("kind", "command", "refresh", "timeout"),
+    "command": ("kind", "command", "refresh", "timeout", "env", "max_output"),
     "aws-secretsmanager": (
         "kind",
         "secret_id",
@@ -330,7 +335,9 @@ _KIND_KEYS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _secret(problems: Problems, name: str, raw: object, base: Path) -> SecretConfig:
+def _secret(
+    problems: Problems, name: str, raw: object, base: Path, sensitive: tuple[str, ...]
+) -> SecretConfig:
     path = f"secrets.{name}"
     kind: SecretKind = Section(problems, path, raw).required("kind", choice(SECRET_KINDS), "file")
     s = Section(problems, path, raw, _KIND_KEYS.get(kind, _SECRET_KEYS))
@@ -345,6 +352,8 @@ def _secret(problems: Problems, name: str, raw: object, base: Path) -> SecretCon
             command=s.required("command", as_command, None, why="for kind command"),
             refresh=s.get("refresh", parse_duration, None),
             timeout=timeout,
+            env=parse_env(problems, f"{path}.env", s.raw.get("env"), sensitive),
+            max_output=s.get("max_output", as_positive_int, DEFAULT_MAX_OUTPUT),
         )
     if kind == "aws-secretsmanager":
         return SecretConfig(
@@ -405,10 +414,12 @@ def _template(problems: Problems, index: int, raw: object, base: Path) -> Templa
     )
 
 
-_NOTIFY_KEYS = ("signal", "pid_file", "pid", "process", "command", "wait", "timeout")
+_NOTIFY_KEYS = ("signal", "pid_file", "pid", "process", "command", "wait", "timeout", "env")
 
 
-def _notify(problems: Problems, name: str, raw: object, base: Path) -> NotifyConfig:
+def _notify(
+    problems: Problems, name: str, raw: object, base: Path, sensitive: tuple[str, ...]
+) -> NotifyConfig:
     path = f"notify.{name}"
     s = Section(problems, path, raw, _NOTIFY_KEYS)
 
@@ -429,14 +440,17 @@ def _notify(problems: Problems, name: str, raw: object, base: Path) -> NotifyCon
         command=s.get("command", as_command, None),
         wait=_wait(problems, f"{path}.wait", s.raw.get("wait")),
         timeout=s.get("timeout", parse_duration, 30.0),
+        env=parse_env(problems, f"{path}.env", s.raw.get("env"), sensitive),
     )
+    if s.has("env") and cfg.command is None:
+        problems.add(f"{path}.env", "applies to a command target only")
     targets = [k for k in ("pid_file", "pid", "process", "command") if s.raw.get(k) is not None]
     if len(targets) != 1:
         problems.add(path, "needs exactly one of pid_file, pid, process or command")
     return cfg
 
 
-def _exec(problems: Problems, raw: object) -> ExecConfig:
+def _exec(problems: Problems, raw: object, sensitive: tuple[str, ...]) -> ExecConfig:
     s = Section(
         problems, "exec", raw, ("command", "reload", "signal", "env", "wait", "kill_timeout")
     )
@@ -445,7 +459,7 @@ def _exec(problems: Problems, raw: object) -> ExecConfig:
         command=s.required("command", as_command, ("true",)),
         reload=reload,
         signal=s.get("signal", parse_signal, signal.SIGHUP),
-        env=s.get("env", as_str_map, {}),
+        env=parse_env(problems, "exec.env", s.raw.get("env"), sensitive, legacy=True),
         wait=_wait(problems, "exec.wait", s.raw.get("wait")),
         kill_timeout=s.get("kill_timeout", parse_duration, 30.0),
     )
@@ -463,6 +477,7 @@ _TOP_KEYS = (
     "revoke_on_shutdown",
     "proxy",
     "rotate",
+    "sensitive_env",
 )
 
 
@@ -474,6 +489,7 @@ def parse_config(
     base = base_dir or Path.cwd()
     problems = Problems()
     top = Section(problems, "", raw, _TOP_KEYS)
+    sensitive = parse_sensitive(problems, "sensitive_env", top.raw.get("sensitive_env"))
 
     secrets_raw = top.raw.get("secrets") or {}
     secrets: dict[str, SecretConfig] = {}
@@ -484,7 +500,7 @@ def parse_config(
             problem = secret_name_problem(str(name))
             if problem:
                 problems.add(f"secrets.{name}", problem)
-            secrets[str(name)] = _secret(problems, str(name), sraw, base)
+            secrets[str(name)] = _secret(problems, str(name), sraw, base, sensitive)
 
     templates_raw = top.raw.get("templates") or []
     templates: list[TemplateConfig] = []
@@ -505,9 +521,11 @@ def parse_config(
     if not isinstance(notify_raw, Mapping):
         problems.add("notify", "must be a mapping of name -> target")
     else:
-        notify = {str(n): _notify(problems, str(n), r, base) for n, r in notify_raw.items()}
+        notify = {
+            str(n): _notify(problems, str(n), r, base, sensitive) for n, r in notify_raw.items()
+        }
 
-    rotate = parse_rotate(top.raw.get("rotate"), problems, secrets, base)
+    rotate = parse_rotate(top.raw.get("rotate"), problems, secrets, base, sensitive)
     vault = None
     if "vault" in top.raw or needs_vault(secrets, rotate):
         vault = _vault(problems, top.raw.get("vault"), env, base)
@@ -530,14 +548,16 @@ def parse_config(
                 f"{show_value(secret)} is not a secret in secrets or rotate",
             )
 
+    state_dir = base / top.get("state_dir", as_str, "/dev/shm/credsidecar")
+    exec_raw = top.raw.get("exec")
     config = Config(
         vault=vault,
         secrets=secrets,
         templates=tuple(templates),
         notify=notify,
-        exec=_exec(problems, top.raw["exec"]) if top.raw.get("exec") is not None else None,
+        exec=_exec(problems, exec_raw, sensitive) if exec_raw is not None else None,
         health=health,
-        state_dir=base / top.get("state_dir", as_str, "/dev/shm/credsidecar"),
+        state_dir=state_dir,
         log_level=level,
         revoke_on_shutdown=top.get("revoke_on_shutdown", as_bool, False),
         proxy=proxy,

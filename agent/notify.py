@@ -9,7 +9,6 @@ When a target cannot be signalled, the log line says exactly why.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import re
@@ -17,7 +16,7 @@ import signal
 import time
 from pathlib import Path
 
-from agent import metrics
+from agent import commands, metrics
 from agent.config import NotifyConfig, Wait
 from agent.errors import NotifyError
 from agent.logs import event
@@ -121,7 +120,7 @@ class Notifier:
     async def _deliver(self) -> None:
         cfg = self.cfg
         if cfg.command is not None:
-            await run_command(cfg.command, cfg.timeout, cfg.name)
+            await self._run_command(cfg.command)
         elif cfg.pid_file is not None:
             send_signal(read_pid_file(cfg.pid_file), cfg.signal, cfg.name)
         elif cfg.pid is not None:
@@ -130,6 +129,14 @@ class Notifier:
             self._signal_matches(self._regex)
         else:
             raise NotifyError("no target configured (pid_file, pid, process or command)")
+
+    async def _run_command(self, argv: tuple[str, ...]) -> None:
+        """No shell; output discarded (it could echo secrets); own process group."""
+        try:
+            await commands.run(commands.Command(argv, self.cfg.timeout, self.cfg.env))
+        except commands.CommandError as exc:
+            raise NotifyError(str(exc)) from None
+        event("notified", target=self.cfg.name, command=argv[0], exit_code=0)
 
     def _signal_matches(self, regex: re.Pattern[str]) -> None:
         pids, visible = matching_processes(regex)
@@ -200,35 +207,3 @@ def matching_processes(regex: re.Pattern[str]) -> tuple[list[int], int]:
         if regex.search(cmdline):
             pids.append(pid)
     return sorted(pids), visible
-
-
-async def run_command(argv: tuple[str, ...], time_limit: float, target: str) -> None:
-    """Run a notify command (no shell). Its output is discarded: it could echo secrets."""
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
-    except OSError as exc:
-        raise NotifyError(f"cannot run command {argv[0]!r}: {exc.strerror}") from None
-    try:
-        code = await asyncio.wait_for(proc.wait(), time_limit)
-    except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
-        raise NotifyError(f"command {argv[0]!r} did not finish within {time_limit:g}s") from None
-    except asyncio.CancelledError:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        raise
-    if code != 0:
-        raise NotifyError(f"command {argv[0]!r} exited with {exit_status(code)}")
-    event("notified", target=target, command=argv[0], exit_code=0)
-
-
-def exit_status(returncode: int) -> int:
-    """A shell-style exit status: killed by signal N -> 128 + N."""
-    return 128 - returncode if returncode < 0 else returncode

@@ -458,7 +458,7 @@ class Runtime:
             with contextlib.suppress(SidecarError):
                 await source.close(revoke=self.config.revoke_on_shutdown)
         if self.child is not None:
-            code = await self.child.stop()
+            code = await self.child.aclose()
             if code is not None and self.exit_code == 0:
                 self.exit_code = code
         if self.vault is not None:

@@ -1,9 +1,10 @@
 """Exec mode: run the application as our child.
 
-The child gets our environment plus ``exec.env`` (never secrets we hold), runs in
-its own session so that only our forwarding delivers signals to it, is reloaded
-once per burst of changes (signal, restart or nothing), and its exit status
-becomes ours.
+The child gets the environment of ``exec.env`` (:mod:`agent.childenv`: ours minus
+our Vault credentials), runs in its own session so that only our forwarding delivers
+signals to it, is reloaded once per burst of changes (signal, restart or nothing),
+and its exit status becomes ours. Every task it starts (the reload loop, one exit
+watcher per process) is its own and ends in :meth:`Child.aclose`.
 """
 
 from __future__ import annotations
@@ -12,16 +13,18 @@ import asyncio
 import contextlib
 import ctypes
 import logging
-import os
 import signal
 import sys
 from collections.abc import Callable
 
 from agent import metrics
+from agent.childenv import child_environment
+from agent.commands import exit_status
 from agent.config import ExecConfig
 from agent.errors import ConfigError
 from agent.logs import event
-from agent.notify import Debouncer, exit_status
+from agent.notify import Debouncer
+from agent.taskset import TaskSet
 
 TARGET = "exec"
 
@@ -53,18 +56,19 @@ def _die_with_parent() -> None:
 
 class Child:
     """The supervised application. ``start()``, then ``trigger()`` after renders; the
-    runtime forwards SIGTERM/SIGINT with ``forward()`` and exits with ``await wait()``."""
+    runtime forwards SIGTERM/SIGINT with ``forward()``, waits with ``await wait()`` and
+    ends it (and every task of ours) with ``await aclose()``."""
 
     def __init__(self, cfg: ExecConfig) -> None:
         self.cfg = cfg
         self.debouncer = Debouncer(cfg.wait)
         self._proc: asyncio.subprocess.Process | None = None
         self._exited: asyncio.Future[int] | None = None
-        self._watchers: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet()  # the reload loop and one exit watcher per process
         self._replacing: asyncio.subprocess.Process | None = None  # being restarted by us
         self._stopping = False
         self._lock = asyncio.Lock()  # one reload/stop at a time
-        self._reloader: asyncio.Task[None] | None = None  # ours: started and ended with the child
+        self._reloader: asyncio.Task[None] | None = None
 
     @property
     def pid(self) -> int | None:
@@ -78,13 +82,13 @@ class Child:
         """Spawn the command and the reload loop. Raises ConfigError when it cannot run."""
         self._exited = asyncio.get_running_loop().create_future()
         await self._spawn()
-        self._reloader = asyncio.create_task(self._reload_loop(), name="exec-reload")
+        self._reloader = self._tasks.spawn(self._reload_loop(), "exec-reload")
 
     async def _spawn(self) -> None:
         try:
             proc = await asyncio.create_subprocess_exec(
                 *self.cfg.command,
-                env={**os.environ, **self.cfg.env},
+                env=child_environment(self.cfg.env),
                 start_new_session=True,
                 preexec_fn=_die_with_parent,
             )
@@ -94,9 +98,7 @@ class Child:
             raise ConfigError([f"{where}: {reason}"]) from None
         self._proc = proc
         event("child_started", pid=proc.pid, command=self.cfg.command[0])
-        task = asyncio.create_task(self._watch(proc), name=f"child-{proc.pid}")
-        self._watchers.add(task)
-        task.add_done_callback(self._watchers.discard)
+        self._tasks.spawn(self._watch(proc), f"child-{proc.pid}")
 
     async def _watch(self, proc: asyncio.subprocess.Process) -> None:
         code = exit_status(await proc.wait())
@@ -182,13 +184,13 @@ class Child:
             raise RuntimeError("Child.wait() before start()")
         return await asyncio.shield(self._exited)
 
-    async def stop(self) -> int:
-        """Terminate the child (SIGTERM, then SIGKILL after kill_timeout); its status."""
+    async def aclose(self) -> int:
+        """Terminate the child (SIGTERM, then SIGKILL after kill_timeout), end every task
+        of ours, and return the child's exit status."""
         self._stopping = True
         async with self._lock:
             if self.running and self._proc is not None:
                 await self._terminate(self._proc)
         code = await self.wait()
-        if self._reloader is not None:
-            await asyncio.wait([self._reloader])  # cancelled by _finish; our own cancel propagates
+        await self._tasks.aclose()
         return code

@@ -4,47 +4,30 @@
 ``revoke`` are optional. Each command gets its input as JSON on stdin, never in
 argv (visible to every user through ``ps``) or the environment:
 create ``{"name", "current"}``, verify ``{"name", "new"}``, revoke ``{"name", "old"}``.
+They run through :mod:`agent.commands`: own process group, bounded stdout
+(``max_output``), the environment of ``env:`` without our credentials.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 from collections.abc import Mapping
 from typing import Any
 
+from agent import commands
 from agent.rotate.base import Fields, RotationError, Rotator
 from agent.rotate.store import Record
 
 
-async def run_command(argv: tuple[str, ...], stdin: Mapping[str, Any], limit: float) -> bytes:
-    """Run ``argv`` with ``stdin`` as JSON; its stdout, or RotationError naming the command."""
-    what = argv[0]
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL,  # may echo a key; not ours to log
-        )
-    except OSError as exc:
-        raise RotationError(f"command {what}: cannot start ({exc.strerror})") from None
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(json.dumps(stdin).encode()), limit)
-    except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
-        raise RotationError(f"command {what}: timed out after {limit:g}s") from None
-    if proc.returncode != 0:
-        raise RotationError(f"command {what}: exited with {proc.returncode}")
-    return out
-
-
 class CommandRotator(Rotator):
     async def _run(self, argv: tuple[str, ...], stdin: Mapping[str, Any]) -> bytes:
-        return await run_command(argv, {"name": self.config.name, **stdin}, self.config.timeout)
+        cfg = self.config
+        command = commands.Command(argv, cfg.timeout, cfg.env, cfg.max_output)
+        data = json.dumps({"name": cfg.name, **stdin}).encode()
+        try:
+            return await commands.run(command, data, capture=True)
+        except commands.CommandError as exc:
+            raise RotationError(str(exc)) from None
 
     async def create(self, record: Record) -> Fields:
         assert self.config.create is not None

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from agent.awsconfig import AwsConfig, parse_aws
+from agent.childenv import EnvPolicy, parse_env
+from agent.commands import DEFAULT_MAX_OUTPUT
 from proxy.configkit import (
     Problems,
     Section,
@@ -55,7 +57,7 @@ _KEYS: dict[RotateKind, tuple[str, ...]] = {
     ),
     "jwt-keys": ("algorithm",),
     "tls-cert": ("pki", "params", "ca_cert", "ca_key", "common_name", "ttl", "renew_fraction"),
-    "command": ("create", "verify", "revoke", "timeout"),
+    "command": ("create", "verify", "revoke", "timeout", "env", "max_output"),
     "redis-acl": ("admin", "user", "password_length"),
     "mysql-password": ("admin", "user", "host", "verify_query", "password_length"),
     "mysql-dual-user": ("admin", "user", "host", "verify_query", "password_length"),
@@ -115,6 +117,8 @@ class RotateConfig:
     verify: tuple[str, ...] | None = None
     revoke: tuple[str, ...] | None = None
     timeout: float = 30.0
+    env: EnvPolicy = field(default_factory=EnvPolicy)
+    max_output: int = DEFAULT_MAX_OUTPUT  # bytes of stdout a command may write
     # redis-acl, mysql kinds: the rotated account (and its host part for MySQL)
     user: str | None = None
     account_host: str = "%"
@@ -188,7 +192,12 @@ def _account(value: object) -> str:
 
 
 def _one(
-    problems: Problems, name: str, raw: object, secrets: Mapping[str, object], base: Path
+    problems: Problems,
+    name: str,
+    raw: object,
+    secrets: Mapping[str, object],
+    base: Path,
+    sensitive: tuple[str, ...],
 ) -> RotateConfig | None:
     path = f"rotate.{name}"
     if not isinstance(raw, Mapping):
@@ -239,6 +248,8 @@ def _one(
         verify=r.get("verify", as_command, None),
         revoke=r.get("revoke", as_command, None),
         timeout=r.get("timeout", parse_duration, 30.0),
+        env=parse_env(problems, f"{path}.env", r.raw.get("env"), sensitive),
+        max_output=r.get("max_output", as_positive_int, DEFAULT_MAX_OUTPUT),
     )
     if (postgres or account) and cfg.password_length < 16:
         problems.add(f"{path}.password_length", f"{cfg.password_length} is shorter than 16")
@@ -258,7 +269,11 @@ def _one(
 
 
 def parse_rotate(
-    raw: object, problems: Problems, secrets: Mapping[str, object], base: Path
+    raw: object,
+    problems: Problems,
+    secrets: Mapping[str, object],
+    base: Path,
+    sensitive: tuple[str, ...],
 ) -> dict[str, RotateConfig]:
     """Validate the ``rotate:`` mapping; problems are added to ``problems``."""
     if raw is None:
@@ -274,7 +289,7 @@ def parse_rotate(
             problems.add(f"rotate.{name}", "name must be letters, digits, _ and -")
         if name in secrets:
             problems.add(f"rotate.{name}", "is also the name of a secret in secrets")
-        cfg = _one(problems, name, item, secrets, base)
+        cfg = _one(problems, name, item, secrets, base, sensitive)
         if cfg is None:
             continue
         where = f"{cfg.store_kind}:{cfg.store}"

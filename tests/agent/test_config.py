@@ -201,3 +201,44 @@ def test_secret_names_that_cannot_be_files_are_refused(name: str) -> None:
     raw["templates"] = []
     (problem,) = [p for p in problems_of(raw) if p.startswith(f"secrets.{name}:")]
     assert "name" in problem
+
+
+# --------------------------------------------------------------------------- env
+
+
+def test_env_of_children_parses_both_shapes() -> None:
+    raw = {
+        **BASE,
+        "sensitive_env": ["DB_ADMIN_*"],
+        "notify": {
+            "cmd": {"command": ["/bin/reload"], "env": {"pass": ["PATH", "LC_*"], "set": {"A": 1}}}
+        },
+        "exec": {"command": ["app"], "env": {"APP_MODE": "demo"}},  # the older flat spelling
+    }
+    config = parse_config(raw, base_dir=Path("/cfg"), env={})
+    env = config.notify["cmd"].env
+    assert env.passed == ("PATH", "LC_*") and env.set == {"A": "1"}
+    assert "DB_ADMIN_*" in env.sensitive and "VAULT_TOKEN" in env.sensitive
+    assert config.exec is not None
+    assert config.exec.env.passed is None and config.exec.env.set == {"APP_MODE": "demo"}
+    assert "DB_ADMIN_*" in config.exec.env.sensitive
+
+
+def test_env_problems_name_their_key_path_and_hide_values() -> None:
+    raw = {
+        **BASE,
+        "sensitive_env": "VAULT_*",
+        "notify": {
+            "cmd": {"command": ["/bin/x"], "env": {"pass": "PATH", "set": {"1X": "v"}}},
+            "sig": {"pid": 4, "env": {"set": {}}},
+        },
+        "exec": {"command": ["app"], "env": {"set": {"TOKEN": ["s3cr3t-value"]}, "extra": 1}},
+    }
+    found = problems_of(raw)
+    assert 'sensitive_env: "VAULT_*" is not a list of variable names' in found
+    assert 'notify.cmd.env.pass: "PATH" is not a list of variable names' in found
+    assert "notify.cmd.env.set.1X: is not a variable name (letters, digits, _)" in found
+    assert "notify.sig.env: applies to a command target only" in found
+    assert "exec.env.set.TOKEN: is not a string" in found
+    assert any(p.startswith("exec.env.extra: unknown key") for p in found)
+    assert not any("s3cr3t" in p for p in found)

@@ -191,9 +191,9 @@ async def exited_pid() -> int:
         ("ourselves", ["is the sidecar itself"]),
         ("group", ["pid 0 is not a process id"]),
         ("no_match", ["no process matches", "visible processes", "shareProcessNamespace"]),
-        ("command_missing", ["cannot run command", "No such file"]),
+        ("command_missing", ["cannot start", "No such file"]),
         ("command_fails", ["exited with 3"]),
-        ("command_hangs", ["did not finish within 0.5s"]),
+        ("command_hangs", ["timed out after 0.5s", "process group was killed"]),
     ],
 )
 async def test_each_reason_has_its_own_log_line(

@@ -90,3 +90,22 @@ def test_problems_name_their_key_path() -> None:
     ]
     for line in expected:
         assert any(p.startswith(line) for p in found), (line, found)
+
+
+def test_a_command_rotation_takes_env_and_max_output() -> None:
+    cfg = parse(
+        {
+            "api": {
+                "kind": "command",
+                "store": {"vault_kv": "s/data/a"},
+                "create": ["/bin/make-key"],
+                "env": {"pass": ["PATH"], "set": {"PROVIDER": "x"}},
+                "max_output": 4096,
+            }
+        }
+    ).rotate["api"]
+    assert cfg.env.passed == ("PATH",) and cfg.env.set == {"PROVIDER": "x"}
+    assert cfg.max_output == 4096
+    entry = {"kind": "command", "store": {"vault_kv": "s/data/a"}, "create": ["x"]}
+    (problem,) = problems({"api": {**entry, "max_output": 0}})
+    assert problem == "rotate.api.max_output: 0 must be at least 1"

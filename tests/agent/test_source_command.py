@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 from agentproc import run_once
 
+from agent.commands import DEFAULT_MAX_OUTPUT, Command, CommandError, run
 from agent.config import parse_config
 from agent.errors import ConfigError
-from agent.sources.command import MAX_OUTPUT, CommandError, run_capped
 
 SCRIPT = """
 import json, os, sys, time
@@ -72,7 +72,7 @@ async def test_a_failing_command_keeps_the_last_value(store: Any, make_source: A
     source, _ = make_source("ext", "command", "", command=argv, refresh=0.1)
     await source.start()
     state.write_text("fail")
-    with pytest.raises(CommandError, match="exited with status 3"):
+    with pytest.raises(CommandError, match="exited with 3"):
         await source.fetch()
     assert source.current is not None and source.current.data["password"] == "pw-one"
 
@@ -81,7 +81,7 @@ async def test_the_timeout_kills_the_whole_process_group(store: Any, until: Any)
     state, argv = store
     state.write_text("hang")
     with pytest.raises(CommandError, match=r"timed out after 1s"):
-        await run_capped(argv, 1.0)
+        await run(Command(argv, 1.0), capture=True)
     pid = int(Path(str(state) + ".pid").read_text())
 
     def gone() -> bool:
@@ -97,8 +97,8 @@ async def test_the_timeout_kills_the_whole_process_group(store: Any, until: Any)
 async def test_output_is_capped(store: Any) -> None:
     state, argv = store
     state.write_text("flood")
-    with pytest.raises(CommandError, match=f"more than {MAX_OUTPUT} bytes"):
-        await run_capped(argv, 30.0)
+    with pytest.raises(CommandError, match=f"stdout exceeds {DEFAULT_MAX_OUTPUT} bytes"):
+        await run(Command(argv, 30.0), capture=True)
 
 
 async def test_the_child_gets_no_vault_token(

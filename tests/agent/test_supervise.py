@@ -15,6 +15,7 @@ import pytest
 from sighup_counter import Record, command, until
 
 from agent import metrics
+from agent.childenv import EnvPolicy
 from agent.config import ExecConfig, Wait
 from agent.errors import ConfigError
 from agent.supervise import Child
@@ -27,7 +28,7 @@ async def children() -> AsyncIterator[list[Child]]:
     yield started
     for child in started:
         child.cfg = ExecConfig(**{**child.cfg.__dict__, "kill_timeout": 1.0})
-        await child.stop()
+        await child.aclose()
 
 
 async def start(
@@ -112,7 +113,7 @@ async def test_stop_kills_a_child_that_ignores_sigterm(
     children: list[Child], tmp_path: Path
 ) -> None:
     child, _ = await start(children, tmp_path, "--ignore-term", kill_timeout=0.5)
-    assert await asyncio.wait_for(child.stop(), 30) == 128 + signal.SIGKILL
+    assert await asyncio.wait_for(child.aclose(), 30) == 128 + signal.SIGKILL
 
 
 async def test_reload_none_and_after_stop_sends_nothing(
@@ -130,21 +131,26 @@ async def test_reload_none_and_after_stop_sends_nothing(
 
 
 async def test_child_gets_our_environment_plus_exec_env(
-    children: list[Child], tmp_path: Path
+    children: list[Child], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("VAULT_TOKEN", "the-agents-token")  # ours, never the app's
     out = tmp_path / "env"
     script = (
         "import os, sys; "
-        "open(sys.argv[1], 'w').write(os.environ['PATH'] + '|' + os.environ['APP_MODE']); "
+        "open(sys.argv[1], 'w').write(os.environ['PATH'] + '|' + os.environ['APP_MODE'] + '|' "
+        "+ os.environ.get('VAULT_TOKEN', 'none')); "
         "sys.exit(7)"
     )
     child = Child(
-        ExecConfig(command=(sys.executable, "-c", script, str(out)), env={"APP_MODE": "demo"})
+        ExecConfig(
+            command=(sys.executable, "-c", script, str(out)),
+            env=EnvPolicy(set={"APP_MODE": "demo"}),
+        )
     )
     await child.start()
     children.append(child)
     assert await asyncio.wait_for(child.wait(), 30) == 7
-    assert out.read_text() == os.environ["PATH"] + "|demo"
+    assert out.read_text() == os.environ["PATH"] + "|demo|none"
 
 
 async def test_a_command_that_cannot_start_is_a_config_error(tmp_path: Path) -> None:
@@ -161,4 +167,4 @@ async def test_wait_returns_for_a_child_that_already_exited(
     children.append(child)
     await until(lambda: not child.running)
     assert await asyncio.wait_for(child.wait(), 30) == 0
-    assert await asyncio.wait_for(child.stop(), 30) == 0
+    assert await asyncio.wait_for(child.aclose(), 30) == 0
