@@ -3,8 +3,10 @@
 One JSON file per secret (``<name>.json``) and one list of replaced leases still to
 revoke (``retired-leases.json``; the config reserves that secret name). Files are
 ``0600`` in a ``0700`` directory: they hold the credential itself, because Vault
-cannot hand a dynamic password out twice. A corrupt file is logged and ignored; the
-worst case is one extra lease.
+cannot hand a dynamic password out twice. The directory is checked by
+:mod:`agent.statedir` (ours, not a symlink, not writable by others) and files are read
+with ``O_NOFOLLOW``. A corrupt or refused file is logged and ignored; the worst case is
+one extra lease.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from agent.config import secret_name_problem
 from agent.files import atomic_write
 from agent.logs import event
 from agent.secret import SecretValue
+from agent.statedir import StateDirError, open_owned, prepare
 
 RETIRED_FILE = "retired-leases.json"
 
@@ -37,7 +39,8 @@ class Entry:
 
 class Ledger:
     def __init__(self, state_dir: Path) -> None:
-        self.state_dir = Path(state_dir)
+        """Raises StateDirError when ``state_dir`` is not safely ours."""
+        self.state_dir = prepare(Path(state_dir))
 
     # ------------------------------------------------------------------ secrets
 
@@ -127,23 +130,24 @@ class Ledger:
 
     def _read(self, path: Path) -> Any:
         try:
-            text = path.read_text()
-        except FileNotFoundError:
+            raw = open_owned(path)
+        except StateDirError as exc:
+            event("ledger_refused", logging.WARNING, file=path.name, error=str(exc))
             return None
         except OSError as exc:
             event("ledger_unreadable", logging.WARNING, file=path.name, error=exc.strerror)
             return None
+        if raw is None:
+            return None
         try:
-            return json.loads(text)
+            return json.loads(raw)
         except ValueError as exc:
             # the message has a position only, never the (secret) contents
             event("ledger_corrupt", logging.WARNING, file=path.name, error=str(exc))
             return None
 
     def _write(self, path: Path, record: object) -> None:
-        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if self.state_dir.stat().st_mode & 0o077:
-            os.chmod(self.state_dir, 0o700)
+        # a temp file renamed over the name: a symlink planted there is replaced, never followed
         atomic_write(path, json.dumps(record, sort_keys=True).encode(), mode=0o600)
 
 

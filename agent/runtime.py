@@ -89,8 +89,7 @@ class Runtime:
         if self.config.secrets:
             from agent.ledger import Ledger
 
-            self.config.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            ledger = Ledger(self.config.state_dir)
+            ledger = Ledger(self.config.state_dir)  # refuses a state_dir that is not ours
         if self.config.needs_vault():
             from agent.vault.client import VaultClient
 
@@ -336,6 +335,9 @@ class Runtime:
         problems = self._check_destinations()
         if problems:
             raise SidecarError("; ".join(problems))
+        from agent import statedir
+
+        statedir.prepare(self.config.state_dir)  # ours, or refuse to start
         health = None
         if self.config.health is not None:
             from agent.http import HealthServer
