@@ -285,11 +285,12 @@ class Runtime:
             out["rotations"] = self.rotations.status()
         return out
 
-    async def rotate(self, name: str) -> Outcome:
-        """Rotate ``name`` now (``POST /rotate/<name>``); KeyError when it is not rotated."""
+    async def rotate(self, name: str, *, now: bool = False) -> Outcome:
+        """Rotate ``name`` now (``POST /rotate/<name>``); KeyError when it is not rotated;
+        ``now`` overrides the previous credential's grace."""
         if self.rotations is None:
             raise KeyError(name)
-        return await self.rotations.rotate_now(name)
+        return await self.rotations.rotate_now(name, now)
 
     def refresh(self, secret: str | None) -> list[str]:
         if secret is not None and secret not in self.sources:
@@ -444,8 +445,7 @@ class Runtime:
         if self.proxy is not None:
             await self.proxy.stop(timeout=10.0)
         if self.rotations is not None:
-            await self.rotations.drain(30.0)  # half a rotation costs a claim timeout
-            await self.rotations.aclose()
+            await self.rotations.aclose(30.0)  # half a rotation costs a claim timeout
         for task in tasks:
             if task.get_name().startswith(("source-", "vault-token")):
                 task.cancel()

@@ -110,6 +110,9 @@ class Rotator(ABC):
     def expires_at(self, record: Record) -> float | None:
         return None
 
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """End every task this rotator started (shutdown)."""
+
     def due_at(self, record: Record) -> float:
         """When the next rotation is due (epoch seconds); now when nothing was rotated."""
         if record.rotated_at is None or record.current is None:

@@ -251,6 +251,9 @@ def _one(
         env=parse_env(problems, f"{path}.env", r.raw.get("env"), sensitive),
         max_output=r.get("max_output", as_positive_int, DEFAULT_MAX_OUTPUT),
     )
+    if cfg.grace >= every > 0:
+        # a rotation never retires a credential inside its grace, so it would wait anyway
+        problems.add(f"{path}.grace", f"{cfg.grace:g}s is not shorter than every ({every:g}s)")
     if (postgres or account) and cfg.password_length < 16:
         problems.add(f"{path}.password_length", f"{cfg.password_length} is shorter than 16")
     if kind == "tls-cert":
@@ -265,6 +268,13 @@ def _one(
             problems.add(f"{path}.params.common_name", "is required with pki")
         if local and not cfg.common_name:
             problems.add(f"{path}.common_name", "is required with a local CA")
+        margin = cfg.ttl * (1 - cfg.renew_fraction)
+        if local and cfg.grace >= margin:
+            problems.add(
+                f"{path}.grace",
+                f"{cfg.grace:g}s is not shorter than the {margin:g}s a certificate has left "
+                "when it is renewed (ttl x (1 - renew_fraction))",
+            )
     return cfg
 
 

@@ -20,7 +20,7 @@ async def _ignore(_: SecretValue) -> None:
     """Nothing renders here: the sidecars adopt the published result."""
 
 
-async def rotate_once(config: Config, name: str) -> Outcome:
+async def rotate_once(config: Config, name: str, now: bool = False) -> Outcome:
     cfg = config.rotate[name]
     if config.vault is None and config.needs_vault():
         raise SidecarError("rotation needs vault: (the store is KV v2)")
@@ -36,7 +36,7 @@ async def rotate_once(config: Config, name: str) -> Outcome:
             values[source.name] = await source.start()
             await source.close(revoke=False)
         manager = RotationManager({name: cfg}, vault, values.get, _ignore)
-        return await manager.rotate_now(name)
+        return await manager.rotate_now(name, now)
     finally:
         if manager is not None:
             await manager.aclose()

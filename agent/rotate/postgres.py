@@ -31,6 +31,7 @@ from agent.rotate.base import (
 )
 from agent.rotate.config import RotateConfig
 from agent.rotate.store import Record
+from agent.taskset import TaskSet
 
 SCRAM_ITERATIONS = 4096  # PostgreSQL's default scram_iterations
 __all__ = ["new_password", "quote_ident", "quote_literal", "scram_verifier"]
@@ -151,7 +152,7 @@ class DualUserRotator(_PostgresRotator):
 
     def __init__(self, config: RotateConfig, context: RotatorContext) -> None:
         super().__init__(config, context)
-        self._tasks: set[asyncio.Task[None]] = set()  # session terminations, owned here
+        self._tasks = TaskSet()  # session terminations, owned here
 
     def users(self) -> tuple[str, str]:
         return f"{self.role}_a", f"{self.role}_b"
@@ -213,9 +214,12 @@ class DualUserRotator(_PostgresRotator):
         finally:
             await conn.close()
         if self.config.terminate_after is not None:
-            task = asyncio.create_task(self._terminate_later(user, self.config.terminate_after))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            later = self._terminate_later(user, self.config.terminate_after)
+            self._tasks.spawn(later, f"terminate-{user}")
+
+    async def aclose(self) -> None:
+        """Pending session terminations end with the agent (a restart does not resume them)."""
+        await self._tasks.aclose()
 
     async def _terminate_later(self, user: str, delay: float) -> None:
         # sessions drain on their own; past the deadline they are ended

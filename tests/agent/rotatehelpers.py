@@ -94,7 +94,7 @@ async def step_until(
     ``until`` is the fixture of that name."""
 
     async def stepped() -> bool:
-        await rot.step(force=False)
+        await rot.step()
         result = done()
         return bool(await result if inspect.isawaitable(result) else result)
 

@@ -101,7 +101,7 @@ async def test_a_rotation_follows_the_staging_labels(
         # a replica that starts now adopts the record from AWS alone
         other, adopted, other_store = aws_rotation(cfg, moto, "newcomer")
         try:
-            assert (await other.step(force=False)).result == "not_due"
+            assert (await other.step()).result == "not_due"
             assert adopted.last.data["api_key"] == key2 and adopted.last.version == "2"
         finally:
             await other_store.aclose()
@@ -123,11 +123,11 @@ async def test_racing_replicas_rotate_once(moto: MotoServer, unique: str, events
     cfg = config("race", "jwt-keys", name, store_kind="aws_secretsmanager", every=3600.0)
     replicas = [aws_rotation(cfg, moto, f"replica-{i}") for i in range(3)]
     try:
-        outcomes = await asyncio.gather(*(r.step(force=False) for r, _, _ in replicas))
+        outcomes = await asyncio.gather(*(r.step() for r, _, _ in replicas))
         results = [o.result for o in outcomes]
         assert results.count("rotated") == 1 and set(results) <= {"rotated", "busy", "not_due"}
         assert len(events.named("rotation_started", secret="race")) == 1
-        await asyncio.gather(*(r.step(force=False) for r, _, _ in replicas))
+        await asyncio.gather(*(r.step() for r, _, _ in replicas))
         kids = {p.last.data["kid"] for _, p, _ in replicas}
         assert len(kids) == 1
         assert at(moto, name, "AWSCURRENT")["kid"] in kids

@@ -92,6 +92,31 @@ def test_problems_name_their_key_path() -> None:
         assert any(p.startswith(line) for p in found), (line, found)
 
 
+def test_grace_must_be_shorter_than_the_schedule() -> None:
+    found = problems(
+        {
+            "keys": {
+                "kind": "jwt-keys",
+                "store": {"vault_kv": "s/data/k"},
+                "every": "10m",
+                "grace": "10m",
+            },
+            "cert": {
+                "kind": "tls-cert",
+                "store": {"vault_kv": "s/data/c"},
+                "ca_cert": "ca.pem",
+                "ca_key": "ca.key",
+                "common_name": "app",
+                "ttl": "1h",
+                "renew_fraction": 0.75,
+                "grace": "20m",
+            },
+        }
+    )
+    assert "rotate.keys.grace: 600s is not shorter than every (600s)" in found
+    assert any(p.startswith("rotate.cert.grace: 1200s is not shorter than the 900s") for p in found)
+
+
 def test_a_command_rotation_takes_env_and_max_output() -> None:
     cfg = parse(
         {

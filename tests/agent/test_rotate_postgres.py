@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -249,8 +249,8 @@ async def test_failed_verification_rolls_back_and_keeps_the_old_credential(
         rot2 = but(cfg, every=0.5)
         rot.config = rot2
         rot.rotator.config = rot2
-        await asyncio.sleep(0.6)  # past the (shortened) period, well inside the backoff
-        assert (await rot.step(force=False)).result == "not_due"
+        rot.clock = lambda: time.time() + 0.6  # past the (shortened) period, inside the backoff
+        assert (await rot.step()).result == "not_due"
 
 
 async def test_single_user_rollback_restores_the_old_password(

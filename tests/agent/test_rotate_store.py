@@ -16,13 +16,13 @@ from agent.rotate.store import Claim, Store
 async def test_racing_replicas_rotate_once(vault: Any, unique: str, events: Any) -> None:
     cfg = config("race", "jwt-keys", f"secret/data/rot-race-{unique}", every=3600.0)
     replicas = [rotation(cfg, vault, owner=f"replica-{i}") for i in range(4)]
-    outcomes = await asyncio.gather(*(r.step(force=False) for r, _ in replicas))
+    outcomes = await asyncio.gather(*(r.step() for r, _ in replicas))
     results = [o.result for o in outcomes]
     # losers saw the claim (busy) or, reading late, the published result (not_due)
     assert results.count("rotated") == 1 and set(results) <= {"rotated", "busy", "not_due"}
     assert len(events.named("rotation_started", secret="race")) == 1
     # the losers adopt on their next pass: all hold the same key
-    await asyncio.gather(*(r.step(force=False) for r, _ in replicas))
+    await asyncio.gather(*(r.step() for r, _ in replicas))
     kids = {p.last.data["kid"] for _, p in replicas}
     assert len(kids) == 1
     assert all(len(p.values) == 1 for _, p in replicas)
@@ -38,10 +38,10 @@ async def test_a_stale_claim_is_taken_over(
     expires = time.time() + 1.5
     await store.write(record.but(claim=Claim("dead-replica", expires)))
     rot, _ = rotation(config("stale", "jwt-keys", path, every=3600.0), vault)
-    assert (await rot.step(force=False)).result == "busy"
+    assert (await rot.step()).result == "busy"
     assert (await rot.rotate_now()).result == "busy"  # not even when asked
     await until(lambda: time.time() > expires, 10, "the claim to expire")
-    outcome = await rot.step(force=False)
+    outcome = await rot.step()
     assert outcome.ok and outcome.version == 1
     assert kv_data(openbao, path)["claim"] is None
 
