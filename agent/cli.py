@@ -1,22 +1,32 @@
 """``credsidecar`` command line. Only this module and ``__main__`` call ``sys.exit``.
 
-Exit codes: 0 ok, 1 runtime failure, 2 invalid configuration or usage.
+Exit codes: 0 ok, 1 runtime failure (also: a rotation refused or failed, no agent
+running), 2 invalid configuration or usage.
+
+``rotate``, ``refresh`` and ``status`` talk to the running agent through its admin
+socket. When no agent runs, ``rotate`` says so and rotates in this process through the
+same shared store and the same rules (grace included), so running replicas elsewhere
+adopt the result; ``refresh`` and ``status`` have nothing to act on and fail.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import sys
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from agent import __version__
 from agent.config import Config, load_config, parse_config_text
 from agent.errors import ConfigError, RenderError, SidecarError
+
+if TYPE_CHECKING:
+    from agent.rotate.manager import Outcome
 
 T = TypeVar("T")
 
@@ -34,9 +44,20 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--once", action="store_true", help="render every template once and exit")
     check = sub.add_parser("check", help="validate the config and templates, then exit")
     _config_source(check)
-    rotate = sub.add_parser("rotate", help="rotate a credential under rotate: now, then exit")
+    rotate = sub.add_parser("rotate", help="rotate a credential under rotate: now")
     rotate.add_argument("name", help="the name under rotate:")
-    rotate.add_argument("-c", "--config", required=True, help="YAML config file")
+    _config_source(rotate)
+    rotate.add_argument(
+        "--now",
+        action="store_true",
+        help="even inside the previous credential's grace: retire it early, accepting "
+        "that its in-flight consumers fail",
+    )
+    refresh = sub.add_parser("refresh", help="make the running agent check its sources now")
+    refresh.add_argument("secret", nargs="?", help="one secret (default: all)")
+    _config_source(refresh)
+    status = sub.add_parser("status", help="print the running agent's status (JSON)")
+    _config_source(status)
     sub.add_parser("version", help="print the version")
     injector = sub.add_parser("injector", help="serve the Kubernetes mutating admission webhook")
     injector.add_argument("--listen", help="host:port (default 0.0.0.0:8443)")
@@ -66,7 +87,7 @@ def _run_loop(coro: Coroutine[Any, Any, T]) -> T:
 
 
 def _load(args: argparse.Namespace) -> Config:
-    variable = getattr(args, "config_env", None)  # `rotate` reads files only
+    variable = args.config_env
     if variable is None:
         config = load_config(args.config)
     else:
@@ -108,23 +129,90 @@ async def _once(config: Config) -> list[str]:
     return await Runtime(config).run_once()
 
 
-def _rotate(config: Config, name: str) -> None:
-    from agent.rotate.once import rotate_once
+def _fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
+    print(f"credsidecar: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _rotate(config: Config, name: str, now: bool) -> None:
+    from agent.adminclient import AdminClient, NoAgent, rotate_path
 
     if name not in config.rotate:
-        print(f"credsidecar: nothing to rotate named {name!r} under rotate:", file=sys.stderr)
-        sys.exit(EXIT_CONFIG)
+        _fail(f"nothing to rotate named {name!r} under rotate:", EXIT_CONFIG)
+    limit = config.rotate[name].claim_timeout + 60.0  # a rotation may wait out a claim
     try:
-        outcome = _run_loop(rotate_once(config, name))
+        status, body = AdminClient(config).request(
+            "POST", rotate_path(name), limit, **({"now": "true"} if now else {})
+        )
+    except NoAgent as exc:
+        print(
+            f"credsidecar: {exc}; rotating {name} in this process (through the shared store, "
+            "under the same grace rules: running replicas adopt the result)",
+            file=sys.stderr,
+        )
+        _report(name, _rotate_here(config, name, now))
     except SidecarError as exc:
-        print(f"credsidecar: rotation of {name} failed: {exc}", file=sys.stderr)
-        sys.exit(EXIT_FAILURE)
+        _fail(f"rotation of {name} failed: {exc}")
+    if status == 503:
+        _fail(f"rotation of {name} failed: {body.get('error')}")
+    _report(name, _outcome(body))
+
+
+def _rotate_here(config: Config, name: str, now: bool) -> Outcome:
+    from agent.rotate.once import rotate_once
+
+    try:
+        return _run_loop(rotate_once(config, name, now))
+    except SidecarError as exc:
+        _fail(f"rotation of {name} failed: {exc}")
+
+
+def _outcome(body: dict[str, Any]) -> Outcome:
+    from agent.rotate.manager import Outcome
+
+    return Outcome(
+        result=body.get("result", "failed"),
+        version=int(body.get("version") or 0),
+        error=body.get("error"),
+        not_before=body.get("not_before"),
+    )
+
+
+def _report(name: str, outcome: Outcome) -> NoReturn:
     if outcome.ok:
         print(f"credsidecar: rotated {name} to version {outcome.version}")
         sys.exit(EXIT_OK)
+    if outcome.result == "in_grace":
+        _fail(f"rotation of {name} refused: {outcome.error}")
     reason = outcome.error or "another replica is rotating it right now"
-    print(f"credsidecar: rotation of {name} failed: {reason}", file=sys.stderr)
-    sys.exit(EXIT_FAILURE)
+    _fail(f"rotation of {name} failed: {reason}")
+
+
+def _refresh(config: Config, secret: str | None) -> None:
+    from agent.adminclient import AdminClient
+
+    query = {"secret": secret} if secret is not None else {}
+    try:
+        status, body = AdminClient(config).request("POST", "/refresh", 10.0, **query)
+    except SidecarError as exc:
+        _fail(f"refresh failed: {exc}")
+    if status == 404:
+        _fail(str(body.get("error")), EXIT_CONFIG)
+    if status != 202:
+        _fail(f"refresh failed: HTTP {status}: {body.get('error')}")
+    print(f"credsidecar: refreshing {', '.join(body.get('refreshing') or []) or 'nothing'}")
+    sys.exit(EXIT_OK)
+
+
+def _status(config: Config) -> None:
+    from agent.adminclient import AdminClient
+
+    try:
+        _, body = AdminClient(config).request("GET", "/status", 10.0)
+    except SidecarError as exc:
+        _fail(f"status failed: {exc}")
+    print(json.dumps(body, indent=2, sort_keys=True))
+    sys.exit(EXIT_OK)
 
 
 def _injector(args: argparse.Namespace) -> None:
@@ -185,9 +273,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"{origin}: ok ({len(config.secrets)} secrets, {len(config.templates)} templates)")
         sys.exit(EXIT_OK)
 
+    if args.command == "refresh":
+        _refresh(config, args.secret)
+    if args.command == "status":
+        _status(config)
     logs.setup(config.log_level)
     if args.command == "rotate":
-        _rotate(config, args.name)
+        _rotate(config, args.name, args.now)
     if args.once:
         failures = _run_loop(_once(config))
         for failure in failures:

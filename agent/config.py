@@ -181,6 +181,24 @@ class HealthConfig:
     listen_port: int = 8080
 
 
+ADMIN_SOCKET = "admin.sock"
+
+
+@dataclass(frozen=True)
+class AdminApiConfig:
+    """The admin API (``/status``, refresh, rotate): owner-only, never on the probe port.
+
+    A unix socket (``socket``, default ``<state_dir>/admin.sock``, 0600) and/or TCP
+    (``listen``), where every request must carry ``Authorization: Bearer`` with the
+    token in ``token_file``.
+    """
+
+    socket: Path | None
+    listen_host: str | None = None
+    listen_port: int | None = None
+    token_file: Path | None = None
+
+
 @dataclass(frozen=True)
 class Config:
     vault: VaultConfig | None
@@ -195,6 +213,7 @@ class Config:
     proxy: ProxyConfig | None = None
     source_path: Path | None = None
     rotate: Mapping[str, RotateConfig] = field(default_factory=dict)
+    admin: AdminApiConfig | None = None  # None: no admin API at all (admin: {socket: false})
 
     @property
     def base_dir(self) -> Path:
@@ -477,8 +496,35 @@ _TOP_KEYS = (
     "revoke_on_shutdown",
     "proxy",
     "rotate",
+    "admin",
     "sensitive_env",
 )
+
+_LOOPBACK = re.compile(r"^(localhost|127(\.\d{1,3}){3}|::1)$")
+
+
+def _admin(problems: Problems, raw: object, state_dir: Path, base: Path) -> AdminApiConfig | None:
+    s = Section(problems, "admin", raw, ("socket", "listen", "token_file"), base_dir=base)
+    socket: Path | None = state_dir / ADMIN_SOCKET
+    if s.raw.get("socket") is False:
+        socket = None
+    elif s.has("socket"):
+        socket = s.path_value("socket")
+    host = port = None
+    if s.has("listen"):
+        host, port = s.get("listen", parse_listen, ("127.0.0.1", 8081))
+    token_file = s.path_value("token_file")
+    if host is not None and token_file is None:
+        where = "" if _LOOPBACK.match(host) else f" (and {host} is not a loopback address)"
+        problems.add(
+            "admin.token_file",
+            f"is required with admin.listen{where}: every TCP request must carry its bearer token",
+        )
+    if token_file is not None and host is None:
+        problems.add("admin.token_file", "applies to admin.listen (TCP) only")
+    if socket is None and host is None:
+        return None
+    return AdminApiConfig(socket=socket, listen_host=host, listen_port=port, token_file=token_file)
 
 
 def parse_config(
@@ -562,6 +608,7 @@ def parse_config(
         revoke_on_shutdown=top.get("revoke_on_shutdown", as_bool, False),
         proxy=proxy,
         rotate=rotate,
+        admin=_admin(problems, top.raw.get("admin"), state_dir, base),
     )
     if problems:
         raise ConfigError(problems.items)

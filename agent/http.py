@@ -1,11 +1,12 @@
-"""Health, readiness, metrics and status over HTTP (aiohttp).
+"""Probes and metrics over HTTP (aiohttp): the only surface that may face the pod network.
 
-``/healthz``  the process is alive and its loop answers.
-``/readyz``   every secret has a valid value and every template was rendered (200/503).
-``/metrics``  Prometheus text format.
-``/status``   JSON: each secret's version and expiry, templates, Vault reachability. No values.
-``POST /refresh`` checks every source now (``?secret=NAME`` for one).
-``POST /rotate/<name>`` rotates a credential under ``rotate:`` now; answers when done.
+``GET /healthz``  the process is alive and its loop answers.
+``GET /readyz``   every secret has a valid value and every template was rendered (200/503).
+``GET /metrics``  Prometheus text format.
+
+Nothing here changes state or tells more than names and numbers: any other method is
+405, any other path 404. ``/status``, refresh and rotate are on the admin API
+(:mod:`agent.admin`: a unix socket of the owner, or TCP with a bearer token).
 """
 
 from __future__ import annotations
@@ -15,19 +16,15 @@ from typing import Any, Protocol
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+MAX_REQUEST_BODY = 1024  # probes carry no body
+
 
 class Observable(Protocol):
-    """What the HTTP server needs from the runtime."""
+    """What the probe server needs from the runtime."""
 
     def readiness(self) -> tuple[bool, list[str]]: ...
 
-    def status(self) -> dict[str, Any]: ...
-
     def metrics_text(self) -> bytes: ...
-
-    def refresh(self, secret: str | None) -> list[str]: ...
-
-    async def rotate(self, name: str) -> Any: ...  # an agent.rotate.manager.Outcome
 
 
 def build_app(target: Observable) -> web.Application:
@@ -44,42 +41,15 @@ def build_app(target: Observable) -> web.Application:
             body=target.metrics_text(), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )
 
-    async def status(_: web.Request) -> web.Response:
-        return web.json_response(target.status())
-
-    async def refresh(request: web.Request) -> web.Response:
-        name = request.query.get("secret")
-        try:
-            woken = target.refresh(name)
-        except KeyError:
-            return web.json_response({"error": f"no secret named {name!r}"}, status=404)
-        return web.json_response({"refreshing": woken}, status=202)
-
-    async def rotate(request: web.Request) -> web.Response:
-        name = request.match_info["name"]
-        try:
-            outcome = await target.rotate(name)
-        except KeyError:
-            return web.json_response({"error": f"nothing to rotate named {name!r}"}, status=404)
-        body = {"name": name, "result": outcome.result, "version": outcome.version}
-        if outcome.ok:
-            return web.json_response(body)
-        if outcome.result == "busy":
-            return web.json_response({**body, "error": "another replica is rotating"}, status=409)
-        return web.json_response({**body, "error": outcome.error}, status=500)
-
-    app = web.Application()
+    app = web.Application(client_max_size=MAX_REQUEST_BODY)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
-    app.router.add_get("/status", status)
-    app.router.add_post("/refresh", refresh)
-    app.router.add_post("/rotate/{name}", rotate)
     return app
 
 
 class HealthServer:
-    """aiohttp's runner/site lifecycle: ``start()`` binds, ``stop()`` releases."""
+    """aiohttp's runner/site lifecycle: ``start()`` binds, ``aclose()`` releases."""
 
     def __init__(self, target: Observable, host: str, port: int) -> None:
         self._runner = web.AppRunner(build_app(target), access_log=None, handle_signals=False)
@@ -90,12 +60,17 @@ class HealthServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, self._port, reuse_address=True)
         await site.start()
-        server = site._server  # aiohttp keeps the asyncio server here; port 0 needs it
-        sockets = getattr(server, "sockets", None) or []
-        self.bound_port = sockets[0].getsockname()[1] if sockets else self._port
+        self.bound_port = bound_port(site, self._port)
 
-    async def stop(self) -> None:
+    async def aclose(self) -> None:
         await self._runner.cleanup()
+
+
+def bound_port(site: web.TCPSite, configured: int) -> int:
+    """The port a site listens on (port 0 in the config means any free one)."""
+    server = site._server  # aiohttp keeps the asyncio server here; port 0 needs it
+    sockets = getattr(server, "sockets", None) or []
+    return int(sockets[0].getsockname()[1]) if sockets else configured
 
 
 def metrics_text(*registries: Any) -> bytes:

@@ -286,10 +286,12 @@ class Runtime:
         return out
 
     async def rotate(self, name: str, *, now: bool = False) -> Outcome:
-        """Rotate ``name`` now (``POST /rotate/<name>``); KeyError when it is not rotated;
-        ``now`` overrides the previous credential's grace."""
-        if self.rotations is None:
+        """Rotate ``name`` now (admin ``POST /rotate/<name>``); KeyError when it is not
+        rotated; ``now`` overrides the previous credential's grace."""
+        if name not in self.config.rotate:
             raise KeyError(name)
+        if self.rotations is None:
+            raise SidecarError("the agent is still starting: rotations are not running yet")
         return await self.rotations.rotate_now(name, now)
 
     def refresh(self, secret: str | None) -> list[str]:
@@ -337,23 +339,29 @@ class Runtime:
         if problems:
             raise SidecarError("; ".join(problems))
         from agent import statedir
+        from agent.admin import AdminServer
 
         statedir.prepare(self.config.state_dir)  # ours, or refuse to start
+        admin = AdminServer(self.config.admin, self) if self.config.admin else None
         health = None
-        if self.config.health is not None:
-            from agent.http import HealthServer
-
-            listen = self.config.health
-            health = HealthServer(self, listen.listen_host, listen.listen_port)
-            await health.start()
-            event("listening", address=f"{listen.listen_host}:{health.bound_port}")
         try:
+            if admin is not None:
+                await admin.start()  # owner-only: status, refresh, rotate
+            if self.config.health is not None:
+                from agent.http import HealthServer
+
+                listen = self.config.health
+                health = HealthServer(self, listen.listen_host, listen.listen_port)
+                await health.start()
+                event("listening", address=f"{listen.listen_host}:{health.bound_port}")
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
                 await self._serve(stop)
         finally:
             if health is not None:
-                await health.stop()
+                await health.aclose()
+            if admin is not None:
+                await admin.aclose()
         return self.exit_code
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:

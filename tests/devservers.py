@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import pwd
 import shutil
@@ -73,11 +74,17 @@ def pg_bindir() -> Path:
 
 @dataclass
 class OpenBaoServer:
-    """``bao server -dev`` on a free port, root token :data:`ROOT_TOKEN`."""
+    """``bao server -dev`` on a free port, root token :data:`ROOT_TOKEN`.
+
+    ``audited=True`` adds a file audit device (declared in a config file: OpenBao does not
+    enable audit devices through its API): every request, one JSON line each, in
+    :attr:`audit_path`, so tests can count what a client really asked for.
+    """
 
     port: int = field(default_factory=free_port)
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="bao-")))
     proc: subprocess.Popen[bytes] | None = None
+    audited: bool = False
 
     @property
     def address(self) -> str:
@@ -87,15 +94,37 @@ class OpenBaoServer:
     def log_path(self) -> Path:
         return self.workdir / "bao.log"
 
+    @property
+    def audit_path(self) -> Path:
+        return self.workdir / "audit.log"
+
+    def requests(self, path: str, operation: str = "read") -> int:
+        """How many ``operation`` requests on ``path`` the audit log holds (audited only)."""
+        count = 0
+        for line in self.audit_path.read_text().splitlines():
+            entry = json.loads(line)
+            request = entry.get("request") or {}
+            if entry.get("type") == "request" and request.get("path") == path:
+                count += request.get("operation") == operation
+        return count
+
     def start(self) -> OpenBaoServer:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
         env["HOME"] = str(self.workdir)
+        extra = []
+        if self.audited:
+            config = self.workdir / "audit.hcl"
+            config.write_text(
+                f'audit "file" "tests" {{\n  options = {{ file_path = "{self.audit_path}" }}\n}}\n'
+            )
+            extra.append(f"-config={config}")
         log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(
             [
                 bao_binary(),
                 "server",
                 "-dev",
+                *extra,
                 f"-dev-root-token-id={ROOT_TOKEN}",
                 f"-dev-listen-address=127.0.0.1:{self.port}",
             ],

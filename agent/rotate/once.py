@@ -1,8 +1,11 @@
-"""``credsidecar rotate NAME``: one forced rotation from the command line.
+"""``credsidecar rotate NAME`` when no agent answers on the admin socket: one forced
+rotation in this process.
 
 Logs in like the agent, obtains only the secrets the rotation needs (the admin
-login of a PostgreSQL kind), rotates through the same claim/publish protocol as
-the running sidecars, which then adopt the result from the store.
+login of a PostgreSQL kind), rotates through the same claim/publish protocol and
+the same grace rules as the running sidecars, which then adopt the result from the
+store. The previous credential is retired after its grace by whichever sidecar runs
+then (the record keeps ``retire_at``); only ``--now`` retires it here, early.
 """
 
 from __future__ import annotations

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -73,16 +75,50 @@ async def login_with(path: Path, postgres: PostgresCluster) -> str:
         await conn.close()
 
 
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP over a unix socket (the agent's admin API), written here, not taken from agent."""
+
+    def __init__(self, path: Path, timeout: float = 60.0) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(str(self.socket_path))
+
+
+def unix_request(
+    path: Path, method: str, url: str, timeout: float = 60.0
+) -> tuple[int, dict[str, Any]]:
+    conn = UnixHTTPConnection(path, timeout)
+    try:
+        conn.request(method, url)
+        response = conn.getresponse()
+        return response.status, json.loads(response.read() or b"{}")
+    finally:
+        conn.close()
+
+
 class AgentProcess:
     """One ``credsidecar run`` process with its config and logs in ``workdir``."""
 
-    def __init__(self, workdir: Path, config: dict[str, Any], *, health: bool = True) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        config: dict[str, Any],
+        *,
+        health: bool = True,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.workdir = workdir
+        self.extra_env = dict(env or {})
         workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port() if health else None
         if health:
             config = {**config, "health": {"listen": f"127.0.0.1:{self.port}"}}
         config.setdefault("state_dir", str(workdir / "state"))
+        self.state_dir = Path(config["state_dir"])
         self.config_path = workdir / "config.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.log_path = workdir / f"agent-{len(list(workdir.glob('agent-*.log')))}.log"
@@ -102,7 +138,8 @@ class AgentProcess:
         )
 
     def _env(self) -> dict[str, str]:
-        return {k: v for k, v in os.environ.items() if not k.startswith("VAULT_")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("VAULT_")}
+        return {**env, **self.extra_env}
 
     def start(self) -> AgentProcess:
         with open(self.log_path, "ab") as err, open(self.out_path, "ab") as out:
@@ -153,6 +190,14 @@ class AgentProcess:
                 return response.status, response.read()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read()
+
+    @property
+    def admin_socket(self) -> Path:
+        return self.state_dir / "admin.sock"
+
+    def admin(self, url: str, method: str = "GET") -> tuple[int, dict[str, Any]]:
+        """One request to the admin API on the agent's unix socket."""
+        return unix_request(self.admin_socket, method, url)
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         def ready() -> bool:

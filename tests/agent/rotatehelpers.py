@@ -6,13 +6,15 @@ import asyncio
 import contextlib
 import dataclasses
 import inspect
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 from aiohttp import web
-from devservers import AUDIT, OpenBaoServer, PostgresCluster, free_port
+from devservers import AUDIT, ROOT_TOKEN, OpenBaoServer, PostgresCluster, free_port
 
 from agent.rotate.base import RotatorContext, create_rotator
 from agent.rotate.config import AdminConfig, RotateConfig
@@ -20,6 +22,49 @@ from agent.rotate.manager import Rotation
 from agent.rotate.store import Record, Store
 from agent.secret import SecretValue
 from agent.vault.client import VaultClient
+
+TEMPLATE = (
+    '{"username": {{ secrets["db-password"].username | tojson }}, '
+    '"password": {{ secrets["db-password"].password | tojson }}, '
+    '"version": {{ secrets["db-password"].lease.version | tojson }}}'
+)
+
+
+def rotate_config(
+    openbao: OpenBaoServer, postgres: PostgresCluster, shm: Path, unique: str, out: Path
+) -> dict[str, Any]:
+    """An agent config rotating ``db-password`` (dual-user ``e2e<unique>``), rendered to
+    ``out/db.json``; the store is ``secret/data/rot-e2e-<unique>``."""
+    token_file = shm / "token"
+    token_file.write_text(ROOT_TOKEN)
+    admin = shm / "admin.json"
+    admin.write_text(json.dumps({"username": postgres.superuser, "password": postgres.password}))
+    admin.chmod(0o600)
+    out.mkdir(exist_ok=True)
+    return {
+        "vault": {
+            "address": openbao.address,
+            "auth": {"method": "token", "token_file": str(token_file)},
+        },
+        "secrets": {"db_admin": {"kind": "file", "path": str(admin)}},
+        "rotate": {
+            "db-password": {
+                "kind": "postgres-dual-user",
+                "admin": {
+                    "secret": "db_admin",
+                    "host": "127.0.0.1",
+                    "port": postgres.port,
+                    "database": "postgres",
+                },
+                "role": f"e2e{unique}",
+                "store": {"vault_kv": f"secret/data/rot-e2e-{unique}"},
+                "every": "1h",
+                "grace": "3s",
+                "poll": "500ms",
+            }
+        },
+        "templates": [{"destination": str(out / "db.json"), "contents": TEMPLATE}],
+    }
 
 
 class Published:

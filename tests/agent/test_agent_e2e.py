@@ -190,10 +190,10 @@ async def test_kv_changes_reach_the_file(openbao: OpenBaoServer, shm: Path) -> N
         wait_for(lambda: (shm / "fast").read_text() == "key-version-2", 10, "the 1s refresh")
         # the hourly one only moves when asked
         assert (shm / "slow").read_text() == "key-version-1"
-        status, body = agent.http("/refresh?secret=slow", method="POST")
-        assert status == 202 and json.loads(body) == {"refreshing": ["slow"]}
+        status, answer = agent.admin("/refresh?secret=slow", method="POST")
+        assert status == 202 and answer == {"refreshing": ["slow"]}
         wait_for(lambda: (shm / "slow").read_text() == "key-version-2", 10, "POST /refresh")
-        assert agent.http("/refresh?secret=nope", method="POST")[0] == 404
+        assert agent.admin("/refresh?secret=nope", method="POST")[0] == 404
     finally:
         assert agent.stop() == 0
 
@@ -227,7 +227,7 @@ def test_a_burst_is_fully_written_before_anyone_is_notified(
             client.secrets.kv.v2.create_or_update_secret(
                 path="burst", secret={"v": f"generation-{n}"}
             )
-            agent.http("/refresh", method="POST")
+            agent.admin("/refresh", method="POST")
             wait_for(
                 lambda n=n: record.exists() and f"generation-{n}|" in record.read_text(),
                 15,
@@ -255,7 +255,7 @@ def test_vault_outage_keeps_files_and_recovers_without_new_leases(
     try:
         agent.wait_ready()
         before = (shm / "db.json").read_bytes()
-        lease = json.loads(agent.http("/status")[1])["secrets"]["db"]["lease_id"]
+        lease = agent.admin("/status")[1]["secrets"]["db"]["lease_id"]
         relay.cut()
 
         def not_ready() -> dict[str, object] | None:
@@ -263,14 +263,14 @@ def test_vault_outage_keeps_files_and_recovers_without_new_leases(
             return None if code == 200 else {"at": time.time(), **json.loads(body)}
 
         turned = wait_for(not_ready, 30, "/readyz to turn not-ready during the outage")
-        status = json.loads(agent.http("/status")[1])
+        status = agent.admin("/status")[1]
         assert status["secrets"]["db"]["expires_at"] > turned["at"], "not-ready only after expiry"
         assert (shm / "db.json").read_bytes() == before
         failures = agent.events("renew_failed")
         assert len(failures) >= 2
         relay.restore()
         agent.wait_ready(timeout=30)
-        assert json.loads(agent.http("/status")[1])["secrets"]["db"]["lease_id"] == lease
+        assert agent.admin("/status")[1]["secrets"]["db"]["lease_id"] == lease
         assert (shm / "db.json").read_bytes() == before
         assert leases_under(openbao, "db-out/creds/out/") == [lease]
         metrics = agent.http("/metrics")[1].decode()
@@ -343,11 +343,10 @@ def test_metrics_and_status_never_show_values(
             "credsidecar_ready 1.0",
         ):
             assert name in text, name
-        code, body = agent.http("/status")
-        status = json.loads(body)
-        assert status["ready"] is True
+        code, status = agent.admin("/status")
+        assert code == 200 and status["ready"] is True
         assert status["secrets"]["db"]["fields"] == ["password", "username"]
-        assert password not in body.decode() and password not in text
+        assert password not in json.dumps(status) and password not in text
         assert agent.http("/healthz")[0] == 200
     finally:
         assert agent.stop() == 0

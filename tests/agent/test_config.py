@@ -203,7 +203,31 @@ def test_secret_names_that_cannot_be_files_are_refused(name: str) -> None:
     assert "name" in problem
 
 
-# --------------------------------------------------------------------------- env
+# --------------------------------------------------------------------------- admin, env
+
+
+def test_the_admin_api_is_a_socket_in_state_dir_by_default() -> None:
+    config = parse_config({**BASE, "state_dir": "/dev/shm/s"}, base_dir=Path("/cfg"), env={})
+    assert config.admin is not None
+    assert config.admin.socket == Path("/dev/shm/s/admin.sock")
+    assert config.admin.listen_host is None
+    off = parse_config({**BASE, "admin": {"socket": False}}, base_dir=Path("/cfg"), env={})
+    assert off.admin is None
+
+
+def test_admin_tcp_needs_a_token_file() -> None:
+    (loopback,) = problems_of({**BASE, "admin": {"listen": "127.0.0.1:8081"}})
+    assert loopback.startswith("admin.token_file: is required with admin.listen")
+    (open_,) = problems_of({**BASE, "admin": {"listen": "0.0.0.0:8081"}})
+    assert "0.0.0.0 is not a loopback address" in open_
+    config = parse_config(
+        {**BASE, "admin": {"listen": "127.0.0.1:8081", "token_file": "admin-token"}},
+        base_dir=Path("/cfg"),
+        env={},
+    )
+    assert config.admin is not None
+    assert (config.admin.listen_host, config.admin.listen_port) == ("127.0.0.1", 8081)
+    assert config.admin.token_file == Path("/cfg/admin-token")
 
 
 def test_env_of_children_parses_both_shapes() -> None:

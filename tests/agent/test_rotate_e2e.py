@@ -10,49 +10,8 @@ from typing import Any
 import pytest
 import yaml
 from agentproc import AgentProcess, wait_for
-from devservers import AUDIT, ROOT_TOKEN, OpenBaoServer, PostgresCluster
-from rotatehelpers import can_login
-
-TEMPLATE = (
-    '{"username": {{ secrets["db-password"].username | tojson }}, '
-    '"password": {{ secrets["db-password"].password | tojson }}, '
-    '"version": {{ secrets["db-password"].lease.version | tojson }}}'
-)
-
-
-def rotate_config(
-    openbao: OpenBaoServer, postgres: PostgresCluster, shm: Path, unique: str, out: Path
-) -> dict[str, Any]:
-    token_file = shm / "token"
-    token_file.write_text(ROOT_TOKEN)
-    admin = shm / "admin.json"
-    admin.write_text(json.dumps({"username": postgres.superuser, "password": postgres.password}))
-    admin.chmod(0o600)
-    out.mkdir(exist_ok=True)
-    return {
-        "vault": {
-            "address": openbao.address,
-            "auth": {"method": "token", "token_file": str(token_file)},
-        },
-        "secrets": {"db_admin": {"kind": "file", "path": str(admin)}},
-        "rotate": {
-            "db-password": {
-                "kind": "postgres-dual-user",
-                "admin": {
-                    "secret": "db_admin",
-                    "host": "127.0.0.1",
-                    "port": postgres.port,
-                    "database": "postgres",
-                },
-                "role": f"e2e{unique}",
-                "store": {"vault_kv": f"secret/data/rot-e2e-{unique}"},
-                "every": "1h",
-                "grace": "3s",
-                "poll": "500ms",
-            }
-        },
-        "templates": [{"destination": str(out / "db.json"), "contents": TEMPLATE}],
-    }
+from devservers import AUDIT, OpenBaoServer, PostgresCluster
+from rotatehelpers import can_login, rotate_config
 
 
 def rendered(path: Path) -> dict[str, Any]:
@@ -88,10 +47,10 @@ def test_replicas_rotate_once_and_agree(
         assert count(agents, "rotation_published") == 1
         assert count(agents, "adopted") == 2
 
-        # POST /rotate/<name> on one replica: the others adopt the result
-        status, body = agents[1].http("/rotate/db-password", method="POST")
-        assert status == 200, body
-        assert json.loads(body) == {"name": "db-password", "result": "rotated", "version": 2}
+        # POST /rotate/<name> on one replica's admin socket: the others adopt the result
+        status, answer = agents[1].admin("/rotate/db-password", method="POST")
+        assert status == 200, answer
+        assert answer == {"name": "db-password", "result": "rotated", "version": 2}
         for f in files:
             wait_for(lambda f=f: rendered(f)["version"] == "2", 20, f"{f} at version 2")
         second = [rendered(f) for f in files]
@@ -106,7 +65,7 @@ def test_replicas_rotate_once_and_agree(
             "f\n"
         )
 
-        # `credsidecar rotate NAME` from the command line: the running replicas adopt it
+        # `credsidecar rotate NAME` talks to the running agent: the other replicas adopt it
         done = agents[0].command("rotate", "db-password")
         assert done.returncode == 0, done.stderr
         assert done.stdout.strip() == "credsidecar: rotated db-password to version 3"
@@ -114,7 +73,7 @@ def test_replicas_rotate_once_and_agree(
             wait_for(lambda f=f: rendered(f)["version"] == "3", 20, f"{f} at version 3")
         assert rendered(files[2])["username"] == f"e2e{unique}_a"
 
-        assert agents[1].http("/rotate/nope", method="POST")[0] == 404
+        assert agents[1].admin("/rotate/nope", method="POST")[0] == 404
         missing = agents[0].command("rotate", "nope")
         assert missing.returncode == 2 and "nope" in missing.stderr
 
@@ -125,8 +84,7 @@ def test_replicas_rotate_once_and_agree(
         ok = f'credsidecar_rotations_total{{name="db-password",result="ok"}} {mine:.1f}'
         assert ok in text, [line for line in text.splitlines() if "rotat" in line]
         assert 'credsidecar_rotation_age_seconds{name="db-password"}' in text
-        status, body = agents[2].http("/status")
-        assert json.loads(body)["rotations"]["db-password"]["version"] == 3
+        assert agents[2].admin("/status")[1]["rotations"]["db-password"]["version"] == 3
     finally:
         for agent in agents:
             assert agent.stop() == 0
@@ -153,7 +111,7 @@ def test_check_reports_rotate_problems(
     assert "rotate.db-password.store.vault_kv" in result.stderr
 
 
-def test_cli_rotate_failure_is_one_clear_line(
+def test_cli_rotate_without_an_agent_says_so_and_fails_in_one_clear_line(
     openbao: OpenBaoServer, postgres: PostgresCluster, shm: Path, unique: str
 ) -> None:
     from devservers import free_port
@@ -164,7 +122,9 @@ def test_cli_rotate_failure_is_one_clear_line(
     result = agent.command("rotate", "db-password")
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
-    failure = [line for line in lines if line.startswith("credsidecar: ")]
-    assert len(failure) == 1, result.stderr
-    assert failure[0].startswith("credsidecar: rotation of db-password failed: admin login")
+    said = [line for line in lines if line.startswith("credsidecar: ")]
+    assert len(said) == 2, result.stderr
+    assert said[0].startswith("credsidecar: no credsidecar is running with this config")
+    assert "rotating db-password in this process" in said[0]
+    assert said[1].startswith("credsidecar: rotation of db-password failed: admin login")
     assert postgres.password not in result.stderr + result.stdout

@@ -111,14 +111,14 @@ def test_pgbench_through_the_proxy_during_rotations(
         bench.start()
         time.sleep(1.5)
         for version in (2, 3):
-            status, body = agent.http("/rotate/db", method="POST")
-            assert status == 200, body
-            assert json.loads(body)["version"] == version
+            status, answer = agent.admin("/rotate/db", method="POST")
+            assert status == 200, answer
+            assert answer["version"] == version
             time.sleep(2.5)
         bench.join()
         done, failed = bench.counts()
         assert done > 0 and failed == 0
-        proxy = json.loads(agent.http("/status")[1])["proxy"]
+        proxy = agent.admin("/status")[1]["proxy"]
         assert proxy["generation"] >= 3  # the proxy moved onto each rotated credential
         expected = f"{role}_a" if kind == "postgres-dual-user" else role
         assert proxy["user"] == expected  # dual-user: _a, _b, _a
