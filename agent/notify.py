@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from agent import commands, metrics
@@ -28,13 +29,24 @@ _NAMESPACE_HINT = (
 )
 
 
-class Debouncer:
-    """Collects triggers into bursts. ``trigger()`` is sync and never blocks."""
+def settles_at(first: float, last: float, wait: Wait) -> float:
+    """When a burst ends: ``wait.min`` after its last trigger, at most ``wait.max`` after
+    its first (pure: the quiescence window of consul-template's ``wait``)."""
+    return min(last + wait.min, first + wait.max)
 
-    def __init__(self, wait: Wait) -> None:
+
+class Debouncer:
+    """Collects triggers into bursts. ``trigger()`` is sync and never blocks.
+
+    The decision is :func:`settles_at` on the burst's first and last trigger times,
+    read from ``clock`` (injectable: tests drive it without sleeping).
+    """
+
+    def __init__(self, wait: Wait, clock: Callable[[], float] = time.monotonic) -> None:
         self.wait = wait
+        self.clock = clock
         self._event = asyncio.Event()
-        self._first: float | None = None  # monotonic time of the burst's first trigger
+        self._first: float | None = None  # clock time of the burst's first trigger
         self._last = 0.0
 
     @property
@@ -42,11 +54,17 @@ class Debouncer:
         return self._first is not None
 
     def trigger(self) -> None:
-        now = time.monotonic()
+        now = self.clock()
         if self._first is None:
             self._first = now
         self._last = now
         self._event.set()
+
+    def remaining(self) -> float | None:
+        """Seconds until the pending burst settles (<= 0: now); None when none is pending."""
+        if self._first is None:
+            return None
+        return settles_at(self._first, self._last, self.wait) - self.clock()
 
     def take(self) -> bool:
         """End the current burst now. Returns whether one was pending."""
@@ -60,9 +78,7 @@ class Debouncer:
         while True:
             await self._event.wait()
             self._event.clear()
-            while self._first is not None:
-                deadline = min(self._last + self.wait.min, self._first + self.wait.max)
-                delay = deadline - time.monotonic()
+            while (delay := self.remaining()) is not None:
                 if delay <= 0:
                     self.take()
                     return
