@@ -313,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
             config, health = write_config(workdir, bao, pg)
             print(
                 f"{now()} demo   OpenBao {bao.address}, PostgreSQL 127.0.0.1:{pg.port}, "
-                f"lease TTL 6s / max 20s; health http://127.0.0.1:{health}/status",
+                f"lease TTL 6s / max 20s; probes http://127.0.0.1:{health}/readyz, "
+                f"status: credsidecar status -c {config}",
                 flush=True,
             )
             how = f"for {args.duration:g}s" if args.duration > 0 else "until Ctrl-C"

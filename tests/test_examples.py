@@ -199,6 +199,39 @@ def test_kubernetes_pod_is_a_native_sidecar() -> None:
     assert pod["securityContext"]["runAsNonRoot"] is True
 
 
+def test_kubernetes_exposes_only_probes_and_metrics() -> None:
+    """The pod network reaches probes and metrics only; the admin API stays in the sidecar."""
+    from agent.http import build_app
+
+    pod = k8s_object("Deployment")["spec"]["template"]["spec"]
+    (sidecar,) = [c for c in pod["initContainers"] if c["name"] == "credsidecar"]
+    assert [p["name"] for p in sidecar["ports"]] == ["health"]
+    for container in pod["containers"]:
+        assert not container.get("ports"), f"{container['name']} exposes ports"
+    raw = configmap_config()
+    config = parse_config(raw, base_dir=Path("/etc/credsidecar"), env={})
+    # what listens on the pod network serves GET probes and metrics, nothing else
+    app = build_app(object())  # type: ignore[arg-type]  # listing routes calls nothing
+    routes = {(r.method, r.resource.canonical) for r in app.router.routes() if r.resource}
+    assert routes == {
+        (method, path) for path in ("/healthz", "/readyz", "/metrics") for method in ("GET", "HEAD")
+    }
+    assert config.health is not None
+    assert config.health.listen_port == sidecar["ports"][0]["containerPort"]
+    # the admin API: the default unix socket in state_dir, no TCP listener
+    assert "admin" not in raw and config.admin is not None
+    assert config.admin.listen_host is None
+    assert config.admin.socket == config.state_dir / "admin.sock"
+    # state_dir is a directory the agent creates on the sidecar's own memory volume
+    mounts = {m["mountPath"]: m["name"] for m in sidecar["volumeMounts"]}
+    (mount,) = [p for p in mounts if config.state_dir.is_relative_to(p)]
+    assert config.state_dir != Path(mount), "an emptyDir root is world-writable: use a subdir"
+    volume = mounts[mount]
+    assert {v["name"]: v for v in pod["volumes"]}[volume]["emptyDir"]["medium"] == "Memory"
+    for container in pod["containers"]:
+        assert volume not in {m["name"] for m in container["volumeMounts"]}
+
+
 def test_dockerfile_is_non_root_and_runs_credsidecar() -> None:
     lines = [
         line.strip()
