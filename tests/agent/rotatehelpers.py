@@ -31,40 +31,54 @@ TEMPLATE = (
 
 
 def rotate_config(
-    openbao: OpenBaoServer, postgres: PostgresCluster, shm: Path, unique: str, out: Path
+    openbao: OpenBaoServer,
+    postgres: PostgresCluster,
+    shm: Path,
+    unique: str,
+    out: Path | None,
+    *,
+    name: str = "db-password",
+    kind: str = "postgres-dual-user",
+    database: str = "postgres",
+    **entry: Any,
 ) -> dict[str, Any]:
-    """An agent config rotating ``db-password`` (dual-user ``e2e<unique>``), rendered to
-    ``out/db.json``; the store is ``secret/data/rot-e2e-<unique>``."""
+    """An agent config rotating ``name`` (default: dual-user ``e2e<unique>``, store
+    ``secret/data/rot-e2e-<unique>``, grace 3s) with a superuser admin secret; rendered to
+    ``out/db.json`` (TEMPLATE, for ``db-password``) unless ``out`` is None. ``entry``
+    overrides keys of the rotate entry."""
     token_file = shm / "token"
     token_file.write_text(ROOT_TOKEN)
     admin = shm / "admin.json"
     admin.write_text(json.dumps({"username": postgres.superuser, "password": postgres.password}))
     admin.chmod(0o600)
-    out.mkdir(exist_ok=True)
-    return {
+    config: dict[str, Any] = {
         "vault": {
             "address": openbao.address,
             "auth": {"method": "token", "token_file": str(token_file)},
         },
         "secrets": {"db_admin": {"kind": "file", "path": str(admin)}},
         "rotate": {
-            "db-password": {
-                "kind": "postgres-dual-user",
+            name: {
+                "kind": kind,
                 "admin": {
                     "secret": "db_admin",
                     "host": "127.0.0.1",
                     "port": postgres.port,
-                    "database": "postgres",
+                    "database": database,
                 },
                 "role": f"e2e{unique}",
                 "store": {"vault_kv": f"secret/data/rot-e2e-{unique}"},
                 "every": "1h",
                 "grace": "3s",
                 "poll": "500ms",
+                **entry,
             }
         },
-        "templates": [{"destination": str(out / "db.json"), "contents": TEMPLATE}],
     }
+    if out is not None:
+        out.mkdir(exist_ok=True)
+        config["templates"] = [{"destination": str(out / "db.json"), "contents": TEMPLATE}]
+    return config
 
 
 class Published:

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 from agentproc import AgentProcess
-from devservers import ROOT_TOKEN, OpenBaoServer, PostgresCluster, free_port, pg_bindir
+from devservers import OpenBaoServer, PostgresCluster, free_port, pg_bindir
+from rotatehelpers import rotate_config
 
 
 class Bench(threading.Thread):
@@ -76,33 +75,26 @@ def test_pgbench_through_the_proxy_during_rotations(
     )
     login = "LOGIN" if kind == "postgres-password" else "NOLOGIN"
     postgres.psql(f"CREATE ROLE {role} {login} IN ROLE pg_read_all_data")
-    token_file, admin = shm / "token", shm / "admin.json"
-    token_file.write_text(ROOT_TOKEN)
-    admin.write_text(json.dumps({"username": postgres.superuser, "password": postgres.password}))
     proxy_port = free_port()
-    config: dict[str, Any] = {
-        "vault": {
-            "address": openbao.address,
-            "auth": {"method": "token", "token_file": str(token_file)},
-        },
-        "secrets": {"db_admin": {"kind": "file", "path": str(admin)}},
-        "rotate": {
-            "db": {
-                "kind": kind,
-                "admin": {"secret": "db_admin", "port": postgres.port, "database": database},
-                "role": role,
-                "store": {"vault_kv": f"secret/data/rot-proxy-{unique}"},
-                "every": "1h",
-                "grace": "2s",
-            }
-        },
-        "proxy": {
-            "listen": f"127.0.0.1:{proxy_port}",
-            "upstream": {"host": "127.0.0.1", "port": postgres.port},
-            "credentials": {"secret": "db"},
-            "pool_size": 8,
-            "drain_timeout": "10s",
-        },
+    config = rotate_config(
+        openbao,
+        postgres,
+        shm,
+        unique,
+        None,
+        name="db",
+        kind=kind,
+        database=database,
+        role=role,
+        store={"vault_kv": f"secret/data/rot-proxy-{unique}"},
+        grace="2s",
+    )
+    config["proxy"] = {
+        "listen": f"127.0.0.1:{proxy_port}",
+        "upstream": {"host": "127.0.0.1", "port": postgres.port},
+        "credentials": {"secret": "db"},
+        "pool_size": 8,
+        "drain_timeout": "10s",
     }
     agent = AgentProcess(shm / "agent", config).start()
     try:
