@@ -10,36 +10,14 @@ import os
 import sys
 import uuid
 from pathlib import Path
-from typing import Any
 
 import pytest
-from procgroups import marked_processes, none_left
+from procgroups import forking_command, none_left, see_grandchild
 
 from agent import commands
 from agent.childenv import EnvPolicy, child_environment
 from agent.config import NotifyConfig
 from agent.notify import Notifier
-
-# a leader that starts a grandchild (marked on its command line) and waits for it
-FORKER = (
-    "import subprocess, sys, time; "
-    "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)', sys.argv[1]]); "
-    "time.sleep(300)"
-)
-
-
-def forking_command(marker: str) -> tuple[str, ...]:
-    return (sys.executable, "-c", FORKER, marker)
-
-
-async def see_grandchild(marker: str, task: asyncio.Task[Any]) -> None:
-    """Wait until the grandchild runs (before the command's timeout ends the task)."""
-    for _ in range(600):
-        if marked_processes(marker):
-            return
-        assert not task.done(), f"the command ended before its grandchild started: {task}"
-        await asyncio.sleep(0.05)
-    raise AssertionError("the grandchild never started")
 
 
 async def test_a_timeout_kills_the_whole_process_group() -> None:

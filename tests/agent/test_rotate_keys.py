@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 import textwrap
@@ -13,6 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from devservers import AUDIT, OpenBaoServer, make_test_pki
+from procgroups import forking_command, none_left, see_grandchild
 from rotatehelpers import config, kv_data, looping, rotation
 
 from agent.rotate.jwtkeys import load_public, thumbprint
@@ -289,3 +291,24 @@ async def test_a_failed_retire_is_retried_with_backoff(
     failed = events.named("rotation_failed", step="retire")
     assert all(f.retry_in >= 0.3 for f in failed)  # backed off, not a busy loop
     assert json.loads(db.read_text())["live"] == [published.last.data["api_key"]]
+
+
+async def test_a_command_rotation_is_contained(vault: Any, unique: str, events: Any) -> None:
+    """Issue 8, finding 7, on a real store: too much output is an error naming the
+    command (not read whole), and a timeout leaves none of the command's processes."""
+    flood = (sys.executable, "-c", "import sys\nfor _ in range(128): sys.stdout.write('x' * 65536)")
+    cfg = config("flood", "command", f"secret/data/rot-flood-{unique}", create=flood)
+    rot, published = rotation(cfg, vault)
+    outcome = await rot.rotate_now()
+    assert outcome.result == "failed" and published.values == []
+    assert f"command {sys.executable!r}: stdout exceeds 1048576 bytes" in (outcome.error or "")
+
+    marker = f"rotate-grandchild-{unique}"
+    forker = forking_command(marker)
+    cfg = config("stray", "command", f"secret/data/rot-stray-{unique}", create=forker, timeout=3.0)
+    rot, published = rotation(cfg, vault)
+    task = asyncio.create_task(rot.rotate_now())
+    await see_grandchild(marker, task)
+    outcome = await task
+    assert outcome.result == "failed" and "timed out after 3s" in (outcome.error or "")
+    assert await none_left(marker)
