@@ -50,39 +50,52 @@ def exit_status(returncode: int) -> int:
 async def run(command: Command, stdin: bytes | None = None, *, capture: bool = False) -> bytes:
     """Run ``command``; its stdout when ``capture`` (else discarded), or CommandError."""
     what = command.name
+    # stdout goes through a pipe of ours, not asyncio's: we can close our end whenever we
+    # stop reading (an overflow), and Process.wait() does not wait for it to drain
+    read_end, write_end = os.pipe() if capture else (None, None)
     try:
         proc = await asyncio.create_subprocess_exec(
             *command.argv,
             stdin=asyncio.subprocess.DEVNULL if stdin is None else asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE if capture else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL if write_end is None else write_end,
             stderr=asyncio.subprocess.DEVNULL,
             env=child_environment(command.env),
             start_new_session=True,  # its own process group: a timeout kills all of it
         )
     except OSError as exc:
+        if read_end is not None:
+            os.close(read_end)
         raise CommandError(f"command {what!r}: cannot start ({exc.strerror or exc})") from None
+    finally:
+        if write_end is not None:
+            os.close(write_end)  # the child has its copy
+    stdout: _Stdout | None = None
     try:
         async with asyncio.timeout(command.timeout):
-            out = await _communicate(proc, stdin, command.max_output if capture else None)
+            if read_end is not None:
+                stdout = await _Stdout.open(read_end)
+            out = await _communicate(proc, stdin, stdout, command.max_output)
             code = await proc.wait()
     except TimeoutError:
-        _kill_group(proc)
-        await proc.wait()
+        await _kill_group(proc)
         raise CommandError(
             f"command {what!r}: timed out after {command.timeout:g}s (its process group was killed)"
         ) from None
     except _Overflow:
-        _kill_group(proc)
-        await proc.wait()
+        await _kill_group(proc)
         raise CommandError(
             f"command {what!r}: stdout exceeds {command.max_output} bytes (max_output); "
             "it was killed"
         ) from None
     except BaseException:  # cancelled (shutdown): leave nothing running behind us
-        _kill_group(proc)
         with contextlib.suppress(BaseException):
-            await asyncio.shield(proc.wait())
+            await asyncio.shield(_kill_group(proc))
         raise
+    finally:
+        if stdout is not None:
+            stdout.close()
+        elif read_end is not None:
+            os.close(read_end)
     if code != 0:
         raise CommandError(f"command {what!r}: exited with {exit_status(code)}")
     return out
@@ -92,18 +105,52 @@ class _Overflow(Exception):
     pass
 
 
+class _Stdout:
+    """The read end of a command's stdout, as a stream we own and close."""
+
+    def __init__(self, reader: asyncio.StreamReader, transport: asyncio.ReadTransport) -> None:
+        self.reader, self.transport = reader, transport
+
+    @classmethod
+    async def open(cls, fd: int) -> _Stdout:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=_CHUNK, loop=loop)
+        pipe = os.fdopen(fd, "rb", buffering=0)
+        try:
+            transport, _ = await loop.connect_read_pipe(
+                lambda: asyncio.StreamReaderProtocol(reader, loop=loop), pipe
+            )
+        except BaseException:
+            pipe.close()
+            raise
+        return cls(reader, transport)
+
+    async def read_capped(self, limit: int) -> bytes:
+        out = bytearray()
+        while chunk := await self.reader.read(_CHUNK):
+            out += chunk
+            if len(out) > limit:
+                raise _Overflow
+        return bytes(out)
+
+    def close(self) -> None:
+        self.transport.close()
+
+
 async def _communicate(
-    proc: asyncio.subprocess.Process, stdin: bytes | None, limit: int | None
+    proc: asyncio.subprocess.Process, stdin: bytes | None, stdout: _Stdout | None, limit: int
 ) -> bytes:
     writer = None
     if stdin is not None:
         writer = asyncio.create_task(_feed(proc, stdin), name=f"stdin-{proc.pid}")
     try:
-        return await _read_capped(proc, limit) if limit is not None else b""
-    finally:
+        out = await stdout.read_capped(limit) if stdout is not None else b""
         if writer is not None:
-            if not writer.done():
-                writer.cancel()
+            await writer  # all of the input is written (or the command stopped reading it)
+        return out
+    finally:
+        if writer is not None and not writer.done():
+            writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await writer
 
@@ -117,18 +164,9 @@ async def _feed(proc: asyncio.subprocess.Process, data: bytes) -> None:
     proc.stdin.close()
 
 
-async def _read_capped(proc: asyncio.subprocess.Process, limit: int) -> bytes:
-    assert proc.stdout is not None
-    out = bytearray()
-    while chunk := await proc.stdout.read(_CHUNK):
-        out += chunk
-        if len(out) > limit:
-            raise _Overflow
-    return bytes(out)
-
-
-def _kill_group(proc: asyncio.subprocess.Process) -> None:
-    """SIGKILL the command's process group (its pgid is its pid: it leads its session).
+async def _kill_group(proc: asyncio.subprocess.Process) -> None:
+    """SIGKILL the command's process group (its pgid is its pid: it leads its session),
+    and reap the leader.
 
     Also after the leader exited: a grandchild may still hold stdout or keep running.
     The kernel does not hand out a pid that is still some group's id, so the signal
@@ -137,3 +175,4 @@ def _kill_group(proc: asyncio.subprocess.Process) -> None:
     """
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
+    await proc.wait()
