@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DURATION ?= 0
 
-.PHONY: test lint typecheck unit demo bench clean hadolint
+.PHONY: test check lint typecheck unit fast demo bench clean hadolint
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,14 @@ typecheck: $(STAMP)
 
 unit: $(STAMP)
 	$(BIN)/pytest -q
+
+# The tests that need no server (tests/conftest.py marks the others "servers").
+fast: $(STAMP)
+	$(BIN)/pytest -q -m "not servers"
+
+# make check: the fast tier, under a minute (lint, types, the pure tests).
+# make test: everything, against real OpenBao and PostgreSQL.
+check: lint typecheck fast
 
 test: lint typecheck unit
 

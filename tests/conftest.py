@@ -28,6 +28,18 @@ from devservers import (
 )
 
 
+# Tests that use one of these fixtures need a real server: they are marked ``servers``
+# here, so ``make check`` (``-m "not servers"``) runs only the tests that need none. A
+# test that starts servers by other means carries ``@pytest.mark.servers`` itself.
+SERVER_FIXTURES = frozenset({"openbao", "postgres"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.servers)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def secret_audit() -> Iterator[SecretAudit]:
     from agent.logs import JsonFormatter

@@ -19,12 +19,13 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from waiting import wait_for
 
 ROOT_TOKEN = "devroot"  # dev server only; never a production token
 
@@ -33,19 +34,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _wait_until(check: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            if check():
-                return
-        except Exception as exc:  # any failure means "not yet"
-            last = exc
-        time.sleep(0.05)
-    raise TimeoutError(f"{what} did not become ready within {timeout}s (last error: {last})")
 
 
 def bao_binary() -> str:
@@ -135,7 +123,7 @@ class OpenBaoServer:
             start_new_session=True,
         )
         log.close()
-        _wait_until(self._healthy, 30, f"OpenBao at {self.address}")
+        wait_for(self._healthy, 30, f"OpenBao at {self.address}", not_yet=(Exception,))
         return self
 
     def _healthy(self) -> bool:
@@ -263,7 +251,7 @@ class PostgresCluster:
             **self._run_as(),
         )
         log.close()
-        _wait_until(self._ready, 30, f"PostgreSQL on port {self.port}")
+        wait_for(self._ready, 30, f"PostgreSQL on port {self.port}", not_yet=(Exception,))
         return self
 
     def _ready(self) -> bool:

@@ -496,6 +496,7 @@ def agent_pid(workdir: Path) -> int:
 @pytest.mark.slow
 @pytest.mark.timeout(300)  # starts its own servers: generous on a loaded machine
 @pytest.mark.parametrize("ending", ["ctrl-c", "agent killed"])
+@pytest.mark.servers
 def test_demo_runs_and_leaves_nothing_behind(ending: str) -> None:
     with subprocess.Popen(
         [sys.executable, str(EXAMPLES / "demo.py"), "--duration", "0"],

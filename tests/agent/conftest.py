@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import ssl
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
 from devservers import OpenBaoServer, PostgresCluster, configure_database_engine, free_port
+from waiting import wait_until
 
 from agent.config import AuthConfig, SecretConfig, VaultConfig
 from agent.ledger import Ledger
@@ -27,22 +26,6 @@ from agent.sources.base import Source, SourceContext
 from agent.vault.client import VaultClient
 
 ROOT = "devroot"
-
-
-async def wait_until(
-    check: Callable[[], object], limit: float = 30.0, what: str = "condition"
-) -> None:
-    """Poll ``check`` until true; generous timeouts keep a loaded machine green."""
-    deadline = time.monotonic() + limit
-    while True:
-        result = check()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {limit}s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 class Published:

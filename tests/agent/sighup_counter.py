@@ -10,12 +10,10 @@ Imported by tests: :func:`command` builds that argv, :class:`Record` reads the f
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve()
@@ -43,18 +41,10 @@ class Record:
         return len(self.lines(kind))
 
     async def wait_for(self, kind: str, count: int, within: float = 30.0) -> list[int]:
-        await until(lambda: self.count(kind) >= count, within, f"{count} {kind!r} lines")
+        from waiting import wait_until  # a test helper: not needed when run as the app
+
+        await wait_until(lambda: self.count(kind) >= count, within, f"{count} {kind!r} lines")
         return self.lines(kind)
-
-
-async def until(check: Callable[[], bool], within: float = 30.0, what: str = "") -> None:
-    """Poll ``check`` until it holds; fail after ``within`` seconds (generous by default)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not check():
-        if loop.time() > deadline:
-            raise AssertionError(f"waited {within}s for {what or check}")
-        await asyncio.sleep(0.02)
 
 
 def main() -> None:

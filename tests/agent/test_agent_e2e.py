@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agentproc import AgentProcess, agent_config, wait_for
+from agentproc import AgentProcess, agent_config
 from devservers import (
     AUDIT,
     FaultRelay,
@@ -22,6 +22,7 @@ from devservers import (
     configure_database_engine,
     leases_under,
 )
+from waiting import wait_for
 
 # A stand-in application: writes its pid file, counts the SIGHUPs it receives.
 SIGHUP_COUNTER = textwrap.dedent(

@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 from otheruid import NOBODY, call_as
-from sighup_counter import Record, command, until
+from sighup_counter import Record, command
+from waiting import wait_until as until
 
 from agent import metrics
 from agent.config import NotifyConfig, Wait

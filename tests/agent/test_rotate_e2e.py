@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 import yaml
-from agentproc import AgentProcess, wait_for
+from agentproc import AgentProcess
 from devservers import AUDIT, OpenBaoServer, PostgresCluster
 from rotatehelpers import can_login, rotate_config
+from waiting import wait_for
 
 
 def rendered(path: Path) -> dict[str, Any]:

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sighup_counter import Record, command, until
+from sighup_counter import Record, command
+from waiting import wait_until as until
 
 from agent import metrics
 from agent.childenv import EnvPolicy

@@ -14,9 +14,9 @@ import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from devservers import PostgresCluster, pg_bindir
+from waiting import wait_until  # noqa: F401 - the proxy tests import it from here
 
 from proxy.config import ProxyConfig
 from proxy.server import ProxyServer
@@ -116,20 +116,6 @@ async def psql(
 
 def pg_tool(name: str) -> str:
     return str(pg_bindir() / name)
-
-
-async def wait_until(check: Callable[[], Any], limit: float = 30, what: str = "") -> Any:
-    """Poll ``check`` (sync or async) until it returns something truthy."""
-    deadline = asyncio.get_running_loop().time() + limit
-    while True:
-        value = check()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if asyncio.get_running_loop().time() > deadline:
-            raise TimeoutError(f"condition not met within {limit}s: {what}")
-        await asyncio.sleep(0.05)
 
 
 def pgbench_counts(output: str) -> tuple[int, int]:
