@@ -27,7 +27,6 @@ from devservers import (
     SecretAudit,
 )
 
-
 # Tests that use one of these fixtures need a real server: they are marked ``servers``
 # here, so ``make check`` (``-m "not servers"``) runs only the tests that need none. A
 # test that starts servers by other means carries ``@pytest.mark.servers`` itself.
