@@ -3,13 +3,21 @@
 A write goes to a temp file in the destination's directory, is fsynced and then
 ``os.replace``d over the destination, so a reader sees the old bytes or the new
 bytes, never a mix. Identical bytes are not rewritten.
+
+Only a regular file (or nothing) is ever replaced. Whatever else sits at a
+destination - a FIFO, whose open would block forever, a symlink, whose chmod would
+change its target, a device, a directory - is refused with :class:`NotRegularFile`,
+and the existing file is opened with ``O_NOFOLLOW | O_NONBLOCK`` and checked with
+``fstat`` so that a swap between the check and the open changes nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
+import stat
 import tempfile
 from pathlib import Path
 
@@ -18,6 +26,68 @@ from agent.errors import RenderError
 
 MEMORY_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
 MOUNTINFO = Path("/proc/self/mountinfo")
+
+_KINDS = (
+    (stat.S_ISLNK, "a symbolic link"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISDIR, "a directory"),
+)
+
+
+class NotRegularFile(OSError):
+    """Something other than a regular file sits where we write one."""
+
+    def __init__(self, path: Path, mode: int) -> None:
+        kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+        super().__init__(errno.EINVAL, f"it is {kind}, not a regular file: refusing it", str(path))
+
+
+def non_regular(path: Path) -> str | None:
+    """Why ``path`` cannot be a destination (it exists and is no regular file), or None."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None  # missing (fine) or unreachable (the write will say so)
+    return None if stat.S_ISREG(st.st_mode) else str(NotRegularFile(path, st.st_mode).strerror)
+
+
+def _unchanged(path: Path, data: bytes, mode: int) -> bool:
+    """Whether ``path`` already holds ``data`` (then its mode is fixed in place).
+
+    Never blocks and never follows a link: ``lstat`` first, so a FIFO or a device is
+    not even opened; then ``O_NOFOLLOW | O_NONBLOCK`` and ``fstat`` on what was opened.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(st.st_mode):
+        raise NotRegularFile(path, st.st_mode)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # became a symlink since the lstat
+            raise NotRegularFile(path, stat.S_IFLNK) from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFile(path, st.st_mode)
+        if st.st_size != len(data):
+            return False
+        with os.fdopen(os.dup(fd), "rb") as f:
+            if f.read(len(data) + 1) != data:
+                return False
+        if st.st_mode & 0o7777 != mode:
+            os.fchmod(fd, mode)  # on what we opened: never through a link
+        return True
+    finally:
+        os.close(fd)
 
 
 def atomic_write(
@@ -28,15 +98,12 @@ def atomic_write(
     uid: int | None = None,
     gid: int | None = None,
 ) -> bool:
-    """Write ``data`` to ``path`` atomically. Returns False when the file already held it."""
-    try:
-        if path.read_bytes() == data:
-            st = path.stat()
-            if st.st_mode & 0o7777 != mode:
-                os.chmod(path, mode)
-            return False
-    except FileNotFoundError:
-        pass
+    """Write ``data`` to ``path`` atomically. Returns False when the file already held it.
+
+    Raises :class:`NotRegularFile` when something else than a regular file is there.
+    """
+    if _unchanged(path, data, mode):
+        return False
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, mode)  # before any byte lands: no window with looser permissions

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -170,8 +171,33 @@ def test_unwritable_destination_is_a_render_error(shm: Path) -> None:
     with pytest.raises(RenderError, match=f"cannot write {destination}: No such file"):
         write(cfg(destination), b"x")
     (shm / "dir.json").mkdir()
-    with pytest.raises(RenderError, match="Is a directory"):
+    with pytest.raises(RenderError, match="it is a directory"):
         write(cfg(shm / "dir.json"), b"x")
+
+
+@pytest.mark.timeout(30)  # before the fix the first write blocked forever opening the FIFO
+def test_a_fifo_or_any_non_regular_destination_is_refused_without_blocking(shm: Path) -> None:
+    fifo = shm / "db.json"
+    os.mkfifo(fifo)
+    with pytest.raises(RenderError, match=r"it is a FIFO \(named pipe\), not a regular file"):
+        write(cfg(fifo), b"credentials")
+    assert fifo.is_fifo()  # refused, not replaced: whoever made it should look
+
+    # a symlink: its target must be neither replaced nor chmod-ed through it
+    target = shm / "elsewhere"
+    target.write_bytes(b"credentials")
+    target.chmod(0o644)
+    link = shm / "link.json"
+    link.symlink_to(target)
+    with pytest.raises(RenderError, match="it is a symbolic link"):
+        write(cfg(link, perms=0o600), b"credentials")
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644 and link.is_symlink()
+
+    # a regular file is still replaced, and unchanged bytes still leave it alone
+    regular = shm / "ok.json"
+    assert write(cfg(regular), b"v1") is True
+    assert write(cfg(regular), b"v1") is False
+    assert write(cfg(regular), b"v2") is True and regular.read_bytes() == b"v2"
 
 
 MOUNTINFO = """\
