@@ -7,17 +7,22 @@ cannot hand a dynamic password out twice. The directory is checked by
 :mod:`agent.statedir` (ours, not a symlink, not writable by others) and files are read
 with ``O_NOFOLLOW``. A corrupt or refused file is logged and ignored; the worst case is
 one extra lease.
+
+A write that fails (the state volume is full, read-only, gone) never stops the agent:
+the lease lives on in memory, and the ledger is reported stale (a warning, and
+``credsidecar_ledger_stale{entry}`` at 1) until a later write of that entry succeeds.
+The list of replaced leases is kept in memory too, so a failed write loses none.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent import metrics
 from agent.config import secret_name_problem
 from agent.files import atomic_write
 from agent.logs import event
@@ -25,6 +30,7 @@ from agent.secret import SecretValue
 from agent.statedir import StateDirError, open_owned, prepare
 
 RETIRED_FILE = "retired-leases.json"
+RETIRED_ENTRY = "retired-leases"  # its name in metrics and logs
 
 
 @dataclass(frozen=True)
@@ -41,12 +47,10 @@ class Ledger:
     def __init__(self, state_dir: Path) -> None:
         """Raises StateDirError when ``state_dir`` is not safely ours."""
         self.state_dir = prepare(Path(state_dir))
+        self._retired: dict[str, float] | None = None  # read once, then kept here
+        self.stale: set[str] = set()  # entries whose last write failed
 
     # ------------------------------------------------------------------ secrets
-
-    def load(self, name: str) -> SecretValue | None:
-        entry = self.load_entry(name)
-        return entry.value if entry else None
 
     def load_entry(self, name: str) -> Entry | None:
         raw = self._read(self._path(name))
@@ -79,7 +83,8 @@ class Ledger:
         *,
         token_expires_at: float | None = None,
         token_accessor: str | None = None,
-    ) -> None:
+    ) -> bool:
+        """Record ``value``; False (logged, counted) when the write failed."""
         record = {
             "name": value.name,
             "data": dict(value.data),
@@ -92,16 +97,28 @@ class Ledger:
             "token_expires_at": token_expires_at,
             "token_accessor": token_accessor,
         }
-        self._write(self._path(value.name), record)
+        return self._write(value.name, self._path(value.name), record)
 
     def forget(self, name: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self._path(name).unlink()
+        path = self._path(name)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            self._failed(name, path, exc)
+            return
+        self._fresh(name)
 
     # ------------------------------------------------------------------ retired leases
 
     def retired(self) -> dict[str, float]:
         """Replaced leases still to revoke: lease id -> when (epoch seconds)."""
+        if self._retired is None:
+            self._retired = self._read_retired()
+        return dict(self._retired)
+
+    def _read_retired(self) -> dict[str, float]:
         raw = self._read(self.state_dir / RETIRED_FILE)
         if not isinstance(raw, dict):
             return {}
@@ -114,12 +131,14 @@ class Ledger:
     def add_retired(self, lease_id: str, revoke_at: float) -> None:
         items = self.retired()
         items[lease_id] = revoke_at
-        self._write(self.state_dir / RETIRED_FILE, items)
+        self._retired = items
+        self._write(RETIRED_ENTRY, self.state_dir / RETIRED_FILE, items)
 
     def remove_retired(self, lease_id: str) -> None:
         items = self.retired()
         if items.pop(lease_id, None) is not None:
-            self._write(self.state_dir / RETIRED_FILE, items)
+            self._retired = items
+            self._write(RETIRED_ENTRY, self.state_dir / RETIRED_FILE, items)
 
     # ------------------------------------------------------------------ files
 
@@ -146,9 +165,37 @@ class Ledger:
             event("ledger_corrupt", logging.WARNING, file=path.name, error=str(exc))
             return None
 
-    def _write(self, path: Path, record: object) -> None:
-        # a temp file renamed over the name: a symlink planted there is replaced, never followed
-        atomic_write(path, json.dumps(record, sort_keys=True).encode(), mode=0o600)
+    def _write(self, entry: str, path: Path, record: object) -> bool:
+        """Write one file; a failure is reported (once per entry until it recovers)."""
+        try:
+            # a temp file renamed over the name: a symlink planted there is replaced,
+            # never followed
+            atomic_write(path, json.dumps(record, sort_keys=True).encode(), mode=0o600)
+        except OSError as exc:
+            self._failed(entry, path, exc)
+            return False
+        self._fresh(entry)
+        return True
+
+    def _failed(self, entry: str, path: Path, exc: OSError) -> None:
+        metrics.ledger_write_failures_total.labels(entry).inc()
+        if entry not in self.stale:
+            self.stale.add(entry)
+            metrics.ledger_stale.labels(entry).set(1)
+            event(
+                "ledger_write_failed",
+                logging.WARNING,
+                entry=entry,
+                file=path.name,
+                error=exc.strerror or type(exc).__name__,
+                consequence="kept in memory only: a restart now may not adopt or revoke it",
+            )
+
+    def _fresh(self, entry: str) -> None:
+        if entry in self.stale:
+            self.stale.discard(entry)
+            metrics.ledger_stale.labels(entry).set(0)
+            event("ledger_written", entry=entry)
 
 
 def _opt_float(value: object) -> float | None:

@@ -75,3 +75,21 @@ rotation_age_seconds = Gauge(
     ["name"],
     registry=REGISTRY,
 )
+task_failures_total = Counter(
+    "credsidecar_task_failures_total",
+    "Unexpected failures of a part of the agent (it was restarted), by part.",
+    ["task"],
+    registry=REGISTRY,
+)
+ledger_write_failures_total = Counter(
+    "credsidecar_ledger_write_failures_total",
+    "Ledger writes on the state directory that failed, by entry.",
+    ["entry"],
+    registry=REGISTRY,
+)
+ledger_stale = Gauge(
+    "credsidecar_ledger_stale",
+    "1 while the ledger entry on the state directory is older than what the agent holds.",
+    ["entry"],
+    registry=REGISTRY,
+)

@@ -8,9 +8,11 @@ the tests created.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,6 +66,52 @@ def shm() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="credsidecar-test-", dir="/dev/shm"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+class TinyVolume:
+    """A tmpfs of its own, a few pages big, that a test fills to get real ENOSPC.
+
+    ``fill()`` writes a filler file until the kernel says ``No space left on device``;
+    ``free()`` removes it again. Files already on the volume stay as they are.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.filler = path / ".filler"
+
+    def fill(self) -> None:
+        fd = os.open(self.filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            while os.write(fd, b"\0" * 4096):
+                pass
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+        finally:
+            os.close(fd)
+        probe = self.path / ".probe"
+        with pytest.raises(OSError, match="No space left"):
+            probe.write_bytes(b"x" * 4096)
+        probe.unlink(missing_ok=True)
+
+    def free(self) -> None:
+        self.filler.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def tiny_volume() -> Iterator[TinyVolume]:
+    """A 256 KiB tmpfs mounted for this test (needs root, as the tests run in CI)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    path = Path(tempfile.mkdtemp(prefix="credsidecar-tiny-"))
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(path)], check=True
+    )
+    try:
+        yield TinyVolume(path)
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+        path.rmdir()
 
 
 @pytest.fixture(scope="session")
