@@ -51,6 +51,7 @@ SECRET_KINDS: tuple[SecretKind, ...] = get_args(SecretKind)
 AUTH_METHODS: tuple[AuthMethod, ...] = get_args(AuthMethod)
 LOG_LEVELS: tuple[LogLevel, ...] = get_args(LogLevel)
 K8S_TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+DEFAULT_MAX_SIZE = 4 * 1024 * 1024  # a template's output, in bytes
 # letters, digits, _, - and . (a template reaches any of them as secrets["db-admin"]);
 # never starting with . or -, so a name is never a hidden or relative file name
 SECRET_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
@@ -140,6 +141,7 @@ class TemplateConfig:
     gid: int | None = None
     allow_disk: bool = False
     error_on_missing_key: bool = True
+    max_size: int = DEFAULT_MAX_SIZE  # bytes of output; a render past it fails, the file stays
 
     @property
     def name(self) -> str:
@@ -409,6 +411,7 @@ _TEMPLATE_KEYS = (
     "gid",
     "allow_disk",
     "error_on_missing_key",
+    "max_size",
 )
 
 
@@ -430,6 +433,7 @@ def _template(problems: Problems, index: int, raw: object, base: Path) -> Templa
         gid=s.get("gid", as_int, None),
         allow_disk=s.get("allow_disk", as_bool, False),
         error_on_missing_key=s.get("error_on_missing_key", as_bool, True),
+        max_size=s.get("max_size", as_positive_int, DEFAULT_MAX_SIZE),
     )
 
 

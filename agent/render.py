@@ -1,9 +1,12 @@
 """Templates -> bytes. Pure: no file or network I/O after construction.
 
-Templates are sandboxed Jinja2. Each secret is visible as ``secrets.<name>``
-(its fields plus ``lease`` metadata). Errors name the template and the line, and
-never carry a secret value: Jinja and Python messages can quote the values they
-choke on, so every render error is scrubbed before it leaves this module.
+Templates are sandboxed Jinja2 with bounds (:mod:`agent.sandbox`): the output is
+capped at the template's ``max_size`` (4 MiB by default), operations that would build
+something bigger are refused before they run, and a render can be stopped from
+another thread. Each secret is visible as ``secrets.<name>`` (its fields plus
+``lease`` metadata). Errors name the template and the line, and never carry a secret
+value: Jinja and Python messages can quote the values they choke on, so every render
+error is scrubbed before it leaves this module.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import base64
 import binascii
 import json
 import re
+import threading
+import time
 import traceback
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
@@ -19,12 +24,13 @@ from urllib.parse import quote, urlencode
 
 import jinja2
 from jinja2 import nodes
-from jinja2.sandbox import SandboxedEnvironment
 
 from agent.config import TemplateConfig
 from agent.errors import RenderError
+from agent.sandbox import BoundedEnvironment, Budget, TemplateLimit, render_bounded
 from agent.secret import SecretValue
 
+RENDER_DEADLINE = 30.0  # seconds: far beyond any real template, short of a hung agent
 _REDACTED = "<redacted>"
 # values this short are too common to replace inside a message; hide the message instead
 _MIN_SCRUB_LEN = 4
@@ -58,19 +64,26 @@ class Template:
         """Names used as ``secrets.<name>`` / ``secrets["name"]``.
 
         Incomplete when :attr:`dynamic` is true (the template indexes ``secrets`` with
-        a variable or iterates it); :meth:`uses` accounts for that.
+        a variable or iterates it): such a template needs every secret.
         """
         return set(self._names)
 
-    def uses(self, changed: Iterable[str]) -> bool:
-        """Whether a change to any of these secrets can change this template's output."""
-        return self.dynamic or not self._names.isdisjoint(changed)
+    def render(
+        self, secrets: Mapping[str, SecretValue], stop: threading.Event | None = None
+    ) -> bytes:
+        """Render with ``secrets.<name>`` = ``value.template_view()``. Raises RenderError.
 
-    def render(self, secrets: Mapping[str, SecretValue]) -> bytes:
-        """Render with ``secrets.<name>`` = ``value.template_view()``. Raises RenderError."""
+        Bounded by ``max_size`` and :data:`RENDER_DEADLINE`; ``stop`` set from another
+        thread ends the render at its next loop step or lookup.
+        """
         context = {"secrets": {name: value.template_view() for name, value in secrets.items()}}
+        limits = Budget(self.cfg.max_size, time.monotonic() + RENDER_DEADLINE, stop)
         try:
-            return self._template.render(context).encode("utf-8")
+            return render_bounded(lambda: self._template.generate(context), limits)
+        except TemplateLimit as exc:  # our own bound: the message holds no value
+            line = self._failing_line(exc)
+            at = f" line {line}" if line is not None else ""
+            raise RenderError(f"{self._where()}{at}: {exc}") from None
         except Exception as exc:  # any failure inside a template is a render error
             line = self._failing_line(exc)
             at = f" line {line}" if line is not None else ""
@@ -98,8 +111,8 @@ def _read_source(cfg: TemplateConfig) -> str:
         ) from None
 
 
-def _environment(*, strict: bool) -> SandboxedEnvironment:
-    env = SandboxedEnvironment(
+def _environment(*, strict: bool) -> BoundedEnvironment:
+    env = BoundedEnvironment(
         undefined=jinja2.StrictUndefined if strict else jinja2.ChainableUndefined,
         autoescape=False,
         keep_trailing_newline=True,

@@ -277,6 +277,96 @@ def test_secret_names(contents: str, names: set[str], dynamic: bool) -> None:
     tmpl = template(contents)
     assert tmpl.secret_names() == names
     assert tmpl.dynamic is dynamic
-    assert tmpl.uses(["unrelated"]) is dynamic
-    for name in names:
-        assert tmpl.uses([name])
+
+
+# --------------------------------------------------------------------------- bounds
+
+LOOP = (
+    "{% for i in range(4000) %}{% for j in range(4000) %}"
+    "{{ secrets.db.password }}{% endfor %}{% endfor %}"
+)
+
+
+def test_output_past_max_size_is_a_clear_error() -> None:
+    with pytest.raises(RenderError, match=r"output exceeds max_size \(4194304 bytes\)"):
+        template(LOOP).render({"db": db()})  # the default cap: 4 MiB
+    with pytest.raises(RenderError, match=r"output exceeds max_size \(100 bytes\)"):
+        render("{{ secrets.db.password }}" * 3, db(), max_size=100)
+    assert render("{{ secrets.db.username }}", db(), max_size=8) == "app_user"  # exactly fits
+
+
+@pytest.mark.parametrize(
+    ("contents", "what"),
+    [
+        ('{{ "x" * 200000000 }}', "the '\\*' operation"),
+        ('{{ ("x" * 4000000) + ("y" * 4000000) }}', "the '\\+' operation"),
+        ("{{ 10 ** 100000000 }}", "the '\\*\\*' operation"),
+        ('{{ "%200000000s" % "x" }}', "the '%' operation"),
+        ('{{ "x".ljust(200000000) }}', "str.ljust"),
+        ('{{ "{:>200000000}".format("x") }}', "str.format"),
+        ('{{ ("x" * 3000000).replace("x", "yy") }}', "str.replace"),
+        ('{{ "x" | center(200000000) }}', "the center filter"),
+        ('{{ ("a\\n" * 1000000) | indent(8) }}', "the indent filter"),
+    ],
+)
+def test_amplifying_operations_are_refused_before_they_allocate(contents: str, what: str) -> None:
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(RenderError, match=f"{what}.* would exceed max_size"):
+            template(contents).render({"db": db()})
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 * 1024 * 1024, f"{peak} bytes allocated on the way to the refusal"
+
+
+def test_a_render_stops_when_told_from_another_thread() -> None:
+    import threading
+
+    stop = threading.Event()
+    slow = template(
+        "{% for i in range(4000) %}{% for j in range(4000) %}"
+        "{% if secrets.db.password == 'x' %}x{% endif %}{% endfor %}{% endfor %}"
+    )
+    errors: list[RenderError] = []
+
+    def run() -> None:
+        try:
+            slow.render({"db": db()}, stop)
+        except RenderError as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    stop.set()  # a 16-million-step loop: it can only end early by noticing this
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+    assert len(errors) == 1 and "stopped: the agent is shutting down" in str(errors[0])
+
+
+def test_a_max_size_in_the_config_is_read_and_checked(tmp_path: Path) -> None:
+    from agent.config import ConfigError, parse_config
+
+    dest = str(tmp_path / "out")
+    config = parse_config(
+        {"templates": [{"destination": dest, "contents": "x", "max_size": 1024}]},
+        base_dir=tmp_path,
+        env={},
+    )
+    assert config.templates[0].max_size == 1024
+    assert (
+        parse_config(
+            {"templates": [{"destination": dest, "contents": "x"}]}, base_dir=tmp_path, env={}
+        )
+        .templates[0]
+        .max_size
+        == 4 * 1024 * 1024
+    )
+    with pytest.raises(ConfigError, match=r"templates\[0\]\.max_size"):
+        parse_config(
+            {"templates": [{"destination": dest, "contents": "x", "max_size": 0}]},
+            base_dir=tmp_path,
+            env={},
+        )
