@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 JITTER = 0.1  # +-10 % of the lease duration around the renewal point
@@ -110,6 +111,11 @@ class Wait:
     seconds: float
 
 
+@dataclass(frozen=True)
+class Revoke:
+    lease_ids: tuple[str, ...]
+
+
 Decision = Renew | Replace | Wait
 
 
@@ -156,6 +162,27 @@ def decide(state: LeaseState, now: float) -> Decision:
     return Wait(min(max(state.renew_at - now, MIN_DELAY), MAX_WAIT))
 
 
+def plan_lease(
+    state: LeaseState, retired: Mapping[str, float], delivered: bool, now: float
+) -> Renew | Replace | Revoke | Wait:
+    """:func:`decide`, plus the revocation of leases this one replaced.
+
+    ``retired`` maps replaced lease ids to the earliest time they may be revoked.
+    ``delivered`` says every consumer has the current credential (rendered everywhere,
+    the application told): until then nothing it superseded is revoked, however late,
+    because a destination may still hold it.
+    """
+    if delivered:
+        due = tuple(sorted(lease for lease, when in retired.items() if when <= now))
+        if due:
+            return Revoke(due)
+    decision = decide(state, now)
+    if isinstance(decision, Wait) and delivered and retired:
+        soonest = max(min(retired.values()) - now, MIN_DELAY)
+        return Wait(min(decision.seconds, soonest))
+    return decision
+
+
 def with_hard_expiry(state: LeaseState, hard_expiry: float | None) -> LeaseState:
     """``state`` once a hard limit became known later (the issuing token was superseded)."""
     if hard_expiry is None or hard_expiry >= state.renew_at + state.full_duration:
@@ -167,3 +194,31 @@ def with_hard_expiry(state: LeaseState, hard_expiry: float | None) -> LeaseState
         capped=True,
         fraction=state.fraction,
     )
+
+
+# --------------------------------------------------------------------------- the agent's token
+
+
+@dataclass(frozen=True)
+class Relogin:
+    pass
+
+
+@dataclass(frozen=True)
+class TokenState:
+    """What the token keeper knows about the agent's own token."""
+
+    renew_at: float | None  # None: the token never expires (a root token)
+    renewable: bool
+    capped: bool  # a renewal was cut short at the max TTL: only a new login extends it
+
+
+def plan_token(state: TokenState | None, now: float) -> Wait | Renew | Relogin:
+    """Renew, log in again or wait; ``state`` None means there is no usable token."""
+    if state is None or state.capped:
+        return Relogin()
+    if state.renew_at is None:
+        return Wait(MAX_WAIT)
+    if now < state.renew_at:
+        return Wait(min(max(state.renew_at - now, MIN_DELAY), MAX_WAIT))
+    return Renew() if state.renewable else Relogin()

@@ -4,9 +4,12 @@ The lease is renewed at about two thirds of its TTL (with jitter). A failed
 renewal is retried with backoff while the lease is valid; a transient error never
 costs a new credential. Only when the lease cannot be extended any more (its max
 TTL, or the death of the token that created it) is a new one obtained, before the
-old one expires (make-before-break); the old lease is revoked ``revoke_grace``
-later, through the ledger so that a restart still revokes it. On start a lease
-recorded in the ledger is adopted (looked up and renewed) instead of issuing one.
+old one expires (make-before-break). The old lease is revoked only once the new
+one was delivered (rendered into every destination and the application told, see
+:meth:`Source.delivered`) and ``revoke_grace`` has passed since; through the ledger,
+so that a restart still revokes it. While a render keeps failing the old lease is
+left alone: a destination still holds it. On start a lease recorded in the ledger is
+adopted (looked up and renewed) instead of issuing one.
 """
 
 from __future__ import annotations
@@ -16,8 +19,6 @@ import dataclasses
 import logging
 import math
 import random
-import time
-from typing import Any
 
 from agent import metrics
 from agent.config import SecretConfig
@@ -27,9 +28,10 @@ from agent.leases import (
     LeaseState,
     Renew,
     Replace,
+    Revoke,
     Wait,
-    decide,
     lease_state,
+    plan_lease,
     with_hard_expiry,
 )
 from agent.ledger import Entry
@@ -37,6 +39,7 @@ from agent.logs import event
 from agent.secret import SecretValue
 from agent.sources.base import Source, SourceContext
 from agent.vault.client import VaultClient
+from agent.vault.responses import Renewal
 
 
 class DatabaseSource(Source):
@@ -45,8 +48,10 @@ class DatabaseSource(Source):
         if context.vault is None:
             raise ConfigError([f"secrets.{config.name}: kind database needs vault"])
         self.vault: VaultClient = context.vault
+        self.clock = context.clock
         self.rng = random.Random()
         self.state: LeaseState | None = None
+        self._delivered: str | None = None  # the version every consumer has
         # which token created the lease: its death revokes the lease. An adopted
         # lease came from a previous process's token, known only by its expiry.
         self._generation: int | None = None
@@ -80,12 +85,12 @@ class DatabaseSource(Source):
                 token_accessor=self.vault.token_accessor if self._generation is not None else None,
             )
 
-    def _new_state(self, response: dict[str, Any], requested: float) -> LeaseState:
+    def _new_state(self, answer: Renewal, requested: float) -> LeaseState:
         return lease_state(
-            now=time.time(),
-            lease_duration=float(response.get("lease_duration") or 0),
+            now=self.clock(),
+            lease_duration=answer.lease_duration,
             requested=requested,
-            renewable=bool(response.get("renewable")),
+            renewable=answer.renewable,
             rng=self.rng,
             hard_expiry=self._hard_expiry(),
             fraction=self.config.renew_fraction,
@@ -103,7 +108,7 @@ class DatabaseSource(Source):
 
     async def _adopt(self, entry: Entry) -> SecretValue | None:
         recorded = entry.value
-        now = time.time()
+        now = self.clock()
         expired = recorded.expires_at is not None and recorded.expires_at <= now
         if not recorded.lease_id or expired:
             event("adopt_skipped", secret=self.name, version=recorded.version, reason="expired")
@@ -117,7 +122,7 @@ class DatabaseSource(Source):
         try:
             with contextlib.suppress(VaultAuthError):  # a policy may allow renew, not lookup
                 await self.vault.lookup_lease(recorded.lease_id)
-            response = await self.vault.renew_lease(recorded.lease_id, requested)
+            renewal = await self.vault.renew_lease(recorded.lease_id, requested)
         except VaultNotFound:
             event("adopt_skipped", secret=self.name, version=recorded.version, reason="revoked")
             self._forget()
@@ -135,21 +140,16 @@ class DatabaseSource(Source):
             self.current = recorded
             event("adopted", secret=self.name, version=recorded.version, ttl=None)
             return recorded
-        self.state = self._new_state(response, requested)
+        self.state = self._new_state(renewal, requested)
         value = dataclasses.replace(
             recorded,
             expires_at=_finite(self.state.expires_at),
-            renewable=bool(response.get("renewable")),
+            renewable=renewal.renewable,
             lease_duration=requested,
         )
         self.current = value
         self._record(value)
-        event(
-            "adopted",
-            secret=self.name,
-            version=value.version,
-            ttl=float(response.get("lease_duration") or 0),
-        )
+        event("adopted", secret=self.name, version=value.version, ttl=renewal.lease_duration)
         return value
 
     def _forget(self) -> None:
@@ -158,23 +158,19 @@ class DatabaseSource(Source):
 
     async def _issue(self) -> SecretValue:
         generation = self.vault.token_generation
-        response = await self.vault.read(self.config.path, "issue")
-        lease_id = response.get("lease_id")
-        data = response.get("data")
-        if not lease_id or not isinstance(data, dict):
-            raise VaultError(f"issue {self.config.path}: the answer has no lease")
+        lease = await self.vault.issue_lease(self.config.path)
         self._generation, self._adopted_token_expiry = generation, None
-        duration = float(response.get("lease_duration") or 0)
-        self.state = self._new_state(response, duration)
+        duration = lease.lease_duration
+        self.state = self._new_state(Renewal(duration, lease.renewable), duration)
         value = SecretValue(
             name=self.name,
-            data=dict(data),
-            version=str(lease_id),
-            issued_at=time.time(),
+            data=dict(lease.data),
+            version=lease.lease_id,
+            issued_at=self.clock(),
             expires_at=_finite(self.state.expires_at),
-            lease_id=str(lease_id),
+            lease_id=lease.lease_id,
             lease_duration=duration,
-            renewable=bool(response.get("renewable")),
+            renewable=lease.renewable,
         )
         self.current = value
         self._record(value)
@@ -183,42 +179,60 @@ class DatabaseSource(Source):
 
     # ------------------------------------------------------------------ keep fresh
 
+    def next_step(self) -> Renew | Replace | Revoke | Wait:
+        """What to do now (:func:`agent.leases.plan_lease` at the source's clock)."""
+        assert self.state is not None and self.current is not None
+        self.state = with_hard_expiry(self.state, self._hard_expiry())
+        delivered = self._delivered == self.current.version
+        return plan_lease(self.state, self._retired(), delivered, self.clock())
+
     async def run(self) -> None:
         cfg = self.vault.config
         backoff = Backoff(cfg.retry_initial, cfg.retry_max, self.rng)
         revoke_backoff = Backoff(cfg.retry_initial, cfg.retry_max, self.rng)
         while True:
-            assert self.state is not None and self.current is not None
-            self.state = with_hard_expiry(self.state, self._hard_expiry())
-            now = time.time()
-            decision = decide(self.state, now)
-            if isinstance(decision, Wait):
-                due = self._next_revocation()
-                seconds = decision.seconds if due is None else min(decision.seconds, due - now)
-                woke = await self.sleep(seconds)
-                await self._revoke_due(revoke_backoff)
-                if woke:  # POST /refresh or a new token: renew now, unless it must be replaced
-                    self.state = dataclasses.replace(self.state, renew_at=time.time())
+            step = self.next_step()
+            assert self.state is not None
+            if isinstance(step, Wait):
+                if await self.sleep(step.seconds):
+                    # POST /refresh or a new token: renew now, unless it must be replaced
+                    self.state = dataclasses.replace(self.state, renew_at=self.clock())
+                continue
+            if isinstance(step, Revoke):
+                await self._revoke_due(step.lease_ids, revoke_backoff)
                 continue
             try:
-                if isinstance(decision, Renew):
+                if isinstance(step, Renew):
                     await self._renew()
                 else:
-                    await self._replace(decision)
+                    await self._replace(step)
                 backoff.reset()
             except VaultNotFound as exc:
-                if isinstance(decision, Replace):  # e.g. the role is gone: keep trying
-                    await self._failed(decision, backoff, exc)
+                if isinstance(step, Replace):  # e.g. the role is gone: keep trying
+                    await self._failed(step, backoff, exc)
                     continue
                 # the lease is gone (revoked, expired): nothing left to keep, replace it
                 event("lease_lost", logging.WARNING, secret=self.name, error=str(exc))
-                self.state = dataclasses.replace(self.state, capped=True, expires_at=time.time())
+                if self.current is not None:
+                    self.context.revoked(self.name, self.current.version)
+                self.state = dataclasses.replace(self.state, capped=True, expires_at=self.clock())
             except VaultError as exc:
-                await self._failed(decision, backoff, exc)
+                await self._failed(step, backoff, exc)
+
+    def delivered(self, version: str, at: float) -> None:
+        """The grace of what ``version`` replaced starts now: every consumer has it."""
+        if self.current is None or version != self.current.version:
+            return  # an older version reached everyone: the current one has not yet
+        if self._delivered != version:
+            self._delivered = version
+            for lease_id, when in self._retired().items():
+                if when < at + self.config.revoke_grace:
+                    self._postpone_retired(lease_id, at + self.config.revoke_grace)
+        self.nudge()
 
     async def _failed(self, decision: Renew | Replace, backoff: Backoff, exc: VaultError) -> None:
         assert self.current is not None
-        delay = backoff.next(self.current.remaining())
+        delay = backoff.next(self.current.remaining(self.clock()))
         if isinstance(decision, Renew):
             metrics.renewals_total.labels(secret=self.name, result="error").inc()
             event(
@@ -245,12 +259,12 @@ class DatabaseSource(Source):
         lease_id = self.current.lease_id
         assert lease_id is not None
         requested = self.state.full_duration
-        response = await self.vault.renew_lease(lease_id, requested)
-        self.state = self._new_state(response, requested)
+        renewal = await self.vault.renew_lease(lease_id, requested)
+        self.state = self._new_state(renewal, requested)
         value = dataclasses.replace(
             self.current,
             expires_at=_finite(self.state.expires_at),
-            renewable=bool(response.get("renewable")),
+            renewable=renewal.renewable,
         )
         self.current = value
         self._record(value)
@@ -259,7 +273,7 @@ class DatabaseSource(Source):
             "renewed",
             secret=self.name,
             version=value.version,
-            ttl=float(response.get("lease_duration") or 0),
+            ttl=renewal.lease_duration,
             capped=self.state.capped,
         )
         await self.context.publish(value)
@@ -269,7 +283,8 @@ class DatabaseSource(Source):
         assert old is not None
         new = await self._issue()
         if old.lease_id and old.lease_id != new.lease_id:
-            revoke_at = time.time() + self.config.revoke_grace
+            # the earliest it may go; the grace really starts once `new` is delivered
+            revoke_at = self.clock() + self.config.revoke_grace
             if self.context.ledger is not None:
                 self.context.ledger.add_retired(old.lease_id, revoke_at)
             else:
@@ -303,18 +318,13 @@ class DatabaseSource(Source):
         else:
             self._retired_here[lease_id] = when
 
-    def _next_revocation(self) -> float | None:
-        return min(self._retired().values(), default=None)
-
-    async def _revoke_due(self, backoff: Backoff) -> None:
-        """Revoke the replaced leases whose grace has passed; postpone those that fail."""
-        for lease_id, when in self._retired().items():
-            if when > time.time():
-                continue
+    async def _revoke_due(self, lease_ids: tuple[str, ...], backoff: Backoff) -> None:
+        """Revoke replaced leases whose grace has passed; postpone those that fail."""
+        for lease_id in lease_ids:
             if await self._revoke(lease_id):
                 backoff.reset()
             else:
-                self._postpone_retired(lease_id, time.time() + backoff.next())
+                self._postpone_retired(lease_id, self.clock() + backoff.next())
 
     async def _revoke(self, lease_id: str) -> bool:
         try:
@@ -325,6 +335,7 @@ class DatabaseSource(Source):
             event("revoke_failed", logging.WARNING, secret=self.name, error=str(exc))
             return False
         self._drop_retired(lease_id)
+        self.context.revoked(self.name, lease_id)
         event("revoked", secret=self.name, version=lease_id)
         return True
 

@@ -8,12 +8,12 @@ certificate's notAfter, read from the certificate itself; the version is its ser
 from __future__ import annotations
 
 import logging
-import time
 
 from agent.errors import VaultError
 from agent.logs import event
 from agent.secret import SecretValue
 from agent.sources.polling import PollingSource
+from agent.vault.responses import Answer
 
 
 def not_after(pem: str) -> float:
@@ -32,24 +32,23 @@ class PkiSource(PollingSource):
     async def fetch(self) -> SecretValue:
         params = dict(self.config.params)
         response = await self.vault.write(self.config.path, params, self.operation)
-        data = response.get("data")
-        if not isinstance(data, dict) or "certificate" not in data:
-            raise VaultError(f"{self.operation} {self.config.path}: no certificate in the answer")
+        answer = Answer(self.operation, self.config.path, response).block("data")
         try:
-            expires_at = not_after(data["certificate"])
+            expires_at = not_after(answer.string("certificate"))
         except ValueError:
             where = f"{self.operation} {self.config.path}"
             raise VaultError(f"{where}: unreadable certificate") from None
+        data = answer.raw
         fields = {
             k: data[k]
             for k in ("certificate", "private_key", "private_key_type", "issuing_ca", "ca_chain")
             if k in data
         }
-        now = time.time()
+        now = self.context.clock()
         return SecretValue(
             name=self.name,
             data=fields,
-            version=str(data.get("serial_number", "")),
+            version=answer.optional_string("serial_number") or "",
             issued_at=now,
             expires_at=expires_at,
             lease_duration=max(0.0, expires_at - now),

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import random
-import time
 from abc import abstractmethod
 from typing import Any
 
@@ -79,7 +78,7 @@ class PollingSource(Source):
             if retry_in is not None:
                 await self.sleep(retry_in)
             elif self.current is not None:
-                delay = self.next_check(self.current, time.time())
+                delay = self.next_check(self.current, self.context.clock())
                 if delay > 0 and await self.sleep(delay) and not self.wake_fetches:
                     continue  # woken: re-check the schedule only
             retry_in = await self._fetch_once(backoff)

@@ -7,11 +7,9 @@ publishes the new password. The version is Vault's ``last_vault_rotation``.
 
 from __future__ import annotations
 
-import time
-
-from agent.errors import VaultError
 from agent.secret import SecretValue
 from agent.sources.polling import PollingSource
+from agent.vault.responses import Answer
 
 SLOP = 0.5  # read this long after the rotation is due: Vault needs a moment to do it
 MIN_RECHECK = 1.0  # not rotated yet when we looked: look again this soon
@@ -22,13 +20,13 @@ class StaticDatabaseSource(PollingSource):
 
     async def fetch(self) -> SecretValue:
         response = await self.vault.read(self.config.path, self.operation)
-        data = response.get("data")
-        if not isinstance(data, dict) or "password" not in data:
-            raise VaultError(f"{self.operation} {self.config.path}: no password in the answer")
-        now = time.time()
-        ttl = float(data.get("ttl") or 0)
-        period = float(data.get("rotation_period") or 0)
-        fields = {k: data[k] for k in ("username", "password") if k in data}
+        data = Answer(self.operation, self.config.path, response).block("data")
+        fields = {"password": data.string("password")}
+        if (username := data.optional_string("username")) is not None:
+            fields["username"] = username
+        now = self.context.clock()
+        ttl = data.number("ttl")
+        period = data.number("rotation_period")
         expires_at = None  # a role rotated only on demand has no schedule
         if period > 0:
             # ttl 0 means the rotation is overdue (Vault's queue is late): due now,
@@ -37,7 +35,7 @@ class StaticDatabaseSource(PollingSource):
         return SecretValue(
             name=self.name,
             data=fields,
-            version=str(data.get("last_vault_rotation") or ""),
+            version=data.optional_string("last_vault_rotation") or "",
             issued_at=now,
             expires_at=expires_at,
             lease_duration=period or None,

@@ -7,13 +7,13 @@ so a rotated token file or projected service-account token is picked up.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from agent.config import AuthConfig
 from agent.errors import VaultAuthError
+from agent.vault.responses import parse_auth, parse_token_lookup
 
 
 @dataclass(frozen=True)
@@ -49,49 +49,47 @@ def _value(inline: str | None, path: Path | None, what: str) -> str:
     raise VaultAuthError(f"login: no {what} configured")
 
 
-def login(client: Any, auth: AuthConfig) -> Token:
-    """Obtain a token with ``auth`` on the hvac ``client`` (which keeps it set)."""
-    now = time.time()
+def login(client: Any, auth: AuthConfig, now: float) -> Token:
+    """Obtain a token with ``auth`` on the hvac ``client`` (which keeps it set); ``now``
+    is when it was asked for. A malformed answer is a VaultError naming the field."""
     method = auth.method
     if method == "token":
-        client.token = _value(auth.token, auth.token_file, "token")
-        data = client.auth.token.lookup_self()["data"]
-        return Token(
-            value=client.token,
-            ttl=float(data.get("ttl") or 0),
-            renewable=bool(data.get("renewable")),
-            obtained_at=now,
-            accessor=data.get("accessor"),
-        )
-    if method == "approle":
-        response = client.auth.approle.login(
-            role_id=_value(auth.role_id, auth.role_id_file, "role_id"),
-            secret_id=_value(auth.secret_id, auth.secret_id_file, "secret_id"),
-            mount_point=auth.mount or "approle",
-            use_token=False,
-        )
-    elif method == "kubernetes":
-        response = client.auth.kubernetes.login(
-            role=auth.role,
-            jwt=_value(None, auth.jwt_file, "service account token"),
-            mount_point=auth.mount or "kubernetes",
-            use_token=False,
-        )
-    elif method == "jwt":
-        response = client.auth.jwt.jwt_login(
-            role=auth.role,
-            jwt=_value(None, auth.jwt_file, "jwt"),
-            path=auth.mount or "jwt",
-            use_token=False,
+        token = _value(auth.token, auth.token_file, "token")
+        client.token = token
+        info = parse_token_lookup(
+            "login", "auth/token/lookup-self", client.auth.token.lookup_self(), token
         )
     else:
-        raise VaultAuthError(f"login: unknown auth method {method!r}")
-    info = response["auth"]
-    client.token = info["client_token"]
+        mount = auth.mount or method
+        if method == "approle":
+            response = client.auth.approle.login(
+                role_id=_value(auth.role_id, auth.role_id_file, "role_id"),
+                secret_id=_value(auth.secret_id, auth.secret_id_file, "secret_id"),
+                mount_point=mount,
+                use_token=False,
+            )
+        elif method == "kubernetes":
+            response = client.auth.kubernetes.login(
+                role=auth.role,
+                jwt=_value(None, auth.jwt_file, "service account token"),
+                mount_point=mount,
+                use_token=False,
+            )
+        elif method == "jwt":
+            response = client.auth.jwt.jwt_login(
+                role=auth.role,
+                jwt=_value(None, auth.jwt_file, "jwt"),
+                path=mount,
+                use_token=False,
+            )
+        else:
+            raise VaultAuthError(f"login: unknown auth method {method!r}")
+        info = parse_auth("login", f"auth/{mount}/login", response)
+        client.token = info.client_token
     return Token(
-        value=info["client_token"],
-        ttl=float(info.get("lease_duration") or 0),
-        renewable=bool(info.get("renewable")),
+        value=info.client_token,
+        ttl=info.lease_duration,
+        renewable=info.renewable,
         obtained_at=now,
-        accessor=info.get("accessor"),
+        accessor=info.accessor,
     )

@@ -31,10 +31,11 @@ import requests
 from agent import metrics
 from agent.config import VaultConfig
 from agent.errors import VaultAuthError, VaultError, VaultNotFound, VaultUnavailable
-from agent.leases import Backoff, renew_delay
+from agent.leases import Backoff, Relogin, Renew, TokenState, Wait, plan_token, renew_delay
 from agent.logs import event
 from agent.vault import auth
 from agent.vault.auth import Token
+from agent.vault.responses import Answer, Lease, Renewal, parse_auth, parse_lease, parse_renewal
 
 T = TypeVar("T")
 
@@ -105,15 +106,23 @@ def _kind(error: VaultError) -> str:
 
 
 class VaultClient:
-    def __init__(self, config: VaultConfig, *, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        config: VaultConfig,
+        *,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.config = config
         self.rng = rng or random.Random()
+        self.clock = clock  # wall clock, injectable: token decisions are tested without sleeping
         self.last_error: str | None = None
         self.reachable = False
         self.token_generation = 0
         self._token: Token | None = None
         self._token_requested = 0.0  # the TTL a fresh token gets; renewals ask for it
         self._token_capped = False  # a renewal was cut short: the token is at its max TTL
+        self._token_refused = False  # Vault refused it (revoked, expired): log in again
         self._token_renew_at: float | None = None
         self._deadlines: dict[int, float | None] = {}  # superseded generation -> its expiry
         self._trouble = asyncio.Event()  # a request was refused: check the token now
@@ -176,21 +185,22 @@ class VaultClient:
         )
         return result if isinstance(result, dict) else {}
 
-    async def renew_lease(self, lease_id: str, increment: float | None = None) -> dict[str, Any]:
+    async def issue_lease(self, path: str, operation: str = "issue") -> Lease:
+        """GET a dynamic secret (``database/creds/<role>``): its lease and data."""
+        return parse_lease(operation, path, await self.read(path, operation))
+
+    async def renew_lease(self, lease_id: str, increment: float | None = None) -> Renewal:
         inc = None if increment is None else max(1, int(increment))
-        result: dict[str, Any] = await self._call(
-            "renew_lease",
-            "sys/leases/renew",
-            lambda: self._hvac.sys.renew_lease(lease_id=lease_id, increment=inc),
+        operation, path = "renew_lease", "sys/leases/renew"
+        result = await self._call(
+            operation, path, lambda: self._hvac.sys.renew_lease(lease_id=lease_id, increment=inc)
         )
-        return result
+        return parse_renewal(operation, path, result)
 
     async def lookup_lease(self, lease_id: str) -> dict[str, Any]:
-        result = await self._call(
-            "lookup_lease", "sys/leases/lookup", lambda: self._hvac.sys.read_lease(lease_id)
-        )
-        data: dict[str, Any] = result["data"]
-        return data
+        operation, path = "lookup_lease", "sys/leases/lookup"
+        result = await self._call(operation, path, lambda: self._hvac.sys.read_lease(lease_id))
+        return dict(Answer(operation, path, result).mapping("data"))
 
     async def revoke_lease(self, lease_id: str) -> None:
         await self._call(
@@ -238,8 +248,9 @@ class VaultClient:
             method = self.config.auth.method
             mount = self.config.auth.mount or method
             where = "auth/token/lookup-self" if method == "token" else f"auth/{mount}/login"
+            now = self.clock()
             token = await self._call(
-                "login", where, lambda: auth.login(self._hvac, self.config.auth)
+                "login", where, lambda: auth.login(self._hvac, self.config.auth, now)
             )
             previous = self._token
             if previous is not None:
@@ -248,7 +259,7 @@ class VaultClient:
                 self.token_generation += 1
             self._token = token
             self._token_requested = token.ttl
-            self._token_capped = False
+            self._token_capped = self._token_refused = False
             self._token_renew_at = (
                 token.obtained_at + renew_delay(token.ttl, self.rng) if token.ttl > 0 else None
             )
@@ -268,18 +279,19 @@ class VaultClient:
         token = self._token
         assert token is not None
         requested = self._token_requested
+        operation, path = "renew_token", "auth/token/renew-self"
         result = await self._call(
-            "renew_token",
-            "auth/token/renew-self",
+            operation,
+            path,
             lambda: self._hvac.auth.token.renew_self(increment=max(1, int(requested))),
         )
-        info = result["auth"]
-        now = time.time()
-        ttl = float(info.get("lease_duration") or 0)
+        info = parse_auth(operation, path, result)
+        now = self.clock()
+        ttl = info.lease_duration
         self._token = Token(
             value=token.value,
             ttl=ttl,
-            renewable=bool(info.get("renewable")),
+            renewable=info.renewable,
             obtained_at=now,
             accessor=token.accessor,
         )
@@ -288,50 +300,56 @@ class VaultClient:
         metrics.token_renewals_total.labels(action="renew", result="ok").inc()
         event("token_renewed", ttl=ttl, capped=self._token_capped)
 
-    async def _wait_trouble(self, until: float | None) -> bool:
-        timeout = None if until is None else max(0.0, until - time.time())
+    async def _wait_trouble(self, seconds: float) -> bool:
+        """Wait up to ``seconds``; True when a refused request said the token is in trouble."""
         try:
-            await asyncio.wait_for(self._trouble.wait(), timeout)
+            await asyncio.wait_for(self._trouble.wait(), max(0.0, seconds))
         except TimeoutError:
             return False
         self._trouble.clear()
         return True
 
+    def next_token_step(self) -> Wait | Renew | Relogin:
+        """What the token keeper does next (:func:`agent.leases.plan_token`, now)."""
+        token = self._token
+        state = None
+        if token is not None and not self._token_refused:
+            # at the max TTL: log in now, while the old token's leases have time
+            state = TokenState(self._token_renew_at, token.renewable, self._token_capped)
+        return plan_token(state, self.clock())
+
     async def keep_token_fresh(self) -> None:
         """Renew the token at ~2/3 of its TTL; log in again when it cannot be renewed.
 
         Runs until cancelled. Failures back off with jitter (capped by the time the
-        token has left) and are logged once per attempt.
+        token has left) and are logged once per attempt. A request refused with 401/403
+        makes it look the token up at once (and log in again when that fails too).
         """
         backoff = Backoff(self.config.retry_initial, self.config.retry_max, self.rng)
-        action = "login" if self._token is None else "wait"
+        check = False  # a refused request: look the token up before anything else
         while True:
-            if action == "wait":
-                if await self._wait_trouble(self._token_renew_at):
-                    action = "check"
-                elif self._token and self._token.renewable and not self._token_capped:
-                    action = "renew"
-                else:
-                    action = "login"
+            step = self.next_token_step()
+            if isinstance(step, Wait) and not check:
+                check = await self._wait_trouble(step.seconds)
+                continue
+            action = "check" if check else "renew" if isinstance(step, Renew) else "login"
             try:
-                if action == "renew":
-                    await self._renew_token()
-                    # at the max TTL: log in now, while the old token's leases have time
-                    action = "login" if self._token_capped else "wait"
-                    continue
                 if action == "check":
                     await self._call(
                         "lookup_token",
                         "auth/token/lookup-self",
                         lambda: self._hvac.auth.token.lookup_self(),
                     )
+                elif action == "renew":
+                    await self._renew_token()  # capped: the next step logs in again
                 else:
                     await self.login()
-                action = "wait"
+                check = False
                 backoff.reset()
             except VaultAuthError as exc:
                 if action != "login":
-                    action = "login"  # the token was refused or revoked: get a new one
+                    # the token was refused or revoked: get a new one now
+                    check, self._token_refused = False, True
                     continue
                 await self._back_off(backoff, "login", exc)
             except VaultError as exc:
@@ -340,7 +358,7 @@ class VaultClient:
 
     async def _back_off(self, backoff: Backoff, operation: str, exc: VaultError) -> None:
         expires = self.token_expires_at
-        delay = backoff.next(None if expires is None else expires - time.time())
+        delay = backoff.next(None if expires is None else expires - self.clock())
         event(
             "vault_unavailable",
             logging.WARNING,

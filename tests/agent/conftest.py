@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -183,11 +184,27 @@ def secret(name: str, kind: str, path: str, **kw: Any) -> SecretConfig:
     return SecretConfig(name=name, kind=kind, path=path, **kw)
 
 
+class Clock:
+    """An injected wall clock that moves only when a test moves it."""
+
+    def __init__(self, now: float | None = None) -> None:
+        self.now = time.time() if now is None else now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 def context(
-    vault: VaultClient | None, ledger: Ledger | None = None
+    vault: VaultClient | None, ledger: Ledger | None = None, clock: Clock | None = None
 ) -> tuple[SourceContext, Published]:
     published = Published()
-    return SourceContext(publish=published, vault=vault, ledger=ledger), published
+    ctx = SourceContext(publish=published, vault=vault, ledger=ledger)
+    if clock is not None:
+        ctx.clock = clock
+    return ctx, published
 
 
 @contextlib.asynccontextmanager
@@ -242,7 +259,7 @@ Make = Callable[..., tuple[Source, Published]]
 
 @pytest.fixture
 def make_source() -> Make:
-    """``make_source(name, kind, path, vault=..., ledger=..., **config)`` -> (source, published)."""
+    """``make_source(name, kind, path, vault=, ledger=, clock=, **config)``: (source, published)."""
     from agent.sources import create
 
     def make(
@@ -252,9 +269,10 @@ def make_source() -> Make:
         *,
         vault: VaultClient | None = None,
         ledger: Ledger | None = None,
+        clock: Clock | None = None,
         **kw: Any,
     ) -> tuple[Source, Published]:
-        ctx, published = context(vault, ledger)
+        ctx, published = context(vault, ledger, clock)
         return create(secret(name, kind, path, **kw), ctx), published
 
     return make
@@ -262,10 +280,14 @@ def make_source() -> Make:
 
 @pytest.fixture
 def new_vault() -> Callable[..., VaultClient]:
-    """``new_vault(address, auth=None)``: a client (not logged in) with fast retries."""
+    """``new_vault(address, auth=None, clock=None)``: a client (not logged in), fast retries."""
 
-    def make(address: str, auth: AuthConfig | None = None) -> VaultClient:
-        return VaultClient(vault_config(address, auth))
+    def make(
+        address: str, auth: AuthConfig | None = None, clock: Clock | None = None
+    ) -> VaultClient:
+        if clock is None:
+            return VaultClient(vault_config(address, auth))
+        return VaultClient(vault_config(address, auth), clock=clock)
 
     return make
 
@@ -273,3 +295,8 @@ def new_vault() -> Callable[..., VaultClient]:
 @pytest.fixture
 def relay_class() -> type[Relay]:
     return Relay
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()

@@ -9,13 +9,19 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.leases import (
+    MAX_WAIT,
     Backoff,
     LeaseState,
+    Relogin,
     Renew,
     Replace,
+    Revoke,
+    TokenState,
     Wait,
     decide,
     lease_state,
+    plan_lease,
+    plan_token,
     readiness_margin,
     renew_delay,
     replace_lead,
@@ -180,3 +186,36 @@ def test_a_lease_without_expiry_is_left_alone_but_looked_at_hourly() -> None:
     s = lease_state(now=0, lease_duration=0, requested=0, renewable=False, rng=random.Random(1))
     assert not s.capped
     assert decide(s, 1e6) == Wait(3600.0)
+
+
+# --------------------------------------------------------------------------- revocation
+
+
+def test_a_replaced_lease_is_revoked_only_once_its_successor_was_delivered() -> None:
+    state = LeaseState(expires_at=1000.0, renew_at=500.0, full_duration=600.0, capped=False)
+    retired = {"db/creds/app/old": 100.0, "db/creds/app/older": 50.0}
+    # long past the grace, but a destination may still hold the old credential
+    assert plan_lease(state, retired, delivered=False, now=400.0) == Wait(100.0)
+    assert plan_lease(state, retired, delivered=True, now=400.0) == Revoke(
+        ("db/creds/app/old", "db/creds/app/older")
+    )
+    # delivered, grace not over: wake for the grace or the renewal, whichever comes first
+    assert plan_lease(state, {"db/creds/app/old": 450.0}, True, 400.0) == Wait(50.0)
+    assert plan_lease(state, {"db/creds/app/old": 900.0}, True, 400.0) == Wait(100.0)
+    # nothing retired: the lease decision alone
+    assert plan_lease(state, {}, True, 600.0) == Renew()
+
+
+# --------------------------------------------------------------------------- the agent's token
+
+
+def test_token_plan_renews_when_due_and_logs_in_when_it_cannot() -> None:
+    assert plan_token(None, 0.0) == Relogin()  # no usable token (none yet, or refused)
+    renewable = TokenState(renew_at=100.0, renewable=True, capped=False)
+    assert plan_token(renewable, 40.0) == Wait(60.0)
+    assert plan_token(renewable, 100.0) == Renew()
+    assert plan_token(TokenState(100.0, renewable=False, capped=False), 100.0) == Relogin()
+    # cut short at its max TTL: a new login now, while the old token's leases have time
+    assert plan_token(TokenState(100.0, renewable=True, capped=True), 40.0) == Relogin()
+    # a token that never expires (root): only a refused request wakes the keeper
+    assert plan_token(TokenState(None, renewable=False, capped=False), 40.0) == Wait(MAX_WAIT)

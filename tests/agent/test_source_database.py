@@ -1,16 +1,20 @@
 """Dynamic database credentials against real OpenBao and PostgreSQL: renewal, outages,
-make-before-break replacement at the max TTL, revocation after the grace, adoption."""
+make-before-break replacement at the max TTL, revocation once delivered and after the
+grace, adoption; and the source's decisions on an injected clock, without sleeping."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from devservers import OpenBaoServer, leases_under
 
+from agent.leases import Renew, Revoke, Wait
 from agent.ledger import Ledger
 from agent.sources.database import DatabaseSource
 
@@ -44,7 +48,18 @@ async def test_renewed_in_place_then_replaced_before_max_ttl_and_old_lease_revok
         # make-before-break: the new credential existed before the old one expired
         assert new.issued_at < renewals[-1].expires_at
         assert await pg_login(new.data["username"], new.data["password"])
-        # the old lease is revoked by us after the grace, not left to expire
+        # nobody has the new one yet (no pipeline here): the old lease stays, grace or not
+        await until(
+            lambda: 0 < max(ledger.retired().values(), default=math.inf) < time.time(),
+            30,
+            "the grace of the old lease to pass",
+        )
+        assert first.lease_id in ledger.retired()
+        assert not isinstance(source.next_step(), Revoke)
+        assert await pg_login(first.data["username"], first.data["password"])
+        # delivered (what the pipeline says once every file holds it and the app was
+        # told): the old lease is revoked by us after the grace, not left to expire
+        source.delivered(new.version, time.time())
         await until(
             lambda: events.named("revoked", secret="db", version=first.lease_id),
             30,
@@ -53,8 +68,8 @@ async def test_renewed_in_place_then_replaced_before_max_ttl_and_old_lease_revok
         assert leases_under(openbao, f"{mount}/creds/app/") == [new.lease_id]
         assert not await pg_login(first.data["username"], first.data["password"])
         assert ledger.retired() == {}
-        assert ledger.load("db") is not None
-        assert ledger.load("db").lease_id == new.lease_id  # type: ignore[union-attr]
+        entry = ledger.load_entry("db")
+        assert entry is not None and entry.value.lease_id == new.lease_id
     assert events.named("replaced", secret="db", old_version=first.lease_id)
     assert not events.named("lease_lost")
 
@@ -122,7 +137,7 @@ async def test_restarts_adopt_the_recorded_lease(
     await source.start()
     await source.close(revoke=True)
     assert leases_under(openbao, f"{path}/") == []
-    assert ledger.load("db") is None
+    assert ledger.load_entry("db") is None
 
 
 async def test_a_revoked_or_expired_recorded_lease_is_replaced(
@@ -207,3 +222,35 @@ async def test_started_during_an_outage_it_adopts_then_renews_when_vault_returns
         assert leases_under(openbao, f"{path}/") == [first.lease_id]
     finally:
         await client.close()
+
+
+async def test_decisions_follow_the_injected_clock_without_sleeping(
+    vault: Any, database_mount: Any, make_source: Any, clock: Any, tmp_path: Path
+) -> None:
+    """Renew at ~2/3 of the lease, revoke a replaced lease only once its successor was
+    delivered and the grace since has passed: all read off the source's clock."""
+    mount = database_mount(ttl="1h", max_ttl="2h")
+    ledger = Ledger(tmp_path / "state")
+    path = f"{mount}/creds/app"
+    source, _ = make_source("db", "database", path, vault=vault, ledger=ledger, clock=clock)
+    assert isinstance(source, DatabaseSource)
+    first = await source.start()  # a real lease from OpenBao, scheduled on the fake clock
+    start = clock.now
+    step = source.next_step()
+    assert isinstance(step, Wait) and 0.5 * 3600 < step.seconds < 0.8 * 3600
+    clock.advance(0.8 * 3600)
+    assert isinstance(source.next_step(), Renew)
+
+    clock.now = start
+    old = f"{mount}/creds/app/replaced-earlier"
+    ledger.add_retired(old, start + 30.0)  # what a replacement records
+    clock.advance(3600 * 0.4)  # far past the recorded grace, but nobody has `first` yet
+    assert isinstance(source.next_step(), Wait)
+    source.delivered(first.version, clock.now)  # every file holds it, the app was told
+    step = source.next_step()
+    assert isinstance(step, Wait) and step.seconds == pytest.approx(30.0)  # the grace, anew
+    clock.advance(30.0)  # revoke_grace defaults to 30 s
+    assert source.next_step() == Revoke((old,))
+    source.delivered("an-older-version", clock.now)  # not the current one: changes nothing
+    assert source.next_step() == Revoke((old,))
+    await source.close(revoke=True)

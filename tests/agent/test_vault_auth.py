@@ -27,6 +27,7 @@ from k8sauth import TokenReviewServer, fresh_claims, service_account_claims, sig
 from agent import metrics
 from agent.config import AuthConfig
 from agent.errors import VaultAuthError, VaultNotFound, VaultUnavailable
+from agent.leases import Relogin, Renew, Wait
 
 # --------------------------------------------------------------------------- helpers
 
@@ -281,6 +282,37 @@ async def test_token_is_renewed_then_replaced_past_its_max_ttl_without_losing_le
     finally:
         keeper.cancel()
         await asyncio.gather(keeper, return_exceptions=True)
+        await client.close()
+
+
+async def test_token_decisions_follow_the_injected_clock_without_sleeping(
+    openbao: OpenBaoServer, new_vault: Any, unique: str, clock: Any
+) -> None:
+    mount = f"approle-{unique}"
+    role_id, secret_id = approle(openbao, mount, ["default"], token_ttl="1h", token_max_ttl="4h")
+    auth = AuthConfig(method="approle", role_id=role_id, secret_id=secret_id, mount=mount)
+    client = new_vault(openbao.address, auth, clock)
+    await client.login()  # a real token, scheduled on the fake clock
+    try:
+        step = client.next_token_step()
+        assert isinstance(step, Wait) and 0.5 * 3600 < step.seconds < 0.8 * 3600
+        clock.advance(0.8 * 3600)
+        assert isinstance(client.next_token_step(), Renew)
+        assert client.token_expires_at == pytest.approx(clock.now - 0.8 * 3600 + 3600)
+    finally:
+        await client.close()
+
+    # a token that cannot be renewed is replaced by a new login when due
+    token = openbao.client().auth.token.create(policies=["default"], ttl="1h", renewable=False)
+    client = new_vault(
+        openbao.address, AuthConfig(method="token", token=token["auth"]["client_token"]), clock
+    )
+    await client.login()
+    try:
+        assert isinstance(client.next_token_step(), Wait)
+        clock.advance(0.8 * 3600)
+        assert isinstance(client.next_token_step(), Relogin)
+    finally:
         await client.close()
 
 
