@@ -285,10 +285,5 @@ def main(argv: Sequence[str] | None = None) -> None:
         for failure in failures:
             print(f"credsidecar: {failure}", file=sys.stderr)
         sys.exit(EXIT_FAILURE if failures else EXIT_OK)
-    code = EXIT_FAILURE
-    try:
-        code = _run_loop(_run(config))
-    except* SidecarError as group:
-        for error in group.exceptions:
-            print(f"credsidecar: {error}", file=sys.stderr)
-    sys.exit(code)
+    # the runtime logs why it ended as its last line ("stopped", with code and error)
+    sys.exit(_run_loop(_run(config)))

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from agent import commands, metrics
+from agent.acks import Acks
 from agent.config import NotifyConfig, Wait
 from agent.errors import NotifyError
 from agent.logs import event
@@ -92,10 +93,12 @@ class Notifier:
     def __init__(self, cfg: NotifyConfig) -> None:
         self.cfg = cfg
         self.debouncer = Debouncer(cfg.wait)
+        self.acks = Acks()  # which triggers a successful delivery has covered
         self._lock = asyncio.Lock()
         self._regex = re.compile(cfg.process) if cfg.process is not None else None
 
     def trigger(self) -> None:
+        self.acks.issue()
         self.debouncer.trigger()
 
     @property
@@ -115,6 +118,7 @@ class Notifier:
     async def deliver(self) -> bool:
         """Notify the target once. Logs and counts the outcome; never raises."""
         async with self._lock:
+            upto = self.acks.issued  # what this delivery tells the target about
             try:
                 await self._deliver()
             except NotifyError as exc:
@@ -131,6 +135,7 @@ class Notifier:
                 )
                 return False
             metrics.notifications_total.labels(self.cfg.name, "ok").inc()
+            self.acks.cover(upto)
             return True
 
     async def _deliver(self) -> None:

@@ -1,8 +1,12 @@
-"""Wires sources, renders, notification, exec, HTTP and the proxy into one supervisor.
+"""Wires sources, the render pipeline, notification, exec, HTTP and the proxy together.
 
-Every task has an owner (one TaskGroup). Shutdown goes in order, like uvicorn's:
-stop accepting (proxy), stop obtaining (sources), finish the render in flight,
-deliver pending notifications, optionally revoke, stop the child, stop HTTP.
+Every part that runs on its own - the token keeper, each source, the render loop, the
+rotations, each notifier, the proxy - runs under one :class:`Supervisor`, which
+restarts a failed part alone while the others keep serving. The runtime holds the
+handles and shuts them down in the order written in :meth:`Runtime._shutdown`.
+
+:meth:`Runtime.run` returns the exit code and never raises an error of ours: the last
+log line (``stopped``) gives the code and, for a failure, why.
 """
 
 from __future__ import annotations
@@ -14,112 +18,114 @@ import logging
 import random
 import signal
 import time
-from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from agent import metrics
-from agent.config import Config, TemplateConfig
+from agent.config import Config
 from agent.errors import RenderError, SidecarError, VaultUnavailable
-from agent.files import check_memory_backed, write_destination
-from agent.leases import Backoff, readiness_margin
+from agent.files import check_memory_backed, non_regular
+from agent.leases import Backoff
 from agent.logs import event
-from agent.render import Template
+from agent.pipeline import RenderPipeline
 from agent.secret import SecretValue
 from agent.sources import create as create_source
 from agent.sources.base import Source, SourceContext
+from agent.supervisor import Supervisor, describe_failure
 
 if TYPE_CHECKING:
+    from agent.ledger import Ledger
     from agent.notify import Notifier
+    from agent.proxybridge import ProxyBridge
     from agent.rotate.manager import Outcome, RotationManager
     from agent.supervise import Child
     from agent.vault.client import VaultClient
 
-
-@dataclass
-class TemplateState:
-    config: TemplateConfig
-    template: Template
-    needs: frozenset[str]
-    rendered_at: float | None = None
-    last_error: str | None = None
-    writes: int = 0
-
-
-@dataclass
-class Burst:
-    """What one render pass did."""
-
-    written: list[str] = field(default_factory=list)
-    failed: list[str] = field(default_factory=list)
+EXIT_OK, EXIT_FAILURE = 0, 1
+PROXY_DRAIN = 10.0  # seconds for transactions through the proxy to end at shutdown
+ROTATION_DRAIN = 30.0  # half a rotation costs a claim timeout: let it finish
+RENDER_SETTLE = 10.0  # for the render pass in flight at shutdown
 
 
 class Runtime:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, clock: Callable[[], float] = time.time) -> None:
         self.config = config
-        self.values: dict[str, SecretValue] = {}
-        self.templates = [self._compile(t) for t in config.templates]
+        self.clock = clock
+        vault = config.vault
+        retry = (vault.retry_initial, vault.retry_max) if vault else (0.5, 30.0)
+        self.pipeline = RenderPipeline(
+            config.templates,
+            config.secrets,
+            on_delivered=self._delivered,
+            retry=retry,
+            clock=clock,
+        )
+        self.supervisor = Supervisor(initial=retry[0], maximum=retry[1])
         self.vault: VaultClient | None = None
+        self.ledger: Ledger | None = None
         self.sources: dict[str, Source] = {}
         self.notifiers: list[Notifier] = []
         self.child: Child | None = None
-        self.proxy: Any = None
-        self.proxy_provider: Any = None
+        self.proxy: ProxyBridge | None = None
         self.rotations: RotationManager | None = None
-        self._dirty = asyncio.Event()
-        self._render_lock = asyncio.Lock()
         self._stopping = asyncio.Event()
-        self._started_at = time.time()
-        self.exit_code = 0
-        self._tg: asyncio.TaskGroup
-        self._tasks: list[asyncio.Task[Any]] = []
+        self._started_at = clock()
+        self.exit_code = EXIT_OK
+        self.exit_reason: str | None = None
         self._rng = random.Random()
 
-    def _compile(self, cfg: TemplateConfig) -> TemplateState:
-        template = Template(cfg)
-        # a template that picks secrets dynamically waits for all of them
-        needs = set(self.config.secrets) if template.dynamic else template.secret_names()
-        return TemplateState(cfg, template, frozenset(needs))
+    @property
+    def values(self) -> dict[str, SecretValue]:
+        return self.pipeline.values
 
     # ------------------------------------------------------------------ setup
 
     async def _connect(self) -> None:
         """Log in to Vault when a secret needs it, and create the sources."""
-        ledger = None
-        if self.config.secrets:
+        if self.config.secrets and self.ledger is None:
             from agent.ledger import Ledger
 
-            ledger = Ledger(self.config.state_dir)  # refuses a state_dir that is not ours
-        if self.config.needs_vault():
+            self.ledger = Ledger(self.config.state_dir)  # refuses a state_dir that is not ours
+        if self.config.needs_vault() and self.vault is None:
             from agent.vault.client import VaultClient
 
             assert self.config.vault is not None
-            self.vault = VaultClient(self.config.vault)
+            self.vault = VaultClient(self.config.vault, clock=self.clock)
+        if self.vault is not None:
             await self.vault.login()
-        context = SourceContext(publish=self._publish, vault=self.vault, ledger=ledger)
+        context = SourceContext(
+            publish=self.pipeline.publish,
+            vault=self.vault,
+            ledger=self.ledger,
+            revoked=self.pipeline.mark_revoked,
+            clock=self.clock,
+        )
         self.sources = {
             name: create_source(cfg, context) for name, cfg in self.config.secrets.items()
         }
 
     async def _start_source(self, source: Source) -> None:
-        value = await source.start()
-        self.values[source.name] = value
+        await self.pipeline.publish(await source.start())
+
+    def _delivered(self, name: str, version: str, at: float) -> None:
+        source = self.sources.get(name)
+        if source is not None:
+            source.delivered(version, at)
 
     async def _publish(self, value: SecretValue) -> None:
-        self.values[value.name] = value
-        self._dirty.set()
-
-    # ------------------------------------------------------------------ rendering
+        await self.pipeline.publish(value)
 
     def _check_destinations(self) -> list[str]:
         problems = []
-        for state in self.templates:
+        for state in self.pipeline.templates:
             cfg = state.config
             if not cfg.destination.parent.is_dir():
                 problems.append(
                     f"template {cfg.name}: directory {cfg.destination.parent} does not exist"
                 )
                 continue
+            if (why := non_regular(cfg.destination)) is not None:
+                problems.append(f"template {cfg.name}: destination {cfg.destination}: {why}")
             if not cfg.allow_disk:
                 try:
                     check_memory_backed(cfg.destination)
@@ -127,113 +133,22 @@ class Runtime:
                     problems.append(str(exc))
         return problems
 
-    async def render_all(self) -> Burst:
-        """Render every template whose secrets are known; write the ones that changed.
-
-        All renders of a burst happen before any write, and all writes before anyone is
-        notified, so a consumer woken by the notification sees every file updated.
-        """
-        burst = Burst()
-        async with self._render_lock:
-            outputs: list[tuple[TemplateState, bytes]] = []
-            for state in self.templates:
-                if not state.needs <= self.values.keys():
-                    continue
-                try:
-                    outputs.append((state, state.template.render(self.values)))
-                except RenderError as exc:
-                    self._render_failed(state, burst, str(exc))
-            for state, data in outputs:
-                cfg = state.config
-                try:
-                    changed = await asyncio.to_thread(write_destination, cfg, data)
-                except RenderError as exc:
-                    self._render_failed(state, burst, str(exc))
-                    continue
-                state.rendered_at, state.last_error = time.time(), None
-                metrics.renders_total.labels(cfg.name, "written" if changed else "unchanged").inc()
-                if changed:
-                    state.writes += 1
-                    burst.written.append(cfg.name)
-                    event("rendered", template=cfg.name, bytes=len(data))
-        return burst
-
-    def _render_failed(self, state: TemplateState, burst: Burst, reason: str) -> None:
-        state.last_error = reason
-        burst.failed.append(reason)
-        metrics.renders_total.labels(state.config.name, "error").inc()
-        event("render_failed", logging.ERROR, template=state.config.name, error=reason)
-
-    def _notify(self) -> None:
-        for notifier in self.notifiers:
-            notifier.trigger()
-        if self.child is not None:
-            self.child.trigger()
-
-    async def _render_loop(self) -> None:
-        while True:
-            await self._dirty.wait()
-            self._dirty.clear()
-            burst = await self.render_all()
-            self._push_proxy_credentials()
-            if burst.written:
-                self._notify()
-
-    # ------------------------------------------------------------------ proxy
-
-    def _push_proxy_credentials(self) -> None:
-        if self.proxy_provider is None:
-            return
-        name = self.config.proxy.credentials.secret if self.config.proxy else None
-        value = self.values.get(name) if name else None
-        if value is not None:
-            self.proxy_provider.update(
-                str(value.data.get("username", "")), str(value.data.get("password", ""))
-            )
-
-    async def _start_proxy(self) -> None:
-        if self.config.proxy is None:
-            return
-        from proxy.credentials import FileCredentialProvider, StaticCredentialProvider
-        from proxy.server import ProxyServer
-
-        pcfg = self.config.proxy
-        if pcfg.credentials.file is not None:
-            provider: Any = FileCredentialProvider(pcfg.credentials.file)
-        else:
-            provider = self.proxy_provider = StaticCredentialProvider()
-            self._push_proxy_credentials()
-        self.proxy = ProxyServer(pcfg, provider)
-        await self.proxy.start()
-
     # ------------------------------------------------------------------ observation
 
     def readiness(self) -> tuple[bool, list[str]]:
-        reasons = []
-        now = time.time()
-        for name in self.config.secrets:
-            value = self.values.get(name)
-            if value is None:
-                reasons.append(f"secret {name}: not obtained yet")
-                continue
-            remaining = value.remaining(now)
-            if remaining is not None:
-                duration = value.lease_duration or max(remaining, 1.0)
-                if remaining <= readiness_margin(duration):
-                    reasons.append(f"secret {name}: expires in {remaining:.1f}s")
+        reasons = self.pipeline.readiness(self.clock())
         if self.rotations is not None:
             reasons.extend(self.rotations.not_ready())
-        for state in self.templates:
-            if state.rendered_at is None:
-                reasons.append(f"template {state.config.name}: not rendered yet")
-        ready = not reasons and not self._stopping.is_set()
+        if self.proxy is not None:
+            reasons.extend(self.proxy.not_ready())
         if self._stopping.is_set():
             reasons.append("shutting down")
+        ready = not reasons
         metrics.ready.set(1 if ready else 0)
         return ready, reasons
 
     def _update_gauges(self) -> None:
-        now = time.time()
+        now = self.clock()
         for name, value in self.values.items():
             metrics.secret_age_seconds.labels(name).set(now - value.issued_at)
             remaining = value.remaining(now)
@@ -246,10 +161,10 @@ class Runtime:
         self._update_gauges()
         self.readiness()
         registries: list[Any] = [metrics.REGISTRY]
-        if self.proxy is not None:
-            from proxy.metrics import REGISTRY as PROXY_REGISTRY
+        if self.config.proxy is not None:
+            from agent.proxybridge import ProxyBridge
 
-            registries.append(PROXY_REGISTRY)
+            registries.append(ProxyBridge.registry())
         return metrics_text(*registries)
 
     def status(self) -> dict[str, Any]:
@@ -267,16 +182,11 @@ class Runtime:
             "reasons": reasons,
             "started_at": self._started_at,
             "secrets": secrets,
-            "templates": [
-                {
-                    "destination": s.config.name,
-                    "rendered_at": s.rendered_at,
-                    "writes": s.writes,
-                    "last_error": s.last_error,
-                }
-                for s in self.templates
-            ],
+            "templates": self.pipeline.status(),
+            "parts": self.supervisor.status(),
         }
+        if self.ledger is not None:
+            out["ledger"] = {"stale": sorted(self.ledger.stale)}
         if self.vault is not None:
             out["vault"] = {"reachable": self.vault.reachable, "last_error": self.vault.last_error}
         if self.proxy is not None:
@@ -320,10 +230,10 @@ class Runtime:
             if isinstance(result, BaseException):
                 if not isinstance(result, Exception):
                     raise result
-                failures.append(f"secret {source.name}: {result}")
-        burst = await self.render_all()
+                failures.append(f"secret {source.name}: {describe_failure(result)['error']}")
+        burst = await self.pipeline.render_all()
         failures.extend(burst.failed)
-        for state in self.templates:
+        for state in self.pipeline.templates:
             if state.rendered_at is None and not any(state.config.name in f for f in failures):
                 missing = sorted(state.needs - self.values.keys())
                 failures.append(f"template {state.config.name}: missing secrets {missing}")
@@ -335,41 +245,41 @@ class Runtime:
 
     async def run(self, stop: asyncio.Event) -> int:
         """Run until ``stop`` is set (or the exec child exits). Returns the exit code."""
+        try:
+            await self._serve(stop)
+        except SidecarError as exc:
+            self._fail(str(exc))
+        except Exception as exc:  # a bug in the runtime itself: still end cleanly, and say so
+            self._fail("unexpected " + " at ".join(describe_failure(exc).values()))
+        if self.exit_reason is None:
+            event("stopped", code=self.exit_code)
+        else:
+            event("stopped", logging.ERROR, code=self.exit_code, error=self.exit_reason)
+        return self.exit_code
+
+    def _fail(self, reason: str) -> None:
+        self.exit_reason = reason
+        if self.exit_code == EXIT_OK:
+            self.exit_code = EXIT_FAILURE
+
+    async def _serve(self, stop: asyncio.Event) -> None:
         problems = self._check_destinations()
         if problems:
             raise SidecarError("; ".join(problems))
         from agent import statedir
-        from agent.admin import AdminServer
 
         statedir.prepare(self.config.state_dir)  # ours, or refuse to start
-        admin = AdminServer(self.config.admin, self) if self.config.admin else None
-        health = None
+        admin = await self._start_admin()
         try:
-            if admin is not None:
-                await admin.start()  # owner-only: status, refresh, rotate
-            if self.config.health is not None:
-                from agent.http import HealthServer
-
-                listen = self.config.health
-                health = HealthServer(self, listen.listen_host, listen.listen_port)
-                await health.start()
-                event("listening", address=f"{listen.listen_host}:{health.bound_port}")
-            async with asyncio.TaskGroup() as tg:
-                self._tg = tg
-                await self._serve(stop)
+            await self._serve_probed(stop)
         finally:
-            if health is not None:
-                await health.aclose()
             if admin is not None:
                 await admin.aclose()
-        return self.exit_code
 
-    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
-        self._tasks.append(self._tg.create_task(coro, name=name))
-
-    async def _serve(self, stop: asyncio.Event) -> None:
-        # these three are owned here (awaited or cancelled below), not by the TaskGroup,
-        # so a startup failure still gets the ordered shutdown instead of a group abort
+    async def _serve_probed(self, stop: asyncio.Event) -> None:
+        health = await self._start_health()
+        # owned here (awaited or cancelled below), so that a startup failure still gets
+        # the ordered shutdown
         startup = asyncio.create_task(self._startup(), name="startup")
         stopper = asyncio.create_task(stop.wait(), name="stop")
         child_exit: asyncio.Task[int] | None = None
@@ -388,24 +298,63 @@ class Runtime:
         finally:
             for task in (stopper, startup, child_exit):
                 if task is not None:
-                    task.cancel()
+                    task.cancel("shutdown")
             await asyncio.gather(stopper, startup, return_exceptions=True)
-            await self._shutdown()
+            try:
+                await self._shutdown()
+            finally:
+                if health is not None:
+                    await health.aclose()  # last: probes see "shutting down" until the end
+
+    async def _start_admin(self) -> Any:
+        if not self.config.admin:
+            return None
+        from agent.admin import AdminServer
+
+        admin = AdminServer(self.config.admin, self)
+        await admin.start()  # owner-only: status, refresh, rotate
+        return admin
+
+    async def _start_health(self) -> Any:
+        if self.config.health is None:
+            return None
+        from agent.http import HealthServer
+
+        listen = self.config.health
+        health = HealthServer(self, listen.listen_host, listen.listen_port)
+        try:
+            await health.start()
+        except OSError as exc:
+            where = f"{listen.listen_host}:{listen.listen_port}"
+            raise SidecarError(f"health.listen {where}: {exc.strerror or exc}") from None
+        event("listening", address=f"{listen.listen_host}:{health.bound_port}")
+        return health
 
     async def _startup(self) -> None:
         await self._retry(self._connect, VaultUnavailable, operation="login")
         if self.vault is not None:
-            self._spawn(self.vault.keep_token_fresh(), "vault-token")
+            self.supervisor.start("vault-token", self.vault.keep_token_fresh)
         await asyncio.gather(
             *(
-                self._retry(functools.partial(self._start_source, s), SidecarError, secret=s.name)
+                self._retry(functools.partial(self._start_source, s), Exception, secret=s.name)
                 for s in self.sources.values()
             )
         )
-        first = await self.render_all()
+        if self.config.notify:
+            from agent.notify import Notifier
+
+            self.notifiers = [Notifier(cfg) for cfg in self.config.notify.values()]
+            self.pipeline.targets.extend(self.notifiers)
+        if self.config.proxy is not None:
+            from agent.proxybridge import ProxyBridge
+
+            self.proxy = ProxyBridge(self.config.proxy)
+            self.pipeline.consumers.append(self.proxy.push)
+        # the first pass: an application already running learns of the new files
+        await self.pipeline.run_pass()
         for source in self.sources.values():
-            self._spawn(source.run(), f"source-{source.name}")
-        self._spawn(self._render_loop(), "render")
+            self.supervisor.start(f"source:{source.name}", source.run)
+        self.supervisor.start("render", self.pipeline.run)
         if self.config.rotate:
             from agent.rotate.manager import RotationManager
 
@@ -413,21 +362,18 @@ class Runtime:
             self.rotations = RotationManager(
                 self.config.rotate, self.vault, self.values.get, self._publish
             )
-            self._spawn(self.rotations.run(), "rotate")
-        if self.config.notify:
-            from agent.notify import Notifier
-
-            self.notifiers = [Notifier(cfg) for cfg in self.config.notify.values()]
-            for notifier in self.notifiers:
-                self._spawn(notifier.run(), f"notify-{notifier.cfg.name}")
-                if first.written:  # an app already running must learn of the new files
-                    notifier.trigger()
-        await self._start_proxy()
+            self.supervisor.start("rotate", self.rotations.run)
+        for notifier in self.notifiers:
+            self.supervisor.start(f"notify:{notifier.cfg.name}", notifier.run)
+        if self.proxy is not None:
+            self.supervisor.start("proxy", self.proxy.run)
         if self.config.exec is not None:
             from agent.supervise import Child
 
-            self.child = Child(self.config.exec)
-            await self.child.start()
+            child = Child(self.config.exec)
+            await child.start()  # after the first pass: it starts with its files
+            self.child = child  # only a started child is stopped (and waited for) at shutdown
+            self.pipeline.targets.append(child)
 
     async def _retry(
         self, attempt: Callable[[], Awaitable[None]], retryable: type[Exception], **fields: Any
@@ -443,37 +389,58 @@ class Runtime:
                 return
             except retryable as exc:
                 delay = backoff.next()
-                event("startup_retry", logging.WARNING, error=str(exc), retry_in=delay, **fields)
+                if isinstance(exc, SidecarError):
+                    level, failure = logging.WARNING, {"error": str(exc)}
+                else:  # not a failure we know: counted like a part's, and retried
+                    metrics.task_failures_total.labels("startup").inc()
+                    level, failure = logging.ERROR, describe_failure(exc)
+                event("startup_retry", level, retry_in=delay, **failure, **fields)
                 await asyncio.sleep(delay)
 
     async def _shutdown(self) -> None:
-        tasks = self._tasks
-        self._stopping.set()
+        self._stopping.set()  # /readyz says "shutting down" from here on
         event("stopping")
+        parts = self.supervisor.parts
+        # 1. stop accepting: the proxy closes its listeners, lets transactions end (up to
+        #    its deadline), then ends the rest with 57P01
         if self.proxy is not None:
-            await self.proxy.stop(timeout=10.0)
+            await self.proxy.stop(timeout=PROXY_DRAIN)
+        # 2. no new rotation step; a step in flight finishes (it holds a claim), then the
+        #    rotations' own tasks end and their stores close
         if self.rotations is not None:
-            await self.rotations.aclose(30.0)  # half a rotation costs a claim timeout
-        for task in tasks:
-            if task.get_name().startswith(("source-", "vault-token")):
-                task.cancel()
-        # let a render already in flight finish, then deliver what is pending
-        async with self._render_lock:
-            pass
+            await self.rotations.aclose(ROTATION_DRAIN)
+        if "rotate" in parts:
+            await parts["rotate"].stop()
+        # 3. stop obtaining: the sources, then the token keeper that serves them
+        for source in self.sources.values():
+            if (part := parts.get(f"source:{source.name}")) is not None:
+                await part.stop()
+        if "vault-token" in parts:
+            await parts["vault-token"].stop()
+        # 4. render what was obtained: the pass in flight (or due) finishes, up to a deadline
+        if "render" in parts:
+            if not await self.pipeline.settle(RENDER_SETTLE):
+                event("render_abandoned", logging.WARNING, after=RENDER_SETTLE)
+            await parts["render"].stop()
+        await self.pipeline.aclose()  # a render still running in a thread gives up
+        # 5. tell the application about what was written, then stop the notifiers
         for notifier in self.notifiers:
             await notifier.flush()
-        for task in tasks:
-            task.cancel()
+            if (part := parts.get(f"notify:{notifier.cfg.name}")) is not None:
+                await part.stop()
+        # 6. release what the sources hold (revoke only when configured)
         for source in self.sources.values():
             with contextlib.suppress(SidecarError):
                 await source.close(revoke=self.config.revoke_on_shutdown)
+        # 7. the child last but one: it ran on our credentials until now
         if self.child is not None:
             code = await self.child.aclose()
-            if code is not None and self.exit_code == 0:
+            if code is not None and self.exit_code == EXIT_OK:
                 self.exit_code = code
+        # 8. whatever part is left (the proxy's, finished by now), then Vault
+        await self.supervisor.aclose()
         if self.vault is not None:
             await self.vault.close()
-        event("stopped", code=self.exit_code)
 
 
 def install_signal_handlers(stop: asyncio.Event, runtime: Runtime) -> None:

@@ -18,6 +18,7 @@ import sys
 from collections.abc import Callable
 
 from agent import metrics
+from agent.acks import Acks
 from agent.childenv import child_environment
 from agent.commands import exit_status
 from agent.config import ExecConfig
@@ -62,6 +63,7 @@ class Child:
     def __init__(self, cfg: ExecConfig) -> None:
         self.cfg = cfg
         self.debouncer = Debouncer(cfg.wait)
+        self.acks = Acks()  # which triggers a reload (or nothing to reload) has covered
         self._proc: asyncio.subprocess.Process | None = None
         self._exited: asyncio.Future[int] | None = None
         self._tasks = TaskSet()  # the reload loop and one exit watcher per process
@@ -115,6 +117,7 @@ class Child:
 
     def trigger(self) -> None:
         """A change happened: reload once the burst settles (``wait.min``/``wait.max``)."""
+        self.acks.issue()
         self.debouncer.trigger()
 
     async def _reload_loop(self) -> None:
@@ -125,7 +128,9 @@ class Child:
     async def reload(self) -> None:
         """Reload now per ``exec.reload``. Logs and counts failures; never raises."""
         async with self._lock:
+            upto = self.acks.issued
             if not self.running or self._stopping or self.cfg.reload == "none":
+                self.acks.cover(upto)  # nobody to tell: nothing is owed
                 return
             try:
                 if self.cfg.reload == "restart":
@@ -139,6 +144,7 @@ class Child:
                 event("notify_failed", logging.WARNING, target=TARGET, reason=reason)
                 return
             metrics.notifications_total.labels(TARGET, "ok").inc()
+            self.acks.cover(upto)
 
     async def _restart(self) -> None:
         old = self._proc
