@@ -112,9 +112,6 @@ class Runtime:
         if source is not None:
             source.delivered(version, at)
 
-    async def _publish(self, value: SecretValue) -> None:
-        await self.pipeline.publish(value)
-
     def _check_destinations(self) -> list[str]:
         problems = []
         for state in self.pipeline.templates:
@@ -360,7 +357,7 @@ class Runtime:
 
             # after the sources: a rotation logs in with an admin secret of the agent
             self.rotations = RotationManager(
-                self.config.rotate, self.vault, self.values.get, self._publish
+                self.config.rotate, self.vault, self.values.get, self.pipeline.publish
             )
             self.supervisor.start("rotate", self.rotations.run)
         for notifier in self.notifiers:
