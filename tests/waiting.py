@@ -12,6 +12,7 @@ connections); the last one seen is part of the failure message.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import time
 from collections.abc import Callable, Iterator
@@ -20,50 +21,56 @@ from typing import Any
 POLL = 0.05  # seconds between two looks
 
 
-def _attempts(limit: float, what: str, last: list[BaseException]) -> Iterator[None]:
-    """Yield once per attempt until ``limit``; then fail naming ``what``."""
-    deadline = time.monotonic() + limit
-    while True:
-        yield
-        if time.monotonic() > deadline:
-            cause = f" (last error: {type(last[0]).__name__}: {last[0]})" if last else ""
-            raise AssertionError(f"timed out after {limit:g}s waiting for {what}{cause}")
+class _Attempts:
+    """The deadline and the "not yet" errors shared by both drivers."""
 
+    def __init__(
+        self,
+        limit: float = 30.0,
+        what: str = "condition",
+        not_yet: tuple[type[BaseException], ...] = (),
+    ) -> None:
+        self.deadline = time.monotonic() + limit
+        self.limit, self.what, self.not_yet = limit, what, not_yet
+        self.last: BaseException | None = None
 
-def wait_for(
-    check: Callable[[], Any],
-    limit: float = 30.0,
-    what: str = "condition",
-    not_yet: tuple[type[BaseException], ...] = (),
-) -> Any:
-    """Poll ``check`` from a thread (``time.sleep`` between looks)."""
-    last: list[BaseException] = []
-    for _ in _attempts(limit, what, last):
+    def __iter__(self) -> Iterator[None]:
+        while True:
+            yield
+            if time.monotonic() > self.deadline:
+                last = self.last
+                cause = f" (last error: {type(last).__name__}: {last})" if last else ""
+                raise AssertionError(
+                    f"timed out after {self.limit:g}s waiting for {self.what}{cause}"
+                )
+
+    @contextlib.contextmanager
+    def looking(self) -> Iterator[None]:
         try:
+            yield
+        except self.not_yet as exc:
+            self.last = exc
+
+
+def wait_for(check: Callable[[], Any], *args: Any, **kwargs: Any) -> Any:
+    """Poll ``check`` from a thread (``time.sleep`` between looks); ``limit`` (30 s),
+    ``what`` and ``not_yet`` as for :class:`_Attempts`."""
+    attempts = _Attempts(*args, **kwargs)
+    for _ in attempts:
+        with attempts.looking():
             if result := check():
                 return result
-        except not_yet as exc:
-            last[:] = [exc]
         time.sleep(POLL)
     raise AssertionError("unreachable")
 
 
-async def wait_until(
-    check: Callable[[], Any],
-    limit: float = 30.0,
-    what: str = "condition",
-    not_yet: tuple[type[BaseException], ...] = (),
-) -> Any:
+async def wait_until(check: Callable[[], Any], *args: Any, **kwargs: Any) -> Any:
     """Poll ``check`` (sync or async) from a coroutine (``asyncio.sleep`` between looks)."""
-    last: list[BaseException] = []
-    for _ in _attempts(limit, what, last):
-        try:
+    attempts = _Attempts(*args, **kwargs)
+    for _ in attempts:
+        with attempts.looking():
             result = check()
-            if inspect.isawaitable(result):
-                result = await result
-            if result:
+            if result := (await result if inspect.isawaitable(result) else result):
                 return result
-        except not_yet as exc:
-            last[:] = [exc]
         await asyncio.sleep(POLL)
     raise AssertionError("unreachable")

@@ -69,18 +69,14 @@ def login(client: Any, auth: AuthConfig, now: float) -> Token:
                 use_token=False,
             )
         elif method == "kubernetes":
+            jwt = _value(None, auth.jwt_file, "service account token")
             response = client.auth.kubernetes.login(
-                role=auth.role,
-                jwt=_value(None, auth.jwt_file, "service account token"),
-                mount_point=mount,
-                use_token=False,
+                role=auth.role, jwt=jwt, mount_point=mount, use_token=False
             )
         elif method == "jwt":
+            jwt = _value(None, auth.jwt_file, "jwt")
             response = client.auth.jwt.jwt_login(
-                role=auth.role,
-                jwt=_value(None, auth.jwt_file, "jwt"),
-                path=mount,
-                use_token=False,
+                role=auth.role, jwt=jwt, path=mount, use_token=False
             )
         else:
             raise VaultAuthError(f"login: unknown auth method {method!r}")

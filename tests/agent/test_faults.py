@@ -102,11 +102,7 @@ def test_a_malformed_vault_answer_is_a_vault_error_and_the_agent_keeps_serving(
 
 
 def test_enospc_on_the_state_dir_keeps_the_agent_running_with_a_stale_ledger(
-    openbao: OpenBaoServer,
-    postgres: PostgresCluster,
-    db_path: Any,
-    shm: Path,
-    tiny_volume: Any,
+    openbao: OpenBaoServer, db_path: Any, shm: Path, tiny_volume: Any
 ) -> None:
     path = db_path(ttl="30s", max_ttl="10m")
     config = agent_config(openbao, shm, path, state_dir=str(tiny_volume.path / "state"))
@@ -151,11 +147,7 @@ def test_a_startup_failure_exits_non_zero_and_the_last_line_says_why(
 
 
 def test_a_failed_render_keeps_the_old_lease_until_the_new_one_is_delivered(
-    openbao: OpenBaoServer,
-    postgres: PostgresCluster,
-    db_path: Any,
-    shm: Path,
-    tiny_volume: Any,
+    openbao: OpenBaoServer, db_path: Any, shm: Path, tiny_volume: Any
 ) -> None:
     # TTL 10 s, max 14 s, renewals at ~2 s: replaced at ~6 s, the old lease lives to 14 s
     path = db_path(ttl="10s", max_ttl="14s")
