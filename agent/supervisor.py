@@ -99,6 +99,7 @@ class Supervisor:
         if name in self.parts and self.parts[name].state in ("running", "restarting"):
             raise RuntimeError(f"part {name} is already running")
         part = Part(name, run)
+        metrics.task_failures_total.labels(name)  # the series exists (at 0) from the start
         part.task = asyncio.create_task(self._keep(part), name=f"part {name}")
         self.parts[name] = part
         return part
