@@ -29,7 +29,7 @@ from jinja2 import filters as jinja_filters
 from jinja2.runtime import Context
 from jinja2.sandbox import SandboxedEnvironment, safe_range
 
-CHECK_EVERY = 256  # look at the clock and the stop flag every this many operations
+CHECK_EVERY = 255  # a mask: look at the clock and the stop flag every 256 operations
 
 
 class TemplateLimit(Exception):
@@ -43,11 +43,11 @@ class Budget:
         self.max_size = max_size
         self.deadline = deadline  # time.monotonic()
         self.stop = stop
-        self._ops = 0
+        self.ops = 0
 
     def tick(self) -> None:
-        self._ops += 1
-        if self._ops % CHECK_EVERY == 0:
+        self.ops += 1
+        if not self.ops & CHECK_EVERY:
             self.check()
 
     def check(self) -> None:
@@ -62,14 +62,27 @@ class Budget:
             raise TemplateLimit(f"{what} would exceed max_size ({self.max_size} bytes)")
 
 
-_current = threading.local()  # the Budget of the render running in this thread
+class _Current(threading.local):
+    budget: Budget | None = None  # the Budget of the render running in this thread
+
+
+_current = _Current()
 
 
 def budget() -> Budget:
-    found: Budget | None = getattr(_current, "budget", None)
+    found = _current.budget
     if found is None:
         raise TemplateLimit("rendered outside Template.render")
     return found
+
+
+def _count() -> None:
+    """Count one step (a lookup) of the render running in this thread."""
+    limits = _current.budget
+    if limits is not None:  # None: Jinja folding a constant while compiling
+        limits.ops += 1
+        if not limits.ops & CHECK_EVERY:
+            limits.check()
 
 
 def render_bounded(chunks: Callable[[], Iterable[str]], limits: Budget) -> bytes:
@@ -170,7 +183,9 @@ _BINOPS: dict[str, Callable[[Any, Any], float]] = {
 def _bounded_range(*args: int) -> Iterator[int]:
     limits = budget()
     for i in safe_range(*args):
-        limits.tick()
+        limits.ops += 1
+        if not limits.ops & CHECK_EVERY:
+            limits.check()
         yield i
 
 
@@ -218,11 +233,11 @@ class BoundedEnvironment(SandboxedEnvironment):
         return super().call_binop(context, operator, left, right)
 
     def getattr(self, obj: Any, attribute: str) -> Any:
-        budget().tick()
+        _count()
         return super().getattr(obj, attribute)
 
     def getitem(self, obj: Any, argument: Any) -> Any:
-        budget().tick()
+        _count()
         return super().getitem(obj, argument)
 
     def call(__self, __context: Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:
