@@ -32,7 +32,7 @@ from devservers import (
 # Tests that use one of these fixtures need a real server: they are marked ``servers``
 # here, so ``make check`` (``-m "not servers"``) runs only the tests that need none. A
 # test that starts servers by other means carries ``@pytest.mark.servers`` itself.
-SERVER_FIXTURES = frozenset({"openbao", "postgres"})
+SERVER_FIXTURES = frozenset({"openbao", "postgres", "redis_server", "mariadb", "moto"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

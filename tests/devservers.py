@@ -673,7 +673,7 @@ class RedisServer:
             start_new_session=True,
         )
         log.close()
-        _wait_until(self._ready, 30, f"Redis on port {self.port}")
+        wait_for(self._ready, 30, f"Redis on port {self.port}", not_yet=(Exception,))
         return self
 
     def _ready(self) -> bool:
@@ -787,7 +787,7 @@ class MariaDBServer:
             **_run_as_user("mysql"),
         )
         log.close()
-        _wait_until(self._ready, 60, f"MariaDB on port {self.port}")
+        wait_for(self._ready, 60, f"MariaDB on port {self.port}", not_yet=(Exception,))
         self.sql(
             f"CREATE USER 'admin'@'%' IDENTIFIED BY PASSWORD "
             f"'{mysql_native_hash(self.admin_password)}'; "
@@ -856,7 +856,7 @@ class MotoServer:
             start_new_session=True,
         )
         log.close()
-        _wait_until(self._ready, 60, f"moto at {self.endpoint_url}")
+        wait_for(self._ready, 60, f"moto at {self.endpoint_url}", not_yet=(Exception,))
         return self
 
     def _ready(self) -> bool:
