@@ -293,10 +293,10 @@ class Runtime:
             if child_exit.done():
                 self.exit_code = child_exit.result()
         finally:
-            for task in (stopper, startup, child_exit):
-                if task is not None:
-                    task.cancel("shutdown")
-            await asyncio.gather(stopper, startup, return_exceptions=True)
+            owned = [t for t in (stopper, startup, child_exit) if t is not None]
+            for task in owned:
+                task.cancel("shutdown")
+            await asyncio.gather(*owned, return_exceptions=True)
             try:
                 await self._shutdown()
             finally:
