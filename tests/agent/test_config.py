@@ -191,8 +191,8 @@ def test_secret_names_may_hold_dashes_and_dots(name: str, tmp_path: Path) -> Non
     assert template.render({name: value}) == b"u-1"
     ledger = Ledger(tmp_path / "state")  # the lease ledger keeps such a secret too
     ledger.save(value)
-    loaded = ledger.load(name)
-    assert loaded is not None and loaded.data == value.data
+    loaded = ledger.load_entry(name)
+    assert loaded is not None and loaded.value.data == value.data
 
 
 @pytest.mark.parametrize("name", ["-x", ".x", "..", "a/b", "a b", "é", "retired-leases"])
