@@ -18,6 +18,7 @@ fresh dynamic secrets with the new token.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -186,8 +187,20 @@ class VaultClient:
         return result if isinstance(result, dict) else {}
 
     async def issue_lease(self, path: str, operation: str = "issue") -> Lease:
-        """GET a dynamic secret (``database/creds/<role>``): its lease and data."""
-        return parse_lease(operation, path, await self.read(path, operation))
+        """GET a dynamic secret (``database/creds/<role>``): its lease and data.
+
+        When the answer is malformed but names its lease, that lease is revoked at once:
+        a credential we cannot use must not live on (one per retry) until its TTL.
+        """
+        raw = await self.read(path, operation)
+        try:
+            return parse_lease(operation, path, raw)
+        except VaultError:
+            lease_id = raw.get("lease_id")
+            if isinstance(lease_id, str) and lease_id:
+                with contextlib.suppress(VaultError):
+                    await self.revoke_lease(lease_id)
+            raise
 
     async def renew_lease(self, lease_id: str, increment: float | None = None) -> Renewal:
         inc = None if increment is None else max(1, int(increment))

@@ -18,7 +18,13 @@ from typing import Any
 
 import pytest
 from agentproc import AgentProcess, agent_config
-from devservers import AUDIT, OpenBaoServer, PostgresCluster, configure_database_engine
+from devservers import (
+    AUDIT,
+    OpenBaoServer,
+    PostgresCluster,
+    configure_database_engine,
+    leases_under,
+)
 from vaultrelay import Rewrite, RewritingRelay
 from waiting import wait_for
 
@@ -80,6 +86,8 @@ def test_a_malformed_vault_answer_is_a_vault_error_and_the_agent_keeps_serving(
         relay.rewrite = None
         agent.wait_ready()
         (issued,) = agent.events("issued")
+        # the leases of the answers it could not read were revoked, not left to expire
+        assert leases_under(openbao, path + "/") == [issued["version"]]
 
         # on renewal: the same, and the lease is kept
         relay.rewrite = Rewrite("sys/leases/renew", "lease_duration", "3 seconds")
