@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DURATION ?= 0
 
-.PHONY: test check lint typecheck unit fast demo bench clean hadolint
+.PHONY: test check lint typecheck unit fast demo bench clean hadolint servers
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,29 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-unit: $(STAMP)
+# The servers the tests start: PostgreSQL (with pgbench), Redis, MariaDB, and kubectl for
+# the injector's kustomize check. What is missing comes from Debian when we are root;
+# otherwise the list of what to install is printed and the target fails.
+SERVER_PACKAGES := \
+	postgresql:initdb \
+	postgresql-contrib:pgbench \
+	redis-server:redis-server \
+	mariadb-server:mariadbd \
+	mariadb-server:mariadb-install-db \
+	kubernetes-client:kubectl
+
+servers:
+	@missing=""; \
+	for entry in $(SERVER_PACKAGES); do \
+		pkg=$${entry%%:*}; cmd=$${entry#*:}; \
+		{ command -v $$cmd || ls /usr/lib/postgresql/*/bin/$$cmd; } >/dev/null 2>&1 || \
+			case " $$missing " in *" $$pkg "*) ;; *) missing="$$missing $$pkg";; esac; \
+	done; \
+	[ -z "$$missing" ] && exit 0; \
+	if [ "$$(id -u)" != 0 ]; then echo "make test needs:$$missing (apt-get install, as root)"; exit 1; fi; \
+	apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -yq --no-install-recommends $$missing
+
+unit: $(STAMP) servers
 	$(BIN)/pytest -q
 
 # The tests that need no server (tests/conftest.py marks the others "servers").

@@ -224,38 +224,46 @@ async def connect(
     names: StatementNames,
 ) -> ServerConn:
     """Connect, negotiate TLS and log in; raises :class:`UpstreamError` on any failure."""
-    loop = asyncio.get_running_loop()
-    link: Link | None = None
     try:
         async with asyncio.timeout(cfg.connect_timeout):
-            _, link = await loop.create_connection(Link, cfg.host, cfg.port)
-            tls = await _negotiate_tls(link, cfg)
-            proto = await _login(link, cfg, creds, database, parameters, tls)
+            conn = await _open(cfg, creds, database, parameters, names)
     except TimeoutError:
-        if link is not None:
-            link.abort()
         metrics.server_connects_total.labels("timeout").inc()
         raise UpstreamError(
             f"upstream {where(cfg)}: no answer within connect_timeout ({cfg.connect_timeout:g}s)"
         ) from None
     except UpstreamAuthError:
-        if link is not None:
-            link.abort()
         metrics.server_connects_total.labels("auth_failed").inc()
         metrics.auth_failures_total.labels("upstream").inc()
         raise
     except UpstreamError:
-        if link is not None:
-            link.abort()
         metrics.server_connects_total.labels("error").inc()
         raise
     except (OSError, ProtocolViolation) as exc:
-        if link is not None:
-            link.abort()
         metrics.server_connects_total.labels("error").inc()
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise UpstreamError(f"upstream {where(cfg)}: {reason or type(exc).__name__}") from None
     metrics.server_connects_total.labels("ok").inc()
+    return conn
+
+
+async def _open(
+    cfg: UpstreamConfig,
+    creds: Credentials,
+    database: str,
+    parameters: dict[str, str],
+    names: StatementNames,
+) -> ServerConn:
+    loop = asyncio.get_running_loop()
+    _, link = await loop.create_connection(Link, cfg.host, cfg.port)
+    try:
+        tls = await _negotiate_tls(link, cfg)
+        proto = await _login(link, cfg, creds, database, parameters, tls)
+    except BaseException:
+        # a failure, the timeout or a cancellation (the pool closing during a trial
+        # connect): the socket goes with it, never left to the garbage collector
+        link.abort()
+        raise
     return ServerConn(link, proto, creds.generation, database, tls, names)
 
 
