@@ -38,6 +38,7 @@ from proxy.configkit import (
     choice,
     parse_duration,
     parse_listen,
+    parse_mode,
     show_value,
 )
 
@@ -76,13 +77,6 @@ def parse_signal(value: object) -> signal.Signals:
         return signal.Signals[name]
     except KeyError:
         raise ValueError(f"{show_value(value)} is not a signal name") from None
-
-
-def parse_mode(value: object) -> int:
-    text = str(value) if not isinstance(value, int) else f"{value:o}"
-    if not re.fullmatch(r"0?[0-7]{3,4}", text):
-        raise ValueError(f"{show_value(value)} is not an octal mode")
-    return int(text, 8)
 
 
 # --------------------------------------------------------------------------- objects

@@ -7,7 +7,7 @@ local setups, a plain password. It is re-read when it changes.
 
 from __future__ import annotations
 
-import pwd
+import os
 import shlex
 import socket
 import struct
@@ -60,11 +60,15 @@ def peer_uid(sock: socket.socket) -> int:
     return int(uid)
 
 
-def peer_allowed(uid: int, user: str, allowed_uids: tuple[int, ...]) -> bool:
-    """``allowed_uids`` when configured, else PostgreSQL's rule: OS user name == user."""
-    if allowed_uids:
-        return uid in allowed_uids
-    try:
-        return pwd.getpwuid(uid).pw_name == user
-    except KeyError:
-        return False
+def peer_allowed(uid: int, allowed_uids: tuple[int, ...]) -> bool:
+    """Peer auth admits a uid, not a name: every client user logs in upstream as the
+    application's one database identity, so the OS user name proves nothing."""
+    return uid in allowed_uids
+
+
+def secure_socket(path: Path, mode: int, gid: int | None) -> None:
+    """Give the unix socket its configured group and mode (0660 by default: the
+    filesystem already keeps out users who are neither us nor in our group)."""
+    if gid is not None:
+        os.chown(path, -1, gid)
+    os.chmod(path, mode)

@@ -7,6 +7,7 @@ config file's directory.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
@@ -15,6 +16,7 @@ from proxy.configkit import (
     Problems,
     Section,
     as_bool,
+    as_group,
     as_int_list,
     as_nonempty_str,
     as_port,
@@ -22,6 +24,7 @@ from proxy.configkit import (
     choice,
     parse_duration,
     parse_listen,
+    parse_mode,
 )
 
 PoolMode = Literal["transaction", "session"]
@@ -65,6 +68,10 @@ class ClientAuthConfig:
     users_file: Path | None = None  # scram: lines "user" "SCRAM-SHA-256$..." (PgBouncer style)
     allowed_uids: tuple[int, ...] = ()  # peer: uids allowed (empty: our own uid only)
 
+    def peer_uids(self) -> tuple[int, ...]:
+        """The uids peer auth admits: ``allowed_uids``, or the proxy's own uid."""
+        return self.allowed_uids or (os.geteuid(),)
+
 
 @dataclass(frozen=True)
 class TLSConfig:
@@ -80,6 +87,8 @@ class ProxyConfig:
     credentials: CredentialsConfig
     listen: tuple[str, int] | None = ("127.0.0.1", 6432)
     listen_unix: Path | None = None  # directory; the socket is .s.PGSQL.<port> inside it
+    unix_socket_mode: int = 0o660  # PgBouncer's name; who may connect at all
+    unix_socket_group: int | None = None  # gid given the socket (None: our own group)
     upstream: UpstreamConfig = UpstreamConfig()
     pool_mode: PoolMode = "transaction"
     pool_size: int = 20
@@ -114,6 +123,8 @@ def parse_proxy_config(
     else:
         listen = top.get("listen", parse_listen, listen)
     listen_unix = top.path_value("listen_unix")
+    socket_mode = top.get("unix_socket_mode", parse_mode, 0o660)
+    socket_group = top.get("unix_socket_group", as_group, None)
     if listen is None and listen_unix is None:
         collected.add("proxy.listen", "needed unless proxy.listen_unix is set")
 
@@ -173,6 +184,8 @@ def parse_proxy_config(
         credentials=credentials,
         listen=listen,
         listen_unix=listen_unix,
+        unix_socket_mode=socket_mode,
+        unix_socket_group=socket_group,
         upstream=upstream,
         pool_mode=top.get("pool_mode", choice(POOL_MODES), "transaction"),
         pool_size=top.get("pool_size", as_positive_int, 20),
@@ -191,6 +204,8 @@ def parse_proxy_config(
 _TOP_KEYS = (
     "listen",
     "listen_unix",
+    "unix_socket_mode",
+    "unix_socket_group",
     "upstream",
     "credentials",
     "pool_mode",

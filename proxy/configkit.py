@@ -9,6 +9,7 @@ This module imports nothing of either package.
 
 from __future__ import annotations
 
+import grp
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -188,6 +189,24 @@ def as_int_list(value: object) -> tuple[int, ...]:
     ):
         raise ValueError(f"{show_value(value)} is not a list of integers")
     return tuple(value)
+
+
+def parse_mode(value: object) -> int:
+    """A file mode: ``"0640"``, ``"640"`` or YAML's octal ``0640`` (read as an int)."""
+    text = str(value) if not isinstance(value, int) else f"{value:o}"
+    if not re.fullmatch(r"0?[0-7]{3,4}", text):
+        raise ValueError(f"{show_value(value)} is not an octal mode")
+    return int(text, 8)
+
+
+def as_group(value: object) -> int:
+    """A group name or gid -> the gid (resolved now, so a typo is a config error)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    try:
+        return grp.getgrnam(as_nonempty_str(value)).gr_gid
+    except KeyError:
+        raise ValueError(f"{show_value(value)} is not a group on this system") from None
 
 
 def choice(options: tuple[T, ...]) -> Callable[[object], T]:

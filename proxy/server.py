@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from proxy import metrics, upstream
-from proxy.clientauth import UsersFile, peer_allowed, peer_uid
+from proxy.clientauth import UsersFile, peer_allowed, peer_uid, secure_socket
 from proxy.config import ProxyConfig, TLSConfig
 from proxy.credentials import CredentialProvider
 from proxy.errors import UpstreamError
@@ -220,7 +220,7 @@ class ClientSession(ServerOwner):
             sock = self.link.transport.get_extra_info("socket") if self.link.transport else None
             if not self.unix or sock is None:
                 raise AuthenticationFailed("peer authentication (unix socket only) failed", "28000")
-            if not peer_allowed(peer_uid(sock), self.user, cfg.allowed_uids):
+            if not peer_allowed(peer_uid(sock), cfg.peer_uids()):
                 raise AuthenticationFailed("peer authentication failed", "28000")
             return
         users = self.server.users
@@ -651,7 +651,7 @@ class ProxyServer:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
             srv = await loop.create_unix_server(lambda: self._link(unix=True), str(path))
-            os.chmod(path, 0o777)  # who may log in is client_auth's decision
+            secure_socket(path, self.config.unix_socket_mode, self.config.unix_socket_group)
             self._servers.append(srv)
             self.addresses.append(str(path))
 

@@ -84,7 +84,7 @@ async def test_stopping_a_part_does_not_swallow_a_cancel_of_the_caller() -> None
 
 
 def test_a_failure_is_described_by_type_and_place_never_by_message() -> None:
-    from agent.config import parse_mode
+    from proxy.configkit import parse_mode  # the shared reader kit, used by agent/config.py
 
     try:
         parse_mode("hunter2")  # its message quotes the value
@@ -93,5 +93,6 @@ def test_a_failure_is_described_by_type_and_place_never_by_message() -> None:
     assert described["error"] == "ValueError"
     assert "hunter2" not in str(described)
     assert (
-        described["where"].startswith("agent/config.py:") and "in parse_mode" in described["where"]
+        described["where"].startswith("proxy/configkit.py:")
+        and "in parse_mode" in described["where"]
     )

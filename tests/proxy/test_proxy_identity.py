@@ -1,0 +1,172 @@
+"""Who the proxy lets in, and what it tells those it does not (issue 9, findings 5-8).
+
+Peer auth admits uids, not names, behind a 0660 socket; unknown SCRAM users look like
+known ones; trust needs a listener that is loopback however its name resolves; errors
+to clients carry PostgreSQL's message and SQLSTATE, never the upstream's address or user.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import shutil
+import stat
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from proxyhelpers import ProxyFactory, Role, pg_tool, psql, run
+
+from proxy.config import ProxyConfigError, parse_proxy_config
+
+NOBODY = pwd.getpwnam("nobody")
+# A PostgreSQL client of the standard library only: the interpreter the tests run on
+# may live where `nobody` cannot read it, the system one is readable by everyone.
+SYSTEM_PYTHON = "/usr/bin/python3"
+PROBE = r"""
+import socket, struct, sys
+path, user, database = sys.argv[1:4]
+body = struct.pack("!i", 196608) + b"".join(
+    k.encode() + b"\0" + v.encode() + b"\0" for k, v in (("user", user), ("database", database))
+) + b"\0"
+with socket.socket(socket.AF_UNIX) as s:
+    s.settimeout(30)
+    s.connect(path)
+    s.sendall(struct.pack("!i", len(body) + 4) + body)
+    head = s.recv(5, socket.MSG_WAITALL)
+    rest = s.recv(struct.unpack("!i", head[1:5])[0] - 4, socket.MSG_WAITALL)
+if head[:1] == b"E":
+    fields = {f[:1]: f[1:].decode() for f in rest.split(b"\0") if f}
+    print("E", fields[b"C"], fields[b"M"])
+else:
+    print(head[:1].decode(), struct.unpack("!i", rest[:4])[0])
+"""
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="runs clients as nobody (needs root)")
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A socket directory `nobody` can reach (pytest's tmp_path is 0700, root's)."""
+    path = Path(tempfile.mkdtemp(prefix="proxy-sock-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+async def as_nobody(*argv: str) -> tuple[int, str]:
+    result = await run("runuser", "-u", "nobody", "--", *argv)
+    return result.returncode, result.stdout + result.stderr
+
+
+async def probe_as_nobody(socket_path: Path, database: str) -> str:
+    """What the proxy answers a startup packet from uid nobody (``E <sqlstate> <text>``)."""
+    if not os.access(SYSTEM_PYTHON, os.X_OK):
+        pytest.skip(f"{SYSTEM_PYTHON} is needed to run a client as nobody")
+    code, out = await as_nobody(SYSTEM_PYTHON, "-c", PROBE, str(socket_path), "nobody", database)
+    assert code == 0, out
+    return out.strip()
+
+
+# --- finding 5: peer auth admits uids, the socket is 0660 ------------------------------
+
+
+@needs_root
+async def test_peer_auth_refuses_another_local_user(
+    make_proxy: ProxyFactory, role: Role, shared_dir: Path
+) -> None:
+    """`nobody` asking to be `nobody` is not the application: 28000, with the socket open."""
+    proxy = await make_proxy(
+        listen_unix=str(shared_dir), unix_socket_mode="0666", client_auth={"method": "peer"}
+    )
+    path = proxy.server.socket_path
+    assert path is not None
+    code, out = await as_nobody(
+        *psql_argv(shared_dir, proxy.port, "nobody", role.database, "SELECT current_user")
+    )
+    assert code != 0, out
+    assert "peer authentication failed" in out, out
+    assert await probe_as_nobody(path, role.database) == (
+        'E 28000 peer authentication failed for user "nobody"'
+    )
+    # our own uid (the default of allowed_uids) still logs in, under any user name
+    ok = await psql(str(shared_dir), proxy.port, "someone", role.database, "-c", "SELECT 1")
+    assert ok.returncode == 0, ok.stderr
+
+
+@needs_root
+async def test_unix_socket_mode_and_group(
+    make_proxy: ProxyFactory, role: Role, shared_dir: Path
+) -> None:
+    """Default 0660: `nobody` cannot even connect; in the socket's group it reaches the
+    proxy, and only `allowed_uids` lets it in."""
+    closed = await make_proxy(listen_unix=str(shared_dir / "a"), client_auth={"method": "peer"})
+    assert closed.server.socket_path is not None
+    st = closed.server.socket_path.stat()
+    assert stat.S_IMODE(st.st_mode) == 0o660
+    (shared_dir / "a").chmod(0o755)
+    code, out = await as_nobody(
+        *psql_argv(shared_dir / "a", closed.port, "nobody", role.database, "SELECT 1")
+    )
+    assert code != 0
+    assert "Permission denied" in out, out
+
+    grouped = await make_proxy(
+        listen_unix=str(shared_dir / "b"),
+        unix_socket_group="nogroup" if _has_group("nogroup") else NOBODY.pw_gid,
+        client_auth={"method": "peer"},
+    )
+    path = grouped.server.socket_path
+    assert path is not None
+    assert path.stat().st_gid == NOBODY.pw_gid
+    (shared_dir / "b").chmod(0o755)
+    assert (await probe_as_nobody(path, role.database)).startswith("E 28000 ")
+
+    admitted = await make_proxy(
+        listen_unix=str(shared_dir / "c"),
+        unix_socket_mode=0o666,  # YAML's unquoted 0666 arrives as this int
+        client_auth={"method": "peer", "allowed_uids": [NOBODY.pw_uid]},
+    )
+    (shared_dir / "c").chmod(0o755)
+    code, out = await as_nobody(
+        *psql_argv(shared_dir / "c", admitted.port, "nobody", role.database, "SELECT current_user")
+    )
+    assert code == 0, out
+    assert out.strip() == role.name
+    # and the proxy's own uid is no longer in the list
+    mine = await psql(str(shared_dir / "c"), admitted.port, "root", role.database, "-c", "SELECT 1")
+    assert mine.returncode != 0
+    assert "peer authentication failed" in mine.stderr
+
+
+def _has_group(name: str) -> bool:
+    try:
+        grp.getgrnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+def psql_argv(host: Path, port: int, user: str, database: str, sql: str) -> list[str]:
+    """psql's command line, for running it as another user."""
+    options = ("-X", "-A", "-t", "-h", str(host), "-p", str(port), "-U", user, "-d", database)
+    return [pg_tool("psql"), *options, "-c", sql]
+
+
+def test_socket_settings_are_checked(tmp_path: Path) -> None:
+    base = {"listen_unix": str(tmp_path), "credentials": {"file": "db.json"}}
+    assert parse_proxy_config(base, tmp_path).unix_socket_mode == 0o660
+    assert parse_proxy_config({**base, "unix_socket_mode": "0600"}, tmp_path).unix_socket_mode == (
+        0o600
+    )
+    with pytest.raises(ProxyConfigError) as info:
+        parse_proxy_config(
+            {**base, "unix_socket_mode": "rw", "unix_socket_group": "no-such-group-x"}, tmp_path
+        )
+    assert 'proxy.unix_socket_mode: "rw" is not an octal mode' in info.value.problems
+    assert (
+        'proxy.unix_socket_group: "no-such-group-x" is not a group on this system'
+        in info.value.problems
+    )
