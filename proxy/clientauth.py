@@ -8,12 +8,19 @@ local setups, a plain password. It is re-read when it changes.
 from __future__ import annotations
 
 import os
+import secrets
 import shlex
 import socket
 import struct
+from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
-from proxy.protocol.auth import ScramSecret
+from proxy.protocol.auth import DEFAULT_ITERATIONS, DEFAULT_SALT_LEN, ScramSecret
+
+# per process, like PostgreSQL's mock_auth_nonce: mock salts are stable while we run
+# and cannot be told from real ones by anyone who does not know it
+_MOCK_KEY = secrets.token_bytes(32)
 
 
 class UsersFile:
@@ -21,17 +28,32 @@ class UsersFile:
         self.path = path
         self._stamp: tuple[float, int] | None = None
         self._users: dict[str, ScramSecret] = {}
+        self._shape = (DEFAULT_SALT_LEN, DEFAULT_ITERATIONS)
 
-    def lookup(self, user: str) -> ScramSecret | None:
+    def lookup(self, user: str) -> ScramSecret:
+        """``user``'s verifier, or a mock one shaped like the file's (see ScramSecret.mock)."""
         try:
             st = self.path.stat()
         except OSError:
-            return None
-        stamp = (st.st_mtime, st.st_size)
-        if stamp != self._stamp:
-            self._users = parse_users(self.path.read_text())
-            self._stamp = stamp
-        return self._users.get(user)
+            self._users, self._stamp = {}, None
+        else:
+            stamp = (st.st_mtime, st.st_size)
+            if stamp != self._stamp:
+                self._users = parse_users(self.path.read_text())
+                self._shape = _common_shape(self._users.values())
+                self._stamp = stamp
+        secret = self._users.get(user)
+        if secret is not None:
+            return secret
+        return ScramSecret.mock(_MOCK_KEY, user, *self._shape)
+
+
+def _common_shape(secrets_: Iterable[ScramSecret]) -> tuple[int, int]:
+    """The (salt length, iterations) most verifiers have, for the mock ones to match."""
+    shapes = Counter((len(s.salt), s.iterations) for s in secrets_)
+    if not shapes:
+        return DEFAULT_SALT_LEN, DEFAULT_ITERATIONS
+    return shapes.most_common(1)[0][0]
 
 
 def parse_users(text: str) -> dict[str, ScramSecret]:

@@ -22,6 +22,8 @@ from proxy.protocol import messages as m
 from proxy.protocol.errors import AuthenticationFailed, ClientProtocolViolation
 
 SCRAM = "SCRAM-SHA-256"
+DEFAULT_SALT_LEN = 16  # PostgreSQL's SCRAM_DEFAULT_SALT_LEN
+DEFAULT_ITERATIONS = 4096
 
 
 def md5_password(username: str, password: str, salt: bytes) -> bytes:
@@ -96,6 +98,7 @@ class ScramSecret:
     salt: bytes
     stored_key: bytes = field(repr=False)
     server_key: bytes = field(repr=False)
+    known: bool = True  # False: a mock for a user that does not exist (always fails)
 
     @classmethod
     def parse(cls, text: str) -> ScramSecret:
@@ -116,11 +119,29 @@ class ScramSecret:
             raise ValueError("not a SCRAM-SHA-256 verifier") from None
 
     @classmethod
-    def from_password(cls, password: str, iterations: int = 4096) -> ScramSecret:
+    def from_password(cls, password: str, iterations: int = DEFAULT_ITERATIONS) -> ScramSecret:
         salt, stored, server, iters = scramp.ScramMechanism(SCRAM).make_auth_info(
-            password, iteration_count=iterations
+            password, iteration_count=iterations, salt=os.urandom(DEFAULT_SALT_LEN)
         )
         return cls(int(iters), bytes(salt), bytes(stored), bytes(server))
+
+    @classmethod
+    def mock(cls, key: bytes, user: str, salt_len: int, iterations: int) -> ScramSecret:
+        """What an unknown ``user`` is answered with, like PostgreSQL's ``scram_mock_salt``:
+        derived from a secret ``key`` and the name, so every attempt sees the same salt,
+        and shaped (salt length, iterations) like the real verifiers."""
+
+        def derive(label: bytes, size: int) -> bytes:
+            # SHAKE with the key in front is a PRF (no length extension)
+            return hashlib.shake_256(key + label + user.encode()).digest(size)
+
+        return cls(
+            iterations,
+            derive(b"salt\0", salt_len),
+            derive(b"stored\0", 32),
+            derive(b"server\0", 32),
+            known=False,
+        )
 
 
 def _attrs(text: str) -> dict[str, str]:
@@ -133,13 +154,11 @@ def _attrs(text: str) -> dict[str, str]:
 
 
 class ScramVerifier:
-    """One SCRAM-SHA-256 exchange against ``secret`` (``None``: unknown user, fail at the end)."""
+    """One SCRAM-SHA-256 exchange against ``secret``; a mock one (an unknown user) gets
+    the full exchange too, failing only at the end, so no answer tells who exists."""
 
-    def __init__(self, secret: ScramSecret | None) -> None:
-        # an unknown user still gets a full exchange with a random verifier, so the
-        # answer does not reveal which user names exist
-        self._secret = secret or ScramSecret(4096, os.urandom(16), os.urandom(32), os.urandom(32))
-        self._known = secret is not None
+    def __init__(self, secret: ScramSecret) -> None:
+        self._secret = secret
         self._first_bare = ""
         self._server_first = ""
         self._gs2 = ""
@@ -197,7 +216,7 @@ class ScramVerifier:
             raise AuthenticationFailed("password authentication failed")
         client_key = bytes(a ^ b for a, b in zip(proof, signature, strict=True))
         ok = hmac.compare_digest(hashlib.sha256(client_key).digest(), self._secret.stored_key)
-        if not (ok and self._known):
+        if not (ok and self._secret.known):
             raise AuthenticationFailed("password authentication failed")
         server_sig = hmac.digest(self._secret.server_key, auth_message, "sha256")
         return b"v=" + base64.b64encode(server_sig)

@@ -7,6 +7,8 @@ to clients carry PostgreSQL's message and SQLSTATE, never the upstream's address
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import grp
 import os
 import pwd
@@ -16,10 +18,13 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
 import pytest
+import scramp
 from proxyhelpers import ProxyFactory, Role, pg_tool, psql, run
 
 from proxy.config import ProxyConfigError, parse_proxy_config
+from proxy.protocol import messages as m
 
 NOBODY = pwd.getpwnam("nobody")
 # A PostgreSQL client of the standard library only: the interpreter the tests run on
@@ -170,3 +175,77 @@ def test_socket_settings_are_checked(tmp_path: Path) -> None:
         'proxy.unix_socket_group: "no-such-group-x" is not a group on this system'
         in info.value.problems
     )
+
+
+# --- finding 6: unknown SCRAM users look like known ones -------------------------------
+
+
+async def scram_server_first(port: int, user: str, database: str) -> tuple[bytes, int]:
+    """(salt, iterations) of the proxy's SCRAM server-first message for ``user``."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        params = m.cstr("user") + m.cstr(user) + m.cstr("database") + m.cstr(database) + b"\0"
+        body = (3 << 16).to_bytes(4, "big") + params
+        writer.write((len(body) + 4).to_bytes(4, "big") + body)
+        assert await read_auth(reader) == (m.AUTH_SASL, m.cstr("SCRAM-SHA-256") + b"\0")
+        first = b"n,,n=,r=" + base64.b64encode(os.urandom(18))
+        payload = m.cstr("SCRAM-SHA-256") + len(first).to_bytes(4, "big") + first
+        writer.write(m.message(b"p", payload))
+        code, server_first = await read_auth(reader)
+        assert code == m.AUTH_SASL_CONTINUE
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    attrs = dict(part.split("=", 1) for part in server_first.decode().split(","))
+    return base64.b64decode(attrs["s"]), int(attrs["i"])
+
+
+async def read_auth(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    async with asyncio.timeout(30):
+        head = await reader.readexactly(5)
+        body = await reader.readexactly(int.from_bytes(head[1:], "big") - 4)
+    assert head[:1] == b"R", (head, body)
+    return int.from_bytes(body[:4], "big"), body[4:]
+
+
+def verifier_line(name: str, password: str, salt_len: int, iterations: int) -> str:
+    salt, stored, server, _ = scramp.ScramMechanism("SCRAM-SHA-256").make_auth_info(
+        password, iteration_count=iterations, salt=os.urandom(salt_len)
+    )
+    b64 = base64.b64encode
+    return (
+        f'"{name}" "SCRAM-SHA-256${iterations}:{b64(salt).decode()}$'
+        f'{b64(stored).decode()}:{b64(server).decode()}"\n'
+    )
+
+
+@pytest.mark.parametrize(("salt_len", "iterations"), [(16, 4096), (24, 8192)])
+async def test_unknown_scram_user_answers_like_a_known_one(
+    make_proxy: ProxyFactory, role: Role, tmp_path: Path, salt_len: int, iterations: int
+) -> None:
+    users = tmp_path / "users.txt"
+    users.write_text(
+        verifier_line("alice", "a-pw", salt_len, iterations)
+        + verifier_line("carol", "c-pw", salt_len, iterations)
+    )
+    if salt_len == 16:
+        users.write_text(users.read_text() + '"bob" "plain-pw"\n')  # plain: 16 bytes, 4096
+    proxy = await make_proxy(client_auth={"method": "scram", "users_file": str(users)})
+    seen: dict[str, list[tuple[bytes, int]]] = {}
+    for _ in range(2):
+        for user in ("alice", "mallory", "eve"):
+            seen.setdefault(user, []).append(
+                await scram_server_first(proxy.port, user, role.database)
+            )
+    known, unknown, other = seen["alice"], seen["mallory"], seen["eve"]
+    assert known[0] == known[1]
+    assert unknown[0] == unknown[1], "an unknown user's salt changes between attempts"
+    assert len(unknown[0][0]) == len(known[0][0]) == salt_len
+    assert unknown[0][1] == known[0][1] == iterations
+    assert unknown[0][0] != other[0][0], "mock salts depend on the user name"
+    # and the exchange still fails for the unknown user, like a wrong password
+    with pytest.raises(asyncpg.InvalidPasswordError) as info:
+        await asyncpg.connect(proxy.dsn(user="mallory", password="a-pw", db=role.database))
+    assert info.value.sqlstate == "28P01"
+    ok = await asyncpg.connect(proxy.dsn(user="alice", password="a-pw", db=role.database))
+    await ok.close()

@@ -242,7 +242,7 @@ def test_cleartext_refused_unless_allowed() -> None:
     assert reply == ev.PasswordMessage(b"hunter2\0")
 
 
-def _scram_exchange(client_password: str, secret: ScramSecret | None) -> bytes:
+def _scram_exchange(client_password: str, secret: ScramSecret) -> bytes:
     """Our upstream authenticator against our verifier: both sides of SCRAM-SHA-256."""
     client = UpstreamAuthenticator("u", client_password, cleartext_allowed=False)
     verifier = ScramVerifier(secret)
@@ -263,7 +263,7 @@ def test_scram_round_trip_and_wrong_password() -> None:
         _scram_exchange("wrong", secret)
     assert info.value.sqlstate == "28P01"
     with pytest.raises(AuthenticationFailed):
-        _scram_exchange("right", None)  # unknown user
+        _scram_exchange("right", ScramSecret.mock(b"k" * 32, "u", 16, 4096))  # unknown user
 
 
 def test_scram_secret_parses_pg_authid_format() -> None:
