@@ -7,7 +7,10 @@ config file's directory.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
@@ -25,6 +28,7 @@ from proxy.configkit import (
     parse_duration,
     parse_listen,
     parse_mode,
+    show_value,
 )
 
 PoolMode = Literal["transaction", "session"]
@@ -161,10 +165,11 @@ def parse_proxy_config(
         collected.add("proxy.client_auth.users_file", "needed for method scram")
     if method == "peer" and listen_unix is None:
         collected.add("proxy.client_auth.method", "peer needs proxy.listen_unix")
-    if method == "trust" and listen is not None and not _is_loopback(listen[0]):
+    why = loopback_problem(listen[0]) if method == "trust" and listen else None
+    if why is not None:
         collected.add(
             "proxy.client_auth.method",
-            f"trust is refused on the non-loopback listener {listen[0]} "
+            f"trust is refused: proxy.listen {show_value(top.raw.get('listen'))} {why} "
             "(use scram, or listen on 127.0.0.1 / listen_unix)",
         )
     no_uids: tuple[int, ...] = ()
@@ -230,5 +235,34 @@ _UPSTREAM_KEYS = (
 )
 
 
-def _is_loopback(host: str) -> bool:
-    return host in ("localhost", "::1") or host.startswith("127.")
+Resolver = Callable[[str], list[str]]
+
+
+def resolve(host: str) -> list[str]:
+    """Every address ``host`` resolves to (the system resolver bounds the wait)."""
+    return [str(info[4][0]) for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)]
+
+
+def loopback_problem(host: str, resolver: Resolver = resolve) -> str | None:
+    """``None`` when ``host`` is a loopback address, or a name whose every address is
+    one (resolved now, at start); otherwise what is wrong, for the config error."""
+    try:
+        return None if _loopback(host) else "is not a loopback address"
+    except ValueError:
+        pass  # a host name
+    try:
+        addresses = sorted(set(resolver(host)))
+    except OSError as exc:
+        return f"does not resolve ({exc.strerror or exc})"
+    outside = [a for a in addresses if not _loopback(a)]
+    if outside or not addresses:
+        return f"resolves to {', '.join(outside) or 'nothing'}, not only loopback addresses"
+    return None
+
+
+def _loopback(address: str) -> bool:
+    """Raises ValueError when ``address`` is not an IP address."""
+    ip = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # ::ffff:127.0.0.1
+    return ip.is_loopback

@@ -23,7 +23,7 @@ import pytest
 import scramp
 from proxyhelpers import ProxyFactory, Role, pg_tool, psql, run
 
-from proxy.config import ProxyConfigError, parse_proxy_config
+from proxy.config import ProxyConfigError, loopback_problem, parse_proxy_config
 from proxy.protocol import messages as m
 
 NOBODY = pwd.getpwnam("nobody")
@@ -249,3 +249,39 @@ async def test_unknown_scram_user_answers_like_a_known_one(
     assert info.value.sqlstate == "28P01"
     ok = await asyncpg.connect(proxy.dsn(user="alice", password="a-pw", db=role.database))
     await ok.close()
+
+
+# --- finding 7: trust needs a listener that is loopback however its name resolves ------
+
+
+async def test_trust_listener_must_be_loopback_once_resolved(
+    make_proxy: ProxyFactory, role: Role
+) -> None:
+    for listen in ("127.attacker.example:0", "0.0.0.0:0", "[::]:0"):
+        with pytest.raises(ProxyConfigError) as info:
+            await make_proxy(listen=listen)
+        problem = next(p for p in info.value.problems if p.startswith("proxy.client_auth.method:"))
+        assert f'proxy.listen "{listen}"' in problem, problem
+    # localhost resolves (here, from /etc/hosts) to loopback only: trust is allowed
+    assert loopback_problem("localhost") is None
+    proxy = await make_proxy(listen="localhost:0")
+    conn = await asyncpg.connect(f"postgresql://app@localhost:{proxy.port}/{role.database}")
+    assert await conn.fetchval("SELECT current_user") == role.name
+    await conn.close()
+
+
+def test_a_name_with_any_non_loopback_address_is_refused() -> None:
+    """A name resolving to loopback and something else (no such name on this machine:
+    the resolver is the one fake here)."""
+
+    def mixed(host: str) -> list[str]:
+        return ["127.0.0.1", "::1", "192.0.2.7"]
+
+    assert loopback_problem("localhost", mixed) == (
+        "resolves to 192.0.2.7, not only loopback addresses"
+    )
+    assert loopback_problem("db", lambda _: ["::ffff:127.0.0.1", "127.0.0.2"]) is None
+    assert loopback_problem("db", lambda _: []) is not None
+    assert loopback_problem("::1") is None
+    assert loopback_problem("127.0.0.1") is None
+    assert loopback_problem("10.0.0.1") == "is not a loopback address"
