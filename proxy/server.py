@@ -25,7 +25,7 @@ from proxy import metrics, upstream
 from proxy.clientauth import UsersFile, peer_allowed, peer_uid, secure_socket
 from proxy.config import ProxyConfig, TLSConfig
 from proxy.credentials import CredentialProvider
-from proxy.errors import UpstreamError
+from proxy.errors import UpstreamError, client_text
 from proxy.pool import Pool, PoolManager
 from proxy.protocol import events as ev
 from proxy.protocol import messages as m
@@ -131,7 +131,7 @@ class ClientSession(ServerOwner):
             self.fatal(exc.sqlstate, f'{text} for user "{self.user}"')
         except UpstreamError as exc:
             log.warning("proxy_upstream_failed", extra={"peer": self.peer, "error": str(exc)})
-            self.fatal(exc.sqlstate, str(exc))
+            self.fatal(exc.sqlstate, client_text(exc))  # the detail is for the log only
         except TimeoutError:
             self.fatal("08006", "login did not complete in time")
         except ConnectionError:
@@ -298,7 +298,7 @@ class ClientSession(ServerOwner):
             conn = await self._acquire_now()
         except (Fatal, UpstreamError) as exc:
             log.warning("proxy_upstream_failed", extra={"peer": self.peer, "error": str(exc)})
-            self._refuse_pending(exc.sqlstate, str(exc))
+            self._refuse_pending(exc.sqlstate, client_text(exc))
             return
         finally:
             self.acquiring = False

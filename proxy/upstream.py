@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import ssl
 from collections.abc import Callable
 from functools import lru_cache
@@ -18,7 +19,7 @@ from typing import cast
 from proxy import metrics
 from proxy.config import UpstreamConfig
 from proxy.credentials import Credentials
-from proxy.errors import UpstreamAuthError, UpstreamError
+from proxy.errors import CONNECT_FAILED, UpstreamAuthError, UpstreamError, server_text
 from proxy.protocol import events as ev
 from proxy.protocol import messages as m
 from proxy.protocol.auth import UpstreamAuthenticator
@@ -62,21 +63,24 @@ async def _negotiate_tls(link: Link, cfg: UpstreamConfig) -> bool:
     if answer[:1] == b"N" and len(answer) == 1:
         if cfg.sslmode == "prefer":
             return False
-        raise UpstreamError(f"upstream {where(cfg)} does not accept TLS (sslmode {cfg.sslmode})")
+        text = f"the database server does not accept TLS (sslmode {cfg.sslmode})"
+        raise UpstreamError(text, client_text=text)
     if answer != b"S":
         # anything after 'S' before the handshake would be injected plaintext (CVE-2021-23214)
-        raise UpstreamError(f"upstream {where(cfg)} answered SSLRequest unexpectedly", "08P01")
+        text = "the database server answered SSLRequest unexpectedly"
+        raise UpstreamError(text, "08P01", text)
     loop = asyncio.get_running_loop()
     try:
         transport = await loop.start_tls(
             link.transport, link, ctx, server_hostname=cfg.server_name or cfg.host
         )
     except ssl.SSLCertVerificationError as exc:
-        raise UpstreamError(
-            f"upstream {where(cfg)} certificate rejected ({cfg.sslmode}): {exc.verify_message}"
-        ) from None
+        # the reason may quote the server's names: the log's, not the client's
+        text = f"the database server's certificate rejected ({cfg.sslmode})"
+        raise UpstreamError(f"{text}: {exc.verify_message}", client_text=text) from None
     except (ssl.SSLError, ConnectionError) as exc:
-        raise UpstreamError(f"upstream {where(cfg)} TLS handshake failed: {exc}") from None
+        text = "TLS handshake with the database server failed"
+        raise UpstreamError(f"{text}: {exc}", client_text=text) from None
     link.transport = cast(asyncio.Transport, transport)
     return True
 
@@ -227,22 +231,16 @@ async def connect(
     try:
         async with asyncio.timeout(cfg.connect_timeout):
             conn = await _open(cfg, creds, database, parameters, names)
-    except TimeoutError:
-        metrics.server_connects_total.labels("timeout").inc()
-        raise UpstreamError(
-            f"upstream {where(cfg)}: no answer within connect_timeout ({cfg.connect_timeout:g}s)"
-        ) from None
-    except UpstreamAuthError:
-        metrics.server_connects_total.labels("auth_failed").inc()
-        metrics.auth_failures_total.labels("upstream").inc()
-        raise
-    except UpstreamError:
-        metrics.server_connects_total.labels("error").inc()
-        raise
-    except (OSError, ProtocolViolation) as exc:
-        metrics.server_connects_total.labels("error").inc()
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise UpstreamError(f"upstream {where(cfg)}: {reason or type(exc).__name__}") from None
+    except (OSError, ProtocolViolation) as exc:  # UpstreamError and TimeoutError included
+        error = _failure(exc, cfg)
+        if isinstance(exc, TimeoutError):
+            metrics.server_connects_total.labels("timeout").inc()
+        elif isinstance(error, UpstreamAuthError):
+            metrics.server_connects_total.labels("auth_failed").inc()
+            metrics.auth_failures_total.labels("upstream").inc()
+        else:
+            metrics.server_connects_total.labels("error").inc()
+        raise error.located(where(cfg), creds.username) from None
     metrics.server_connects_total.labels("ok").inc()
     return conn
 
@@ -267,6 +265,22 @@ async def _open(
     return ServerConn(link, proto, creds.generation, database, tls, names)
 
 
+def _failure(exc: OSError | ProtocolViolation, cfg: UpstreamConfig) -> UpstreamError:
+    """``exc`` as an UpstreamError whose client text names no address."""
+    if isinstance(exc, UpstreamError):
+        return exc
+    if isinstance(exc, TimeoutError):
+        text = (
+            f"the database server did not answer within connect_timeout ({cfg.connect_timeout:g}s)"
+        )
+        return UpstreamError(text, client_text=text)
+    detail = str(exc) or type(exc).__name__
+    if isinstance(exc, OSError) and exc.errno:
+        # not exc.strerror: asyncio puts the address in it ("Connect call failed (...)")
+        return UpstreamError(detail, client_text=f"{CONNECT_FAILED}: {os.strerror(exc.errno)}")
+    return UpstreamError(detail)
+
+
 async def _login(
     link: Link,
     cfg: UpstreamConfig,
@@ -288,13 +302,14 @@ async def _login(
                 try:
                     reply = auth.respond(event)
                 except AuthenticationFailed as exc:
-                    raise UpstreamAuthError(f"upstream {where(cfg)}: {exc}", exc.sqlstate) from None
+                    # the proxy's own words (cleartext refused, no shared mechanism)
+                    raise UpstreamAuthError(str(exc), exc.sqlstate, str(exc)) from None
                 if reply is not None:
                     link.write(proto.send(reply))
             elif isinstance(event, ev.ErrorResponse):
-                text = f"upstream {where(cfg)}: {event.text} (SQLSTATE {event.sqlstate})"
-                if event.sqlstate.startswith("28"):
-                    raise UpstreamAuthError(text, event.sqlstate)
-                raise UpstreamError(text, event.sqlstate)
+                detail = f"{event.text} (SQLSTATE {event.sqlstate})"
+                error = UpstreamAuthError if event.sqlstate.startswith("28") else UpstreamError
+                text = server_text(event.text, creds.username, cfg.host)
+                raise error(detail, event.sqlstate, text)
             elif isinstance(event, ev.ReadyForQuery):
                 return proto

@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import grp
+import logging
 import os
 import pwd
 import shutil
+import socket
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -21,6 +23,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 import scramp
+from devservers import PostgresCluster
 from proxyhelpers import ProxyFactory, Role, pg_tool, psql, run
 
 from proxy.config import ProxyConfigError, loopback_problem, parse_proxy_config
@@ -285,3 +288,60 @@ def test_a_name_with_any_non_loopback_address_is_refused() -> None:
     assert loopback_problem("::1") is None
     assert loopback_problem("127.0.0.1") is None
     assert loopback_problem("10.0.0.1") == "is not a loopback address"
+
+
+# --- finding 8: clients never learn the upstream's address or user ---------------------
+
+
+def upstream_log(caplog: pytest.LogCaptureFixture) -> str:
+    return "\n".join(
+        str(getattr(r, "error", "")) for r in caplog.records if r.msg == "proxy_upstream_failed"
+    )
+
+
+async def test_errors_name_neither_upstream_address_nor_user(
+    make_proxy: ProxyFactory,
+    role: Role,
+    postgres: PostgresCluster,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, "credsidecar.proxy")
+    where = f"127.0.0.1:{postgres.port}"
+
+    def told_nothing(exc: asyncpg.PostgresError) -> str:
+        text = str(exc)
+        for secret in (where, str(postgres.port), role.name, "127.0.0.1"):
+            assert secret not in text, (secret, text)
+        return text
+
+    proxy = await make_proxy()
+    with pytest.raises(asyncpg.InvalidCatalogNameError) as bad_db:
+        await asyncpg.connect(proxy.dsn(db="nosuchdb"))
+    assert bad_db.value.sqlstate == "3D000"
+    assert told_nothing(bad_db.value) == 'database "nosuchdb" does not exist'
+    logged = upstream_log(caplog)
+    assert f'upstream {where} as {role.name}: database "nosuchdb" does not exist' in logged
+
+    refused = await make_proxy(creds=(role.name, "not-the-password"))
+    with pytest.raises(asyncpg.InvalidPasswordError) as bad_auth:
+        await asyncpg.connect(refused.dsn(db=role.database))
+    assert bad_auth.value.sqlstate == "28P01"
+    assert told_nothing(bad_auth.value) == (
+        'password authentication failed for user "(upstream user)"'
+    )
+    assert (
+        f'upstream {where} as {role.name}: password authentication failed for user "{role.name}"'
+        in (upstream_log(caplog))
+    )
+
+    with socket.socket() as probe:  # a port nothing listens on: the upstream is down
+        probe.bind(("127.0.0.1", 0))
+        down_port = probe.getsockname()[1]
+    down = await make_proxy(upstream={"port": down_port})
+    with pytest.raises(asyncpg.PostgresError) as no_server:
+        await asyncpg.connect(down.dsn(db=role.database))
+    assert no_server.value.sqlstate == "08006"
+    text = str(no_server.value)
+    assert str(down_port) not in text and "127.0.0.1" not in text, text
+    assert text == "could not connect to the database server: Connection refused"
+    assert f"upstream 127.0.0.1:{down_port} as {role.name}: " in upstream_log(caplog)
