@@ -51,6 +51,7 @@ LogLevel = Literal["debug", "info", "warning", "error"]
 SECRET_KINDS: tuple[SecretKind, ...] = get_args(SecretKind)
 AUTH_METHODS: tuple[AuthMethod, ...] = get_args(AuthMethod)
 LOG_LEVELS: tuple[LogLevel, ...] = get_args(LogLevel)
+EXEC_TARGET = "exec"  # the supervised child, as a template's notify list names it
 K8S_TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 DEFAULT_MAX_SIZE = 4 * 1024 * 1024  # a template's output, in bytes
 # letters, digits, _, - and . (a template reaches any of them as secrets["db-admin"]);
@@ -136,6 +137,9 @@ class TemplateConfig:
     allow_disk: bool = False
     error_on_missing_key: bool = True
     max_size: int = DEFAULT_MAX_SIZE  # bytes of output; a render past it fails, the file stays
+    notify: tuple[str, ...] | None = (
+        None  # targets its changes trigger (exec: the child); None: all
+    )
 
     @property
     def name(self) -> str:
@@ -406,7 +410,14 @@ _TEMPLATE_KEYS = (
     "allow_disk",
     "error_on_missing_key",
     "max_size",
+    "notify",
 )
+
+
+def _target_names(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ValueError(f"{show_value(value)} is not a list of notifier names")
+    return tuple(value)
 
 
 def _template(problems: Problems, index: int, raw: object, base: Path) -> TemplateConfig:
@@ -428,7 +439,28 @@ def _template(problems: Problems, index: int, raw: object, base: Path) -> Templa
         allow_disk=s.get("allow_disk", as_bool, False),
         error_on_missing_key=s.get("error_on_missing_key", as_bool, True),
         max_size=s.get("max_size", as_positive_int, DEFAULT_MAX_SIZE),
+        notify=s.get("notify", _target_names, None),
     )
+
+
+def _check_targets(
+    problems: Problems,
+    templates: list[TemplateConfig],
+    notifiers: Mapping[str, NotifyConfig],
+    has_exec: bool,
+) -> None:
+    """Every name in a template's ``notify`` list is a notifier, or ``exec`` for the child."""
+    known = sorted(notifiers) + ([EXEC_TARGET] if has_exec else [])
+    listed = ", ".join(known) if known else "none configured"
+    for i, template in enumerate(templates):
+        for j, name in enumerate(template.notify or ()):
+            where = f"templates[{i}].notify[{j}]"
+            if name == EXEC_TARGET and has_exec and name in notifiers:
+                problems.add(
+                    where, f"{show_value(name)} names both notify.{name} and the exec child"
+                )
+            elif name not in known:
+                problems.add(where, f"{show_value(name)} is not a notify target (known: {listed})")
 
 
 _NOTIFY_KEYS = ("signal", "pid_file", "pid", "process", "command", "wait", "timeout", "env")
@@ -594,6 +626,7 @@ def parse_config(
 
     state_dir = base / top.get("state_dir", as_str, "/dev/shm/credsidecar")
     exec_raw = top.raw.get("exec")
+    _check_targets(problems, templates, notify, exec_raw is not None)
     config = Config(
         vault=vault,
         secrets=secrets,

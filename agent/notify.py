@@ -97,6 +97,10 @@ class Notifier:
         self._lock = asyncio.Lock()
         self._regex = re.compile(cfg.process) if cfg.process is not None else None
 
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
     def trigger(self) -> None:
         self.acks.issue()
         self.debouncer.trigger()

@@ -53,6 +53,9 @@ class Target(Protocol):
 
     acks: Acks
 
+    @property
+    def name(self) -> str: ...  # as a template's ``notify`` list names it
+
     def trigger(self) -> None: ...
 
 
@@ -246,14 +249,17 @@ class RenderPipeline:
         return burst
 
     def _tell(self, burst: Burst) -> None:
-        owed = []
-        for target in self.targets:
-            target.trigger()
-            owed.append((target.acks, target.acks.issued))
+        """Trigger, once, every target that a written template names (default: all)."""
         written = set(burst.written)
-        for state in self.templates:
-            if state.config.name in written:
-                state.owed = list(owed)
+        changed = [s for s in self.templates if s.config.name in written]
+        tickets: dict[str, tuple[Acks, int]] = {}
+        for target in self.targets:
+            if any(_names(s.config, target.name) for s in changed):
+                target.trigger()
+                tickets[target.name] = (target.acks, target.acks.issued)
+        for state in changed:
+            state.owed = [t for name, t in tickets.items() if _names(state.config, name)]
+        owed = list(tickets.values())
         if owed:
             waiter = asyncio.create_task(self._await_acks(owed), name="told")
             self._waiters.add(waiter)
@@ -349,6 +355,11 @@ class RenderPipeline:
             }
             for s in self.templates
         ]
+
+
+def _names(cfg: TemplateConfig, target: str) -> bool:
+    """Whether a change to ``cfg``'s file is for ``target`` to hear about."""
+    return cfg.notify is None or target in cfg.notify
 
 
 def _expiring(value: SecretValue, now: float) -> float | None:

@@ -21,13 +21,13 @@ from agent import metrics
 from agent.acks import Acks
 from agent.childenv import child_environment
 from agent.commands import exit_status
-from agent.config import ExecConfig
+from agent.config import EXEC_TARGET, ExecConfig
 from agent.errors import ConfigError
 from agent.logs import event
 from agent.notify import Debouncer
 from agent.taskset import TaskSet
 
-TARGET = "exec"
+TARGET = EXEC_TARGET
 
 
 def _load_prctl() -> Callable[..., int] | None:
@@ -71,6 +71,10 @@ class Child:
         self._stopping = False
         self._lock = asyncio.Lock()  # one reload/stop at a time
         self._reloader: asyncio.Task[None] | None = None
+
+    @property
+    def name(self) -> str:
+        return TARGET
 
     @property
     def pid(self) -> int | None:

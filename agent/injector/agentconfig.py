@@ -43,6 +43,14 @@ def agent_config(request: InjectionRequest) -> dict[str, Any]:
             item["params"] = dict(secret.params)
         secrets[secret.name] = item
 
+    notify: dict[str, Any] = {}
+    if request.notify_signal is not None:
+        notify["app"] = {"signal": request.notify_signal, "process": request.notify_process}
+    commands = dict(request.commands)
+    for name, command in request.commands:
+        # Vault Agent runs a template's command through the shell, in its own container
+        notify[f"command-{name}"] = {"command": ["/bin/sh", "-c", command]}
+
     templates = []
     for file in request.files:
         perms = file.perms if file.perms is not None else request.default_perms
@@ -55,14 +63,10 @@ def agent_config(request: InjectionRequest) -> dict[str, Any]:
             template["gid"] = request.file_gid
         if not file.error_on_missing_key:
             template["error_on_missing_key"] = False
+        if commands:  # a file's command runs after that file changes only, as in Vault Agent
+            own = [f"command-{file.name}"] if file.name in commands else []
+            template["notify"] = (["app"] if "app" in notify else []) + own
         templates.append(template)
-
-    notify: dict[str, Any] = {}
-    if request.notify_signal is not None:
-        notify["app"] = {"signal": request.notify_signal, "process": request.notify_process}
-    for name, command in request.commands:
-        # Vault Agent runs a template's command through the shell, in its own container
-        notify[f"command-{name}"] = {"command": ["/bin/sh", "-c", command]}
 
     config: dict[str, Any] = {
         "vault": vault,

@@ -145,6 +145,44 @@ def test_notify_and_exec_parse() -> None:
     assert config.exec is not None and config.exec.reload == "restart"
 
 
+def test_a_template_names_the_notifiers_it_triggers() -> None:
+    template = {"destination": "/dev/shm/x/a", "contents": "{{ secrets.db.username }}"}
+    raw = {
+        **BASE,
+        "templates": [
+            {**template, "notify": ["app", "exec"]},
+            {**template, "destination": "/dev/shm/x/b", "notify": []},
+            {**template, "destination": "/dev/shm/x/c"},
+        ],
+        "notify": {"app": {"pid": 4}},
+        "exec": {"command": ["app"]},
+    }
+    config = parse_config(raw, base_dir=Path("/cfg"), env={})
+    assert [t.notify for t in config.templates] == [("app", "exec"), (), None]  # None: all
+
+
+def test_unknown_notifier_names_are_refused_with_their_key_path() -> None:
+    template = {"destination": "/dev/shm/x/a", "contents": "{{ secrets.db.username }}"}
+    raw = {
+        **BASE,
+        "templates": [
+            {**template, "notify": ["app", "ap", "exec"]},
+            {**template, "destination": "/dev/shm/x/b", "notify": "app"},
+        ],
+        "notify": {"app": {"pid": 4}},
+    }
+    assert problems_of(raw) == [
+        'templates[1].notify: "app" is not a list of notifier names',
+        'templates[0].notify[1]: "ap" is not a notify target (known: app)',
+        'templates[0].notify[2]: "exec" is not a notify target (known: app)',  # no exec section
+    ]
+    raw = {**BASE, "templates": [{**template, "notify": ["exec"]}], "exec": {"command": ["a"]}}
+    raw["notify"] = {"exec": {"pid": 4}}  # a notifier may be called exec, but not named so then
+    assert problems_of(raw) == [
+        'templates[0].notify[0]: "exec" names both notify.exec and the exec child'
+    ]
+
+
 def test_exec_command_must_be_a_list() -> None:
     problems = problems_of({**BASE, "exec": {"command": "python app.py"}})
     assert len(problems) == 1

@@ -3,14 +3,17 @@ readiness per destination, on an injected clock."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 from waiting import wait_until
 
 from agent.acks import Acks
-from agent.config import TemplateConfig
+from agent.config import NotifyConfig, TemplateConfig, Wait
+from agent.notify import Notifier
 from agent.pipeline import RenderPipeline
 from agent.secret import SecretValue
 
@@ -18,7 +21,8 @@ from agent.secret import SecretValue
 class App:
     """A notify target that is told only when the test says so."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = "app") -> None:
+        self.name = name
         self.acks = Acks()
 
     def trigger(self) -> None:
@@ -121,3 +125,64 @@ async def test_readiness_follows_what_each_destination_holds(shm: Path) -> None:
     ]
     pipe.mark_revoked("db", "v0")  # held by no destination: nothing to say
     assert ("db", "v0") not in pipe.revoked
+
+
+async def test_a_change_to_one_template_triggers_only_the_notifiers_it_names(
+    shm: Path, tmp_path: Path
+) -> None:
+    ran = tmp_path / "ran"
+    script = "import sys; open(sys.argv[1], 'a').write(sys.argv[2] + ';')"
+
+    def command(name: str) -> NotifyConfig:
+        argv = (sys.executable, "-c", script, str(ran), name)
+        return NotifyConfig(name=name, command=argv, wait=Wait(min=0.05, max=1.0))
+
+    notifiers = [Notifier(command("db-app")), Notifier(command("kv-app"))]
+    delivered: list[tuple[str, str]] = []
+    pipe = RenderPipeline(
+        [
+            TemplateConfig(shm / "db", contents="{{ secrets.db.password }}", notify=("db-app",)),
+            TemplateConfig(shm / "kv", contents="{{ secrets.kv.x }}", notify=("kv-app",)),
+            TemplateConfig(shm / "none", contents="{{ secrets.kv.x }}", notify=()),
+        ],
+        ["db", "kv"],
+        on_delivered=lambda name, version, at: delivered.append((name, version)),
+    )
+    pipe.targets.extend(notifiers)
+    tasks = [asyncio.create_task(n.run()) for n in notifiers]
+    try:
+        await pipe.publish(db("v1"))
+        await pipe.publish(SecretValue("kv", {"x": "1"}, "k1"))
+        await pipe.run_pass()  # both written: each notifier once
+        await wait_until(lambda: len(delivered) == 2, 30, "the first deliveries")
+        assert sorted(ran.read_text().split(";")[:-1]) == ["db-app", "kv-app"]
+
+        await pipe.publish(db("v2"))
+        await pipe.run_pass()  # only the db file changed
+        await wait_until(lambda: ("db", "v2") in delivered, 30, "v2 delivered")
+        assert ran.read_text().split(";")[2:-1] == ["db-app"]
+        assert [n.acks.issued for n in notifiers] == [2, 1]  # kv-app was not even triggered
+
+        await pipe.publish(SecretValue("kv", {"x": "2"}, "k2"))
+        await pipe.run_pass()
+        await wait_until(lambda: ("kv", "k2") in delivered, 30, "k2 delivered")
+        assert ran.read_text().split(";")[3:-1] == ["kv-app"]
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await pipe.aclose()
+
+
+async def test_a_template_that_names_no_target_is_delivered_once_written(shm: Path) -> None:
+    delivered: list[tuple[str, str]] = []
+    pipe = RenderPipeline(
+        [TemplateConfig(shm / "kv", contents="{{ secrets.kv.x }}", notify=())],
+        ["kv"],
+        on_delivered=lambda name, version, at: delivered.append((name, version)),
+    )
+    app = App()
+    pipe.targets.append(app)
+    await pipe.publish(SecretValue("kv", {"x": "1"}, "k1"))
+    await pipe.run_pass()
+    assert delivered == [("kv", "k1")] and app.acks.issued == 0

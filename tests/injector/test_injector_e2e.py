@@ -493,3 +493,59 @@ def test_notify_signals_the_app_found_by_its_command(
         sidecar.wait(30)
         app.terminate()
         app.wait(30)
+
+
+def test_each_vault_command_runs_after_its_own_file_changes_only(
+    injector: InjectorProcess, materialize: Any, openbao: OpenBaoServer, tmp_path: Path
+) -> None:
+    """vault-k8s's agent-inject-command-<file>: the command of a file that did not change
+    is not run when another file changes."""
+    root = openbao.client()
+    for name in ("a", "b"):
+        root.secrets.kv.v2.create_or_update_secret(
+            f"cmd-{name}", secret={"v": f"{name}1"}, mount_point="internal"
+        )
+    record = tmp_path / "record"
+    prefix = "vault.hashicorp.com/"
+    annotations = {prefix + "agent-inject": "true", prefix + "role": "internal-app"}
+    for name in ("a", "b"):
+        annotations[f"{prefix}agent-inject-secret-{name}"] = f"internal/data/cmd-{name}"
+        annotations[f"{prefix}agent-inject-command-{name}"] = f"echo {name} >> {record}"
+    annotations[prefix + "agent-inject-template-b"] = (
+        '{{ with secret "internal/data/cmd-b" }}{{ .Data.data.v }}{{ end }}'
+    )
+    manifest = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "cmds", "namespace": "default", "annotations": annotations},
+        "spec": {"serviceAccountName": "internal-app", "containers": [{"name": "a", "image": "a"}]},
+    }
+    pod = materialize(injector.admit(manifest))
+    pod.config["health"] = {"listen": f"127.0.0.1:{free_port()}"}
+    log_path = pod.root / "sidecar.log"
+    AUDIT.log(log_path)
+    with open(log_path, "wb") as log:
+        sidecar = subprocess.Popen(pod.command(), env=pod.env(), cwd=REPO, stdout=log, stderr=log)
+    try:
+        wait_for_file_text(record, "a\n", sidecar, log_path)  # the first render: both files
+        first = wait_for_file_text(record, "b\n", sidecar, log_path)
+        root.secrets.kv.v2.create_or_update_secret(
+            "cmd-b", secret={"v": "b2"}, mount_point="internal"
+        )
+        refresh = subprocess.run(
+            [sys.executable, "-m", "agent", "refresh", "--config-env", "CREDSIDECAR_CONFIG"],
+            env=pod.env(),
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert refresh.returncode == 0, refresh.stderr
+        wait_for_file_text(pod.local("/vault/secrets/b"), "b2", sidecar, log_path)
+        wait_for_file_text(record, first + "b\n", sidecar, log_path)  # only b's command
+    finally:
+        sidecar.terminate()  # a notification still pending is delivered before it exits
+        sidecar.wait(60)
+    lines = record.read_text().split()
+    assert sorted(lines[:2]) == ["a", "b"] and lines[2:] == ["b"], lines
+    assert pod.file("/vault/secrets/a")  # unchanged, and its command ran once

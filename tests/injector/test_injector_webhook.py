@@ -459,6 +459,9 @@ def test_vault_file_perms_command_and_pre_populate_only(injector: InjectorProces
     assert config["notify"] == {
         "command-db": {"command": ["/bin/sh", "-c", "pkill -HUP app || true"]}
     }
+    # each file triggers only its own command (the api file has none)
+    notifies = {t["destination"]: t["notify"] for t in config["templates"]}
+    assert notifies == {"/etc/secrets/db.env": ["command-db"], "/etc/secrets/Api": []}
     assert {s["kind"] for s in config["secrets"].values()} == {"database", "kv"}
 
 
