@@ -83,12 +83,21 @@ async def _closed_soon(conn: asyncpg.Connection) -> bool:
 
 
 async def test_stop_deadline_ends_long_transactions_with_57p01(
-    make_proxy: ProxyFactory, role: Role
+    make_proxy: ProxyFactory, role: Role, postgres: PostgresCluster
 ) -> None:
     proxy = await make_proxy()
     conn = await asyncpg.connect(proxy.dsn(db=role.database))
     query = asyncio.create_task(conn.fetchval("SELECT pg_sleep(30)"))
-    await wait_until(lambda: proxy.server.status()["clients"]["active"] == 1, what="busy")
+    # "active" in the proxy is already true while asyncpg prepares; stopping then ends the
+    # session at the prepare's Sync instead. Wait until the server runs the query itself.
+    running = (
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE state = 'active' AND query = 'SELECT pg_sleep(30)'"
+    )
+    await wait_until(
+        lambda: asyncio.to_thread(lambda: postgres.psql(running).strip() == "1"),
+        what="query running",
+    )
     await proxy.server.stop(timeout=0.5)
     with pytest.raises(
         (asyncpg.exceptions.AdminShutdownError, asyncpg.ConnectionDoesNotExistError),
