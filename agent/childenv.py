@@ -99,7 +99,7 @@ def parse_env(
         return EnvPolicy(sensitive=sensitive)
     structured = isinstance(raw.get("pass"), list) or isinstance(raw.get("set"), Mapping)
     if legacy and not structured:
-        return EnvPolicy(set=_values(problems, path, raw), sensitive=sensitive)
+        return EnvPolicy(set=parse_values(problems, path, raw), sensitive=sensitive)
     for key in raw:
         if key not in ("pass", "set"):
             problems.add(f"{path}.{key}", f"unknown key (expected pass or set: {shape})")
@@ -109,7 +109,7 @@ def parse_env(
     values: Mapping[str, str] = {}
     if raw.get("set") is not None:
         if isinstance(raw["set"], Mapping):
-            values = _values(problems, f"{path}.set", raw["set"])
+            values = parse_values(problems, f"{path}.set", raw["set"])
         else:
             problems.add(f"{path}.set", f"{show_value(raw['set'])} is not a mapping NAME: VALUE")
     return EnvPolicy(passed=passed, set=values, sensitive=sensitive)
@@ -128,7 +128,8 @@ def _patterns(problems: Problems, path: str, raw: object) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _values(problems: Problems, path: str, raw: Mapping[object, object]) -> dict[str, str]:
+def parse_values(problems: Problems, path: str, raw: Mapping[object, object]) -> dict[str, str]:
+    """``{NAME: VALUE}``: names checked, values strings and never echoed."""
     out = {}
     for name, value in raw.items():
         key = str(name)

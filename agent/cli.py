@@ -111,6 +111,11 @@ def _deep_check(config: Config) -> list[str]:
             Template(template)
         except RenderError as exc:
             problems.append(f"templates[{index}]: {exc}")
+    for variable in config.exec.env_template if config.exec is not None else ():
+        try:
+            Template(variable)
+        except RenderError as exc:
+            problems.append(str(exc))  # "template exec.env_template.NAME line 1: ..."
     return problems
 
 

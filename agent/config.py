@@ -18,7 +18,7 @@ from typing import Any, Literal, get_args
 import yaml
 
 from agent.awsconfig import AwsConfig, parse_aws
-from agent.childenv import EnvPolicy, parse_env, parse_sensitive
+from agent.childenv import EnvPolicy, parse_env, parse_sensitive, parse_values
 from agent.commands import DEFAULT_MAX_OUTPUT
 from agent.errors import ConfigError
 from agent.rotate.config import RotateConfig, parse_rotate
@@ -54,6 +54,8 @@ LOG_LEVELS: tuple[LogLevel, ...] = get_args(LogLevel)
 EXEC_TARGET = "exec"  # the supervised child, as a template's notify list names it
 K8S_TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 DEFAULT_MAX_SIZE = 4 * 1024 * 1024  # a template's output, in bytes
+# an exec.env_template value, in bytes: Linux refuses one NAME=value past 128 KiB
+ENV_MAX_SIZE = 100 * 1024
 # letters, digits, _, - and . (a template reaches any of them as secrets["db-admin"]);
 # never starting with . or -, so a name is never a hidden or relative file name
 SECRET_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
@@ -166,6 +168,22 @@ class NotifyConfig:
 
 
 @dataclass(frozen=True)
+class EnvTemplateConfig:
+    """One variable of ``exec.env_template``: a template whose output is its value."""
+
+    variable: str
+    contents: str
+    source: None = None
+    error_on_missing_key: bool = True
+    max_size: int = ENV_MAX_SIZE
+    notify: tuple[str, ...] = (EXEC_TARGET,)  # a changed value restarts the child
+
+    @property
+    def name(self) -> str:
+        return f"exec.env_template.{self.variable}"
+
+
+@dataclass(frozen=True)
 class ExecConfig:
     command: tuple[str, ...]
     reload: ExecReload = "signal"
@@ -173,6 +191,7 @@ class ExecConfig:
     env: EnvPolicy = field(default_factory=EnvPolicy)
     wait: Wait = field(default_factory=Wait)
     kill_timeout: float = 30.0
+    env_template: tuple[EnvTemplateConfig, ...] = ()  # templated variables; a change restarts
 
 
 @dataclass(frozen=True)
@@ -499,18 +518,30 @@ def _notify(
     return cfg
 
 
+_EXEC_KEYS = ("command", "reload", "signal", "env", "env_template", "wait", "kill_timeout")
+
+
 def _exec(problems: Problems, raw: object, sensitive: tuple[str, ...]) -> ExecConfig:
-    s = Section(
-        problems, "exec", raw, ("command", "reload", "signal", "env", "wait", "kill_timeout")
-    )
+    s = Section(problems, "exec", raw, _EXEC_KEYS)
     reload: ExecReload = s.get("reload", choice(get_args(ExecReload)), "signal")
+    env = parse_env(problems, "exec.env", s.raw.get("env"), sensitive, legacy=True)
+    templated = {}
+    if s.has("env_template"):
+        raw_templates = s.raw["env_template"]
+        if isinstance(raw_templates, Mapping):
+            templated = parse_values(problems, "exec.env_template", raw_templates)
+        else:
+            problems.add("exec.env_template", "must be a mapping NAME: TEMPLATE")
+    for name in sorted(templated.keys() & env.set.keys()):
+        problems.add(f"exec.env_template.{name}", "is also set in exec.env: name it once")
     return ExecConfig(
         command=s.required("command", as_command, ("true",)),
         reload=reload,
         signal=s.get("signal", parse_signal, signal.SIGHUP),
-        env=parse_env(problems, "exec.env", s.raw.get("env"), sensitive, legacy=True),
+        env=env,
         wait=_wait(problems, "exec.wait", s.raw.get("wait")),
         kill_timeout=s.get("kill_timeout", parse_duration, 30.0),
+        env_template=tuple(EnvTemplateConfig(n, t) for n, t in templated.items()),
     )
 
 

@@ -11,6 +11,11 @@ step when the pipeline closes (:mod:`agent.sandbox`).
 
 A template that fails keeps its previous file and is retried with backoff.
 
+The exec child's templated variables (:mod:`agent.execenv`) are templates too: their
+output is staged for the child instead of written to a file, and a changed value
+triggers the child (which restarts for it). They are delivered like files: once the
+child that holds the new value is running.
+
 **Delivery.** Each template remembers the secret values its file holds. Once every
 template that uses a secret holds its current version and every target was told of
 those writes (:class:`agent.acks.Acks`), the pipeline reports the version delivered
@@ -35,8 +40,9 @@ from typing import Any, Protocol, TypeVar
 
 from agent import metrics
 from agent.acks import Acks
-from agent.config import TemplateConfig
+from agent.config import EnvTemplateConfig, TemplateConfig
 from agent.errors import RenderError
+from agent.execenv import ExecEnv
 from agent.files import write_destination
 from agent.leases import Backoff, readiness_margin
 from agent.logs import event
@@ -61,7 +67,7 @@ class Target(Protocol):
 
 @dataclass
 class TemplateState:
-    config: TemplateConfig
+    config: TemplateConfig | EnvTemplateConfig  # a file, or a variable of the exec child
     template: Template
     needs: frozenset[str]
     rendered_at: float | None = None
@@ -127,6 +133,7 @@ def _write(
     """Write each output; per template its size and whether the file changed (or why not)."""
     out: list[tuple[TemplateState, int, bool | RenderError]] = []
     for state, data in outputs:
+        assert isinstance(state.config, TemplateConfig)
         try:
             out.append((state, len(data), write_destination(state.config, data)))
         except RenderError as exc:
@@ -144,10 +151,14 @@ class RenderPipeline:
         consumers: Sequence[Consumer] = (),
         retry: tuple[float, float] = (0.5, 30.0),
         clock: Callable[[], float] = time.time,
+        exec_env: ExecEnv | None = None,
     ) -> None:
         self.secrets = tuple(secrets)
         self.values: dict[str, SecretValue] = {}
-        self.templates = [self._compile(cfg) for cfg in templates]
+        self.exec_env = exec_env
+        configs: list[TemplateConfig | EnvTemplateConfig] = list(templates)
+        configs += exec_env.templates if exec_env is not None else ()
+        self.templates = [self._compile(cfg) for cfg in configs]
         self.targets: list[Target] = []
         self.on_delivered = on_delivered
         self.consumers = list(consumers)
@@ -161,7 +172,11 @@ class RenderPipeline:
         self._stop = threading.Event()  # tells renders in threads to give up
         self._waiters: set[asyncio.Task[None]] = set()
 
-    def _compile(self, cfg: TemplateConfig) -> TemplateState:
+    @property
+    def files(self) -> list[TemplateConfig]:
+        return [s.config for s in self.templates if isinstance(s.config, TemplateConfig)]
+
+    def _compile(self, cfg: TemplateConfig | EnvTemplateConfig) -> TemplateState:
         template = Template(cfg)
         # a template that picks secrets dynamically waits for all of them
         needs = set(self.secrets) if template.dynamic else template.secret_names()
@@ -192,16 +207,27 @@ class RenderPipeline:
             ready = [s for s in self.templates if s.needs <= values.keys()]
             rendered = await in_thread(_render, ready, values, self._stop)
             outputs: list[tuple[TemplateState, bytes]] = []
+            variables: list[tuple[TemplateState, bytes]] = []
             for state, result in rendered:
                 if isinstance(result, RenderError):
                     self._failed(state, burst, str(result))
                 else:
-                    outputs.append((state, result))
+                    is_file = isinstance(state.config, TemplateConfig)
+                    (outputs if is_file else variables).append((state, result))
             for state, size, written in await in_thread(_write, outputs):
                 if isinstance(written, RenderError):
                     self._failed(state, burst, str(written))
                     continue
                 self._rendered(state, burst, values, written, size)
+            # staged together, with no await in between: a child never starts with a mix
+            for state, data in variables:
+                assert self.exec_env is not None and isinstance(state.config, EnvTemplateConfig)
+                try:
+                    changed = self.exec_env.stage(state.config, data)
+                except RenderError as exc:
+                    self._failed(state, burst, str(exc))
+                    continue
+                self._rendered(state, burst, values, changed, len(data))
         finally:
             self._busy = False
             self._passed.set()
@@ -357,7 +383,7 @@ class RenderPipeline:
         ]
 
 
-def _names(cfg: TemplateConfig, target: str) -> bool:
+def _names(cfg: TemplateConfig | EnvTemplateConfig, target: str) -> bool:
     """Whether a change to ``cfg``'s file is for ``target`` to hear about."""
     return cfg.notify is None or target in cfg.notify
 

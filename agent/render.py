@@ -25,7 +25,7 @@ from urllib.parse import quote, urlencode
 import jinja2
 from jinja2 import nodes
 
-from agent.config import TemplateConfig
+from agent.config import EnvTemplateConfig, TemplateConfig
 from agent.errors import RenderError
 from agent.sandbox import BoundedEnvironment, Budget, TemplateLimit, render_bounded
 from agent.secret import SecretValue
@@ -39,7 +39,7 @@ _MIN_SCRUB_LEN = 4
 class Template:
     """One compiled template. Compiles at construction so ``check`` catches syntax errors."""
 
-    def __init__(self, cfg: TemplateConfig) -> None:
+    def __init__(self, cfg: TemplateConfig | EnvTemplateConfig) -> None:
         self.cfg = cfg
         self.name = cfg.name
         # the file name Jinja puts in tracebacks: lets us find the failing template line
@@ -97,7 +97,7 @@ class Template:
         return lines[-1] if lines else None
 
 
-def _read_source(cfg: TemplateConfig) -> str:
+def _read_source(cfg: TemplateConfig | EnvTemplateConfig) -> str:
     if cfg.contents is not None:
         return cfg.contents
     if cfg.source is None:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from agent import metrics
 from agent.config import Config
 from agent.errors import RenderError, SidecarError, VaultUnavailable
+from agent.execenv import ExecEnv
 from agent.files import check_memory_backed, non_regular
 from agent.leases import Backoff
 from agent.logs import event
@@ -53,12 +54,15 @@ class Runtime:
         self.clock = clock
         vault = config.vault
         retry = (vault.retry_initial, vault.retry_max) if vault else (0.5, 30.0)
+        # the exec child's templated variables, rendered by the pipeline like files
+        self.exec_env = ExecEnv(config.exec.env_template) if config.exec is not None else None
         self.pipeline = RenderPipeline(
             config.templates,
             config.secrets,
             on_delivered=self._delivered,
             retry=retry,
             clock=clock,
+            exec_env=self.exec_env,
         )
         self.supervisor = Supervisor(initial=retry[0], maximum=retry[1])
         self.vault: VaultClient | None = None
@@ -114,8 +118,7 @@ class Runtime:
 
     def _check_destinations(self) -> list[str]:
         problems = []
-        for state in self.pipeline.templates:
-            cfg = state.config
+        for cfg in self.pipeline.files:
             if not cfg.destination.parent.is_dir():
                 problems.append(
                     f"template {cfg.name}: directory {cfg.destination.parent} does not exist"
@@ -367,8 +370,9 @@ class Runtime:
         if self.config.exec is not None:
             from agent.supervise import Child
 
-            child = Child(self.config.exec)
-            await child.start()  # after the first pass: it starts with its files
+            assert self.exec_env is not None
+            child = Child(self.config.exec, self.exec_env)
+            await child.start()  # after the first pass: it starts with its files and variables
             self.child = child  # only a started child is stopped (and waited for) at shutdown
             self.pipeline.targets.append(child)
 

@@ -1,9 +1,11 @@
 """Exec mode: run the application as our child.
 
 The child gets the environment of ``exec.env`` (:mod:`agent.childenv`: ours minus
-our Vault credentials), runs in its own session so that only our forwarding delivers
-signals to it, is reloaded once per burst of changes (signal, restart or nothing),
-and its exit status becomes ours. Every task it starts (the reload loop, one exit
+our Vault credentials) plus the variables of ``exec.env_template``
+(:mod:`agent.execenv`), runs in its own session so that only our forwarding delivers
+signals to it, is reloaded once per burst of changes (signal, restart or nothing; a
+changed variable always restarts it: an environment is fixed at exec), and its exit
+status becomes ours. Every task it starts (the reload loop, one exit
 watcher per process) is its own and ends in :meth:`Child.aclose`.
 """
 
@@ -23,6 +25,7 @@ from agent.childenv import child_environment
 from agent.commands import exit_status
 from agent.config import EXEC_TARGET, ExecConfig
 from agent.errors import ConfigError
+from agent.execenv import ExecEnv
 from agent.logs import event
 from agent.notify import Debouncer
 from agent.taskset import TaskSet
@@ -60,8 +63,10 @@ class Child:
     runtime forwards SIGTERM/SIGINT with ``forward()``, waits with ``await wait()`` and
     ends it (and every task of ours) with ``await aclose()``."""
 
-    def __init__(self, cfg: ExecConfig) -> None:
+    def __init__(self, cfg: ExecConfig, env: ExecEnv | None = None) -> None:
         self.cfg = cfg
+        self.env = env if env is not None else ExecEnv(cfg.env_template)
+        self._started_env: dict[str, str] = {}  # the variables the running process got
         self.debouncer = Debouncer(cfg.wait)
         self.acks = Acks()  # which triggers a reload (or nothing to reload) has covered
         self._proc: asyncio.subprocess.Process | None = None
@@ -87,14 +92,18 @@ class Child:
     async def start(self) -> None:
         """Spawn the command and the reload loop. Raises ConfigError when it cannot run."""
         self._exited = asyncio.get_running_loop().create_future()
+        if missing := self.env.missing():  # the render loop retries them with backoff
+            event("child_waiting", logging.WARNING, for_variables=missing)
+            await self.env.complete()
         await self._spawn()
         self._reloader = self._tasks.spawn(self._reload_loop(), "exec-reload")
 
     async def _spawn(self) -> None:
+        variables = self.env.snapshot()
         try:
             proc = await asyncio.create_subprocess_exec(
                 *self.cfg.command,
-                env=child_environment(self.cfg.env),
+                env=child_environment(self.cfg.env) | variables,  # never argv, never logged
                 start_new_session=True,
                 preexec_fn=_die_with_parent,
             )
@@ -102,7 +111,7 @@ class Child:
             reason = exc.strerror or type(exc).__name__
             where = f"exec.command: cannot start {self.cfg.command[0]!r}"
             raise ConfigError([f"{where}: {reason}"]) from None
-        self._proc = proc
+        self._proc, self._started_env = proc, variables
         event("child_started", pid=proc.pid, command=self.cfg.command[0])
         self._tasks.spawn(self._watch(proc), f"child-{proc.pid}")
 
@@ -133,11 +142,13 @@ class Child:
         """Reload now per ``exec.reload``. Logs and counts failures; never raises."""
         async with self._lock:
             upto = self.acks.issued
-            if not self.running or self._stopping or self.cfg.reload == "none":
+            # its variables changed: only a new process can see them, whatever exec.reload
+            restart = self.cfg.reload == "restart" or self.env.snapshot() != self._started_env
+            if not self.running or self._stopping or (self.cfg.reload == "none" and not restart):
                 self.acks.cover(upto)  # nobody to tell: nothing is owed
                 return
             try:
-                if self.cfg.reload == "restart":
+                if restart:
                     await self._restart()
                 else:
                     self._send(self.cfg.signal)

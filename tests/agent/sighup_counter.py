@@ -1,8 +1,9 @@
 """A stand-in application for notify/exec tests: records what happens to it.
 
-Run as a script: ``sighup_counter.py RECORD_FILE [--term-exit N] [--ignore-term] [MARKER...]``
-appends ``started <pid>`` once its handlers are installed and ``hup <pid>`` for every
-SIGHUP; exits with N on SIGTERM (or ignores SIGTERM). Extra MARKER arguments only make
+Run as a script: ``sighup_counter.py RECORD_FILE [--term-exit N] [--ignore-term] [--env NAME]
+[MARKER...]`` appends ``started <pid>`` once its handlers are installed and ``hup <pid>``
+for every SIGHUP; exits with N on SIGTERM (or ignores SIGTERM). With ``--env NAME`` it
+first writes the variable's value to ``RECORD_FILE.<pid>.env``. Extra MARKER arguments only make
 its command line unique for ``process:`` regex tests.
 
 Imported by tests: :func:`command` builds that argv, :class:`Record` reads the file.
@@ -37,6 +38,10 @@ class Record:
             return []
         return [int(pid) for k, pid in (line.split() for line in text.splitlines()) if k == kind]
 
+    def env(self, pid: int) -> str:
+        """The ``--env`` variable as process ``pid`` saw it."""
+        return Path(f"{self.path}.{pid}.env").read_text()
+
     def count(self, kind: str) -> int:
         return len(self.lines(kind))
 
@@ -62,6 +67,9 @@ def main() -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     else:
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(term_exit))
+    if "--env" in sys.argv:
+        value = os.environ.get(sys.argv[sys.argv.index("--env") + 1], "<unset>")
+        Path(f"{record}.{os.getpid()}.env").write_text(value)
     log("started")
     while True:
         time.sleep(3600)

@@ -303,6 +303,81 @@ def test_exec_mode_runs_the_app_and_exits_with_its_code(
     assert agent.stop(signal.SIGTERM) == 3
 
 
+# A stand-in application that reads its credentials from DATABASE_URL only: logs in with
+# them when it starts, and again when it is told to stop (the old lease must still work).
+DSN_APP = textwrap.dedent(
+    """
+    import asyncio, os, signal, sys, time
+    import asyncpg
+    record = sys.argv[1]
+    fields = dict(pair.split("=", 1) for pair in os.environ["DATABASE_URL"].split())
+    async def login():
+        conn = await asyncpg.connect(
+            host=fields["host"], port=int(fields["port"]), user=fields["user"],
+            password=fields["password"], database=fields["dbname"], timeout=20)
+        try:
+            return await conn.fetchval("SELECT current_user")
+        finally:
+            await conn.close()
+    def log(kind):
+        with open(record, "a") as f:
+            f.write(f"{kind} {os.getpid()} {asyncio.run(login())}\\n")
+    def on_term(*_):
+        log("stopping")
+        sys.exit(0)
+    signal.signal(signal.SIGTERM, on_term)
+    log("started")
+    while True:
+        time.sleep(0.1)
+    """
+)
+
+
+@pytest.mark.slow
+def test_exec_env_template_restarts_the_child_with_each_new_credential(
+    openbao: OpenBaoServer, postgres: PostgresCluster, shm: Path
+) -> None:
+    record = shm / "app.record"
+    where = f'host="127.0.0.1", port={postgres.port}, dbname="postgres"'
+    dsn = f"{{{{ secrets.db | libpq_dsn({where}) }}}}"
+    configure_database_engine(
+        openbao, postgres, role="envt", mount="db-envt", ttl="6s", max_ttl="20s"
+    )
+    config = agent_config(openbao, shm, "db-envt/creds/envt")
+    config["secrets"]["db"]["revoke_grace"] = "1s"
+    config["exec"] = {
+        "command": [sys.executable, "-c", DSN_APP, str(record)],
+        "env_template": {"DATABASE_URL": dsn},
+        "wait": {"min": "100ms", "max": "1s"},
+    }
+    agent = AgentProcess(shm, config).start()
+    try:
+        agent.wait_ready()
+        wait_for(lambda: record.exists() and "started" in record.read_text(), 30, "the child")
+        password = json.loads((agent.state_dir / "db.json").read_text())["data"]["password"]
+        AUDIT.secret(password)
+        (first,) = agent.events("child_started")
+        cmdline = Path(f"/proc/{first['pid']}/cmdline").read_bytes()
+        assert password.encode() not in cmdline  # the DSN reached it through its environment
+        (replaced,) = agent.wait_event("replaced", timeout=60)
+        agent.wait_event("revoked", timeout=30)
+    finally:
+        code = agent.stop()
+    assert code == 0, agent.log_path.read_text()[-3000:] + agent.out_path.read_text()[-2000:]
+    lines = [line.split() for line in record.read_text().splitlines()]
+    (kind1, pid1, user1), (kind2, pid2, _), (kind3, pid3, user3) = lines[:3]
+    # the first child saw the first DSN, could still log in with it when stopped, and its
+    # successor logged in with the replacement
+    assert (kind1, kind2, kind3) == ("started", "stopping", "started")
+    assert pid1 == pid2 == str(first["pid"]) and pid3 != pid1 and user3 != user1
+    events = agent.events()
+    names = [(e["event"], e.get("pid"), e.get("version")) for e in events]
+    restarted = names.index(("child_started", int(pid3), None))
+    revoked = names.index(("revoked", None, replaced["old_version"]))
+    assert restarted < revoked, "the old lease was revoked before the new child ran"
+    assert replaced["old_version"] not in leases_under(openbao, "db-envt/creds/envt/")
+
+
 def process_gone(pid: int) -> bool:
     """True when ``pid`` has exited (a zombie waiting for a reaper counts as gone)."""
     try:

@@ -54,6 +54,11 @@ def test_check_catches_template_syntax_errors(openbao: OpenBaoServer, shm: Path)
     out = AgentProcess(shm, config, health=False).command("check")
     assert out.returncode == 2
     assert "templates[0]" in out.stderr
+    config = agent_config(openbao, shm, "db-cli/creds/cli")
+    config["exec"] = {"command": ["app"], "env_template": {"DSN": "{{ secrets.db | libpq_dsn "}}
+    out = AgentProcess(shm, config, health=False).command("check")
+    assert out.returncode == 2
+    assert "template exec.env_template.DSN line 1: syntax error" in out.stderr
 
 
 async def test_once_renders_working_credentials(

@@ -183,6 +183,38 @@ def test_unknown_notifier_names_are_refused_with_their_key_path() -> None:
     ]
 
 
+def test_exec_env_template_sets_templated_variables_beside_exec_env() -> None:
+    raw = {
+        **BASE,
+        "exec": {
+            "command": ["app"],
+            "env": {"APP_MODE": "{{ literal }}"},  # the flat exec.env keeps meaning literal values
+            "env_template": {"DATABASE_URL": "{{ secrets.db | libpq_dsn }}"},
+        },
+    }
+    config = parse_config(raw, base_dir=Path("/cfg"), env={})
+    assert config.exec is not None
+    assert config.exec.env.set == {"APP_MODE": "{{ literal }}"}
+    (variable,) = config.exec.env_template
+    assert (variable.variable, variable.contents) == (
+        "DATABASE_URL",
+        "{{ secrets.db | libpq_dsn }}",
+    )
+    assert variable.name == "exec.env_template.DATABASE_URL" and variable.notify == ("exec",)
+
+
+def test_exec_env_template_problems_name_their_key_path() -> None:
+    exec_ = {"command": ["app"], "env": {"set": {"A": "1"}}}
+    raw = {**BASE, "exec": {**exec_, "env_template": {"A": "{{ x }}", "1B": "x", "C": ["s3cr3t"]}}}
+    assert problems_of(raw) == [
+        "exec.env_template.1B: is not a variable name (letters, digits, _)",
+        "exec.env_template.C: is not a string",
+        "exec.env_template.A: is also set in exec.env: name it once",
+    ]
+    raw = {**BASE, "exec": {**exec_, "env_template": ["DATABASE_URL"]}}
+    assert problems_of(raw) == ["exec.env_template: must be a mapping NAME: TEMPLATE"]
+
+
 def test_exec_command_must_be_a_list() -> None:
     problems = problems_of({**BASE, "exec": {"command": "python app.py"}})
     assert len(problems) == 1

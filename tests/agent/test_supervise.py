@@ -17,8 +17,11 @@ from waiting import wait_until as until
 
 from agent import metrics
 from agent.childenv import EnvPolicy
-from agent.config import ExecConfig, Wait
+from agent.config import ENV_MAX_SIZE, EnvTemplateConfig, ExecConfig, TemplateConfig, Wait
 from agent.errors import ConfigError
+from agent.execenv import ExecEnv
+from agent.pipeline import RenderPipeline
+from agent.secret import SecretValue
 from agent.supervise import Child
 
 
@@ -169,3 +172,86 @@ async def test_wait_returns_for_a_child_that_already_exited(
     await until(lambda: not child.running)
     assert await asyncio.wait_for(child.wait(), 30) == 0
     assert await asyncio.wait_for(child.aclose(), 30) == 0
+
+
+# --------------------------------------------------------------------------- exec.env_template
+
+
+def db(version: str, password: str | None = None) -> SecretValue:
+    data = {"username": f"u-{version}", "password": password or f"pw-{version}"}
+    return SecretValue("db", data, version)
+
+
+DSN = EnvTemplateConfig("DATABASE_URL", '{{ secrets.db | libpq_dsn(host="db") }}')
+
+
+async def test_a_changed_variable_restarts_the_child_and_is_delivered_once_it_runs(
+    children: list[Child], tmp_path: Path, shm: Path
+) -> None:
+    record = Record(tmp_path / "child.log")
+    cfg = ExecConfig(
+        command=tuple(command(record.path, "--env", "DATABASE_URL")),
+        wait=Wait(min=0.05, max=1.0),  # reload: signal, for files
+        env_template=(DSN,),
+    )
+    env = ExecEnv(cfg.env_template)
+    child = Child(cfg, env)
+    delivered: list[tuple[str, str, int | None]] = []  # (secret, version, the child's pid then)
+    pipe = RenderPipeline(
+        [TemplateConfig(shm / "kv", contents="{{ secrets.kv.x }}")],
+        ["db", "kv"],
+        on_delivered=lambda name, version, at: delivered.append((name, version, child.pid)),
+        exec_env=env,
+    )
+    await pipe.publish(db("v1"))
+    await pipe.publish(SecretValue("kv", {"x": "1"}, "k1"))
+    await pipe.run_pass()  # the first pass: the variables before the child starts
+    await child.start()
+    children.append(child)
+    pipe.targets.append(child)
+    (first,) = await record.wait_for("started", 1)
+    assert record.env(first) == "host=db user=u-v1 password=pw-v1"
+
+    await pipe.publish(SecretValue("kv", {"x": "2"}, "k2"))
+    await pipe.run_pass()  # a file changed, no variable: the reload signal, same process
+    await record.wait_for("hup", 1)
+    assert record.lines("started") == [first]
+
+    await pipe.publish(db("v2"))
+    await pipe.run_pass()  # the variable changed: stop, start with the new value
+    await until(lambda: ("db", "v2") in [d[:2] for d in delivered], 30, "v2 delivered")
+    started = await record.wait_for("started", 2)
+    assert len(started) == 2 and record.env(started[1]) == "host=db user=u-v2 password=pw-v2"
+    # reported delivered (the old lease may go) only once the new child was running
+    assert delivered[-1] == ("db", "v2", started[1])
+    assert record.count("hup") == 1  # a restart, not a signal
+    await pipe.aclose()
+
+
+async def test_a_child_waits_for_its_variables_and_a_bad_value_keeps_the_old_one(
+    children: list[Child], tmp_path: Path
+) -> None:
+    record = Record(tmp_path / "child.log")
+    cfg = ExecConfig(command=tuple(command(record.path, "--env", "DATABASE_URL")))
+    env = ExecEnv((DSN,))
+    pipe = RenderPipeline([], ["db"], on_delivered=lambda *_: None, exec_env=env)
+    child = Child(cfg, env)
+    starting = asyncio.create_task(child.start())
+    children.append(child)
+    await pipe.publish(db("v1", password="a\0b"))  # execve would cut it: refused
+    burst = await pipe.run_pass()
+    assert burst.failed == ["template exec.env_template.DATABASE_URL: the value holds a NUL byte"]
+    assert not starting.done() and env.missing() == ["DATABASE_URL"]
+    await pipe.publish(db("v1"))
+    await pipe.run_pass()
+    await asyncio.wait_for(starting, 30)
+    (pid,) = await record.wait_for("started", 1)
+
+    await pipe.publish(db("v2", password="x" * ENV_MAX_SIZE))  # past the bound with the rest
+    burst = await pipe.run_pass()
+    assert len(burst.failed) == 1 and "exec.env_template.DATABASE_URL" in burst.failed[0]
+    assert "x" * 100 not in burst.failed[0]
+    assert env.snapshot() == {"DATABASE_URL": "host=db user=u-v1 password=pw-v1"}
+    assert pipe.status()[0]["holds"] == {"db": "v1"}  # the child still holds v1
+    assert record.lines("started") == [pid]
+    await pipe.aclose()
