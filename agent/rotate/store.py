@@ -9,7 +9,7 @@ Replicas coordinate only through this record. Every write carries ``cas=<the KV
 version the writer read>``, so of several replicas acting on the same reading
 exactly one write succeeds; the others get :class:`CasConflict`, re-read and adopt.
 
-The record (KV data)::
+The record::
 
     version     credential version, 1, 2, ... (0: nothing rotated yet)
     rotated_at  when ``current`` was published (epoch seconds)
@@ -18,6 +18,13 @@ The record (KV data)::
     retire_at   when ``previous`` is retired; ``retired`` says whether that happened
     claim       {owner, until}: a rotation in progress; others wait for it, and take
                 over only once ``until`` has passed (the claimer died)
+
+In KV the current credential's fields are the top level of the secret's data, as
+every other tool expects (``bao kv get -field=password``, a Vault Agent template's
+``.Data.data.password``, External Secrets Operator), and the rest of the record is
+under the one reserved key :data:`BOOKKEEPING`. A record of the older nested layout
+(the record itself as the data, ``current`` inside it) is read as it is and written
+back in the flat layout by the next write.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ if TYPE_CHECKING:
     from agent.vault.client import VaultClient
 
 _TORN_READS = 20
+BOOKKEEPING = "_credsidecar"  # the KV data key holding everything but the current fields
 
 
 class CasConflict(VaultError):
@@ -104,6 +112,23 @@ class Record:
         return replace(self, **changes)
 
 
+def kv_layout(record: Record) -> dict[str, Any]:
+    """The KV data of ``record``: the current fields flat, the bookkeeping beside them."""
+    book = record.data()
+    current = book.pop("current") or {}
+    if BOOKKEEPING in current:  # never quote the fields: they are the credential
+        raise StoreError(f"the credential has a field named {BOOKKEEPING}, which the store keeps")
+    return {**current, BOOKKEEPING: book}
+
+
+def parse_kv_layout(kv_version: int, data: Mapping[str, Any] | None) -> Record:
+    """A record from KV data, flat (ours) or nested (before the flat layout)."""
+    if not data or BOOKKEEPING not in data:
+        return Record.parse(kv_version, data)  # nested, or nothing of ours yet
+    current = {k: v for k, v in data.items() if k != BOOKKEEPING}
+    return Record.parse(kv_version, {**data[BOOKKEEPING], "current": current or None})
+
+
 class RecordStore(Protocol):
     async def read(self) -> Record: ...
 
@@ -161,7 +186,7 @@ class Store:
             deleted = bool(metadata.get("deletion_time") or metadata.get("destroyed"))
             return Record(kv_version=int(metadata.get("version") or 0)) if deleted else None
         try:
-            return Record.parse(int(metadata.get("version") or 0), body.get("data"))
+            return parse_kv_layout(int(metadata.get("version") or 0), body.get("data"))
         except (TypeError, ValueError, KeyError, AttributeError):
             # never quote it: the record holds the credential
             raise VaultError(f"rotate_read {self.path}: not a rotation record") from None
@@ -182,7 +207,7 @@ class Store:
 
     async def write(self, record: Record) -> Record:
         """Write ``record`` with cas=its ``kv_version``; returns it at the new KV version."""
-        body = {"options": {"cas": record.kv_version}, "data": record.data()}
+        body = {"options": {"cas": record.kv_version}, "data": kv_layout(record)}
         try:
             response = await self.vault.write(self.path, body, "rotate_write")
         except VaultError as exc:

@@ -168,14 +168,23 @@ async def read_record(vault: VaultClient, path: str) -> Record:
     return await Store(vault, path).read()
 
 
-def kv_data(openbao: OpenBaoServer, path: str) -> dict[str, Any]:
-    """The stored record, read with the root token (``secret/data/x`` -> data)."""
+def kv_raw(openbao: OpenBaoServer, path: str) -> dict[str, Any]:
+    """The KV data at ``path``, read with the root token (``secret/data/x`` -> data)."""
     mount, _, rest = path.partition("/data/")
     response = openbao.client().secrets.kv.v2.read_secret_version(
         path=rest, mount_point=mount, raise_on_deleted_version=True
     )
     data: dict[str, Any] = response["data"]["data"]
     return data
+
+
+def kv_record(openbao: OpenBaoServer, path: str) -> dict[str, Any]:
+    """The stored rotation record: the bookkeeping under ``_credsidecar``, with the flat
+    fields around it as ``current`` (decoded here, not with the agent's code)."""
+    data = kv_raw(openbao, path)
+    assert "_credsidecar" in data, sorted(data)  # always the flat layout once written
+    current = {k: v for k, v in data.items() if k != "_credsidecar"}
+    return {**data["_credsidecar"], "current": current or None}
 
 
 async def can_login(pg: PostgresCluster, user: str, password: str, sql: str | None = None) -> bool:

@@ -85,6 +85,10 @@ async def test_a_rotation_follows_the_staging_labels(
         AUDIT.secret(key1)
         current = at(moto, name, "AWSCURRENT")
         assert current["api_key"] == key1  # what AWS-native consumers read
+        # the fields alone, as ESO and the SDKs read them (AWS's default stage is AWSCURRENT;
+        # moto's default does not follow UpdateSecretVersionStage, so it is named here)
+        plain = moto.client().get_secret_value(SecretId=name, VersionStage="AWSCURRENT")
+        assert json.loads(plain["SecretString"]) == {"api_key": key1}
         assert at(moto, name, "AWSPREVIOUS")["version_id"] == initial["VersionId"]
         labels = stages(moto, name)
         assert labels[current["version_id"]] == ["AWSCURRENT"]  # AWSPENDING was taken off

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from devservers import AUDIT, OpenBaoServer, make_test_pki
 from procgroups import forking_command, none_left, see_grandchild
-from rotatehelpers import config, kv_data, looping, rotation
+from rotatehelpers import config, kv_record, looping, rotation
 
 from agent.rotate.jwtkeys import load_public, thumbprint
 
@@ -59,7 +59,7 @@ async def test_jwks_holds_current_and_previous_key_until_grace(
         old_public.verify(signature, message, padding.PKCS1v15(), hashes.SHA256())
 
     # the store keeps the new private key, and only the public half of the previous one
-    record = kv_data(openbao, store)
+    record = kv_record(openbao, store)
     assert record["current"]["private_key"] == second["private_key"]
     assert "private_key" not in record["previous"]
 

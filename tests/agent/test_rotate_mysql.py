@@ -11,7 +11,7 @@ import aiomysql
 import pymysql
 import pytest
 from devservers import AUDIT, MariaDBServer
-from rotatehelpers import Published, but, config, kv_data, rotation, step_until
+from rotatehelpers import Published, but, config, kv_record, rotation, step_until
 
 from agent.rotate.base import RotatorContext
 from agent.rotate.config import AdminConfig
@@ -86,7 +86,7 @@ async def test_mariadb_holds_both_passwords_during_grace_and_never_sees_plaintex
         assert second.ok and second.version == 2, second
         two = published.last.data["password"]
         assert await can_login(mariadb, user, one) and await can_login(mariadb, user, two)
-        assert "password" not in kv_data(openbao, store)["previous"]
+        assert "password" not in kv_record(openbao, store)["previous"]
 
         async def refused() -> bool:
             return not await can_login(mariadb, user, one)

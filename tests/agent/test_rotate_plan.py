@@ -8,7 +8,7 @@ from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
-from rotatehelpers import config, kv_data, rotation
+from rotatehelpers import config, kv_record, rotation
 
 from agent.rotate.manager import Busy, Idle, Refuse, Retire, Rotate, Timing, next_delay, plan
 from agent.rotate.store import Claim, Record
@@ -123,7 +123,7 @@ async def test_a_rotation_on_a_clock_keeps_the_grace_without_sleeping(
     assert (await rot.step()).result == "not_due"
     assert events.named("rotation_retired", secret="clk", version=1)
     assert len(json.loads(published_values.last.data["jwks"])["keys"]) == 1
-    assert kv_data(openbao, store)["retired"] is True
+    assert kv_record(openbao, store)["retired"] is True
 
     clock.now = 1_000_010.0 + 3600  # version 2 is due `every` after its publication
     outcome = await rot.step()

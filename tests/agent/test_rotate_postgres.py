@@ -10,7 +10,7 @@ from devservers import AUDIT, OpenBaoServer, PostgresCluster
 from rotatehelpers import (
     but,
     can_login,
-    kv_data,
+    kv_record,
     looping,
     pg_config,
     rotation,
@@ -94,7 +94,7 @@ async def test_password_rotation_sends_only_a_verifier(
         assert two != one and await can_login(pg, role, two)
         assert not await can_login(pg, role, one)
 
-        record = kv_data(openbao, store)
+        record = kv_record(openbao, store)
         assert record["version"] == 2 and record["current"]["password"] == two
         assert record["claim"] is None
 
@@ -234,8 +234,8 @@ async def test_failed_verification_rolls_back_and_keeps_the_old_credential(
         assert probe in (outcome.error or "")
 
         assert len(published.values) == 1  # nothing published
-        assert kv_data(openbao, store)["version"] == 1
-        assert kv_data(openbao, store)["claim"] is None  # released for the next attempt
+        assert kv_record(openbao, store)["version"] == 1
+        assert kv_record(openbao, store)["claim"] is None  # released for the next attempt
         assert await can_login(postgres, good["username"], good["password"])
         assert role_attr(postgres, f"{base}_b", "rolcanlogin") == "f"  # undone
         assert events.named("rotation_rolled_back", secret="dbrb", version=2, undone=True)

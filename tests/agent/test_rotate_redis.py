@@ -8,7 +8,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from devservers import AUDIT, FaultRelay, RedisServer
 from redis.exceptions import AuthenticationError, ResponseError
-from rotatehelpers import config, kv_data, rotation, step_until
+from rotatehelpers import config, kv_record, rotation, step_until
 
 from agent.rotate.config import AdminConfig
 from agent.rotate.redis import password_sha256
@@ -73,7 +73,7 @@ async def test_both_passwords_work_during_grace_and_only_hashes_cross_the_wire(
         # within grace the previous password still logs in: consumers switch at leisure
         assert await can_auth(redis_server, user, one) and await can_auth(redis_server, user, two)
         assert hashes(redis_server, user) == {password_sha256(one), password_sha256(two)}
-        record = kv_data(openbao, store)
+        record = kv_record(openbao, store)
         assert "password" not in record["previous"]  # the store keeps only the old hash
         assert record["previous"]["password_sha256"] == password_sha256(one)
 

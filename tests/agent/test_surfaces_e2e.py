@@ -38,7 +38,7 @@ from devservers import (
     leases_under,
 )
 from otheruid import NOBODY, call_as
-from rotatehelpers import can_login, kv_data, rotate_config
+from rotatehelpers import can_login, kv_record, rotate_config
 
 PROBES_ONLY = [
     ("POST", "/rotate/db-password"),
@@ -90,7 +90,7 @@ def test_the_probe_port_changes_nothing_and_grace_holds_for_forced_rotations(
         for method, path in PROBES_ONLY:
             code, _ = agent.http(path, method=method)
             assert code in (404, 405), (method, path, code)
-        assert kv_data(openbao, store)["version"] == 1
+        assert kv_record(openbao, store)["version"] == 1
         assert len(agent.events("rotation_started")) == 1  # the first one, at start
 
         # the admin socket: ours, 0600, in a 0700 state_dir; nobody else may connect
@@ -116,7 +116,7 @@ def test_the_probe_port_changes_nothing_and_grace_holds_for_forced_rotations(
 
         # ... and grace is a promise: version 1 stays valid, a new forced rotation waits
         code, refused = agent.admin("/rotate/db-password", "POST")
-        record = kv_data(openbao, store)
+        record = kv_record(openbao, store)
         assert code == 409 and refused["result"] == "in_grace"
         assert refused["not_before"] == record["retire_at"] and record["retired"] is False
         until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record["retire_at"]))
@@ -125,7 +125,7 @@ def test_the_probe_port_changes_nothing_and_grace_holds_for_forced_rotations(
         cli = agent.command("rotate", "db-password")
         assert cli.returncode == 1, cli.stderr
         assert "rotation of db-password refused" in cli.stderr and until in cli.stderr
-        assert record["version"] == 2 == kv_data(openbao, store)["version"]
+        assert record["version"] == 2 == kv_record(openbao, store)["version"]
 
         # --now accepts that in-flight consumers of version 1 fail: it says so, and they do
         cli = agent.command("rotate", "db-password", "--now")
