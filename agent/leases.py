@@ -12,8 +12,10 @@ import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from proxy.backoff import MIN_DELAY
+from proxy.backoff import Backoff as Backoff  # the shared one, re-exported for the agent
+
 JITTER = 0.1  # +-10 % of the lease duration around the renewal point
-MIN_DELAY = 0.05  # never spin: the smallest wait any schedule returns
 MAX_WAIT = 3600.0  # re-evaluate at least hourly, even for a lease that never expires
 
 
@@ -48,34 +50,6 @@ def readiness_margin(lease_duration: float) -> float:
     Smaller than :func:`replace_lead`, so a normal replacement never flips readiness.
     """
     return min(max(lease_duration, 0.0) * 0.1, 300.0)
-
-
-class Backoff:
-    """Exponential backoff with decorrelated jitter, capped by ``maximum`` and expiry.
-
-    ``next(remaining)`` keeps at least a few attempts inside the time left before
-    the credential expires, so a short outage never costs the lease.
-    """
-
-    def __init__(self, initial: float, maximum: float, rng: random.Random) -> None:
-        self.initial = max(initial, MIN_DELAY)
-        self.maximum = max(maximum, self.initial)
-        self.rng = rng
-        self.attempts = 0
-        self._prev = self.initial
-
-    def next(self, remaining: float | None = None) -> float:
-        self.attempts += 1
-        upper = min(self.maximum, self._prev * 3)
-        self._prev = self.rng.uniform(self.initial, max(upper, self.initial))
-        delay = self._prev
-        if remaining is not None and remaining > 0:
-            delay = min(delay, max(remaining / 3, MIN_DELAY))
-        return max(delay, MIN_DELAY)
-
-    def reset(self) -> None:
-        self.attempts = 0
-        self._prev = self.initial
 
 
 # --------------------------------------------------------------------------- decisions
