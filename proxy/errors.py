@@ -12,6 +12,7 @@ from proxy.protocol.errors import (
 __all__ = [
     "CONNECT_FAILED",
     "AuthenticationFailed",
+    "ClientFatal",
     "ClientProtocolViolation",
     "ProtocolViolation",
     "ServerProtocolViolation",
@@ -62,3 +63,11 @@ def server_text(text: str, user: str, host: str) -> str:
 def client_text(exc: Exception) -> str:
     """What a client may be told about ``exc`` (an upstream failure, or the proxy's own)."""
     return exc.client_text if isinstance(exc, UpstreamError) else str(exc)
+
+
+class ClientFatal(Exception):
+    """End a client's session with this SQLSTATE and message (what the client is told)."""
+
+    def __init__(self, sqlstate: str, text: str) -> None:
+        super().__init__(text)
+        self.sqlstate = sqlstate

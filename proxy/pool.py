@@ -14,11 +14,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections import deque
 from typing import Any
 
 from proxy import metrics, upstream
+from proxy.backoff import Backoff
 from proxy.config import ProxyConfig
 from proxy.credentials import CredentialProvider, Credentials
 from proxy.errors import UpstreamAuthError, UpstreamError
@@ -174,6 +176,7 @@ class PoolManager:
         self._task: asyncio.Task[None] | None = None
         self._timers: list[asyncio.TimerHandle] = []
         self.on_drain_timeout: Any = None  # callable(conn) set by the server: tell the client
+        self._rng = random.Random()
 
     def pool(self, key: PoolKey) -> Pool:
         pool = self.pools.get(key)
@@ -225,7 +228,7 @@ class PoolManager:
             await self._try_switch(new)
 
     async def _try_switch(self, new: Credentials) -> None:
-        delay = 0.5
+        backoff = Backoff(0.5, 10.0, self._rng)
         while True:
             latest = self.provider.current()
             if latest is not None and latest.generation > new.generation:
@@ -242,6 +245,7 @@ class PoolManager:
                 )
             except UpstreamError as exc:
                 metrics.generation_rejections_total.inc()
+                delay = backoff.next()
                 log.warning(
                     "proxy_generation_rejected",
                     extra={
@@ -254,7 +258,6 @@ class PoolManager:
                 )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.provider.changed(new.generation), delay)
-                delay = min(delay * 2, 10.0)
                 continue
             if new.generation <= self.generation:
                 conn.close()

@@ -2,8 +2,8 @@
 
 Same shape as :mod:`proxy.protocol.frontend`: :meth:`ServerConnection.receive_data`,
 :meth:`next_event`, :meth:`send`. During startup the events are typed; once the first
-ReadyForQuery arrives every message is a raw :class:`~proxy.protocol.messages.Message`
-and only the transaction status of ReadyForQuery is tracked.
+ReadyForQuery arrives messages are cut into frames by :meth:`receive_frames` and only
+the transaction status of ReadyForQuery is tracked.
 """
 
 from __future__ import annotations
@@ -31,18 +31,13 @@ class ServerConnection:
         self._reader.feed(data)
 
     def next_event(self) -> ev.ServerEvent | None:
+        """The next startup-phase event; ``None`` when more bytes are needed and always
+        once READY (regular messages are read with :meth:`receive_frames`)."""
+        if self.state is _READY:
+            return None
         msg = self._reader.next_message()
         if msg is None:
             return None
-        t = msg.data[0]
-        if self.state is _READY:
-            if t not in BACKEND_TYPES:
-                raise _V(f"unexpected message type {msg.type!r}")
-            if t == 90:  # 'Z'
-                if len(msg.data) != 6 or msg.data[5:] not in (b"I", b"T", b"E"):
-                    raise _V("malformed ReadyForQuery")
-                self.transaction_status = msg.data[5:]
-            return msg
         event = self._decode_startup(msg)
         nxt = SERVER_RECEIVE.get((self.state, type(event).__name__))
         if nxt is None:
@@ -59,8 +54,7 @@ class ServerConnection:
     def receive_frames(self, data: bytes) -> tuple[bytes, list[tuple[int, int, int]]]:
         """Bulk path once READY: ``data`` cut into checked ``(type, start, end)`` frames.
 
-        The hot path uses this instead of :meth:`receive_data` + :meth:`next_event` so
-        that runs of messages can be forwarded as one slice.
+        The hot path: runs of messages can be forwarded as one slice.
         """
         if self.state is not _READY:
             raise RuntimeError("receive_frames before the connection is ready")

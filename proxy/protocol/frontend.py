@@ -2,7 +2,8 @@
 
 Feed bytes read from the client to :meth:`ClientConnection.receive_data`, take events
 from :meth:`next_event` until it returns ``None`` (needs more data), and turn what the
-proxy wants to say into bytes with :meth:`send`. The states and the legal transitions
+proxy wants to say into bytes with :meth:`send`. Once logged in, regular messages are
+cut into frames by :meth:`receive_frames` (the hot path). The states and the legal transitions
 are the tables in :mod:`proxy.protocol.states`.
 """
 
@@ -41,19 +42,12 @@ class ClientConnection:
         return self._reader.pending
 
     def next_event(self) -> ev.ClientEvent | None:
-        """The next complete event, or ``None`` when more bytes are needed."""
+        """The next complete startup-phase event, or ``None`` when more bytes are needed.
+
+        Once logged in (READY) it always returns ``None``: regular messages are read
+        with :meth:`receive_frames`, which starts with whatever is still buffered.
+        """
         state = self.state
-        if state is _READY:
-            msg = self._reader.next_message()
-            if msg is None:
-                return None
-            t = msg.data[0]
-            if t not in FRONTEND_TYPES:
-                raise ClientProtocolViolation(f"unexpected message type {msg.type!r}")
-            if t == 88:  # 'X'
-                self.state = ClientState.CLOSED
-                return ev.Terminate()
-            return msg
         if state is ClientState.STARTUP:
             packet = self._reader.next_startup()
             if packet is None:
@@ -74,6 +68,8 @@ class ClientConnection:
                 raise ClientProtocolViolation(f"expected a password message, got {msg.type!r}")
             self._advance(CLIENT_RECEIVE, "PasswordMessage")
             return ev.PasswordMessage(msg.body)
+        if state is _READY:
+            return None
         if self._reader.pending:
             raise ClientProtocolViolation(f"unexpected data while {state.value}")
         return None

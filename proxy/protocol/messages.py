@@ -279,10 +279,6 @@ def password_message(payload: bytes) -> bytes:
     return message(b"p", payload)
 
 
-def sasl_initial_response(mechanism: str, data: bytes) -> bytes:
-    return message(b"p", cstr(mechanism) + _I32.pack(len(data)) + data)
-
-
 def negotiate_protocol_version(newest_minor: int, unsupported: list[str]) -> bytes:
     body = _I32.pack(newest_minor) + _I32.pack(len(unsupported))
     return message(b"v", body + b"".join(cstr(o) for o in unsupported))

@@ -456,3 +456,39 @@ def refuse(types: list[int], error: bytes, discarding: bool) -> tuple[list[bytes
             out.append(error)
             discarding = True
     return out, discarding
+
+
+# --- rules of the conversation the I/O shell asks about ---------------------------
+
+
+def between_transactions(pipeline: Pipeline, status: bytes) -> bool:
+    """Nothing awaits a response and the server is idle ('I'): the server session
+    holds no transaction, so it may serve another client (or be closed cleanly)."""
+    return not pipeline.queue and status == b"I"
+
+
+def past_failed_segment(frames: list[tuple[int, int, int]]) -> int:
+    """Index just past the first Sync in ``frames``, or -1 if there is none.
+
+    After an extended-protocol request failed without reaching a server, everything
+    up to and including the next Sync is dropped (as the server would), and that Sync
+    is answered with ReadyForQuery 'I'.
+    """
+    for i, frame in enumerate(frames):
+        if frame[0] == 83:  # 'S'
+            return i + 1
+    return -1
+
+
+# what to do with a client's server connection when the client goes away
+KEEP, FINISH, DROP = "keep", "finish", "drop"
+
+
+def when_client_leaves(pipeline: Pipeline, status: bytes, reset: bool) -> str:
+    """``KEEP`` it for the pool, ``FINISH`` (wait for the proxy's own queries, then the
+    reset query) or ``DROP`` it (a request of the client still open, or a transaction)."""
+    if any(entry.action != INTERNAL for entry in pipeline.queue):
+        return DROP
+    if not pipeline.queue and status != b"I":
+        return DROP
+    return FINISH if reset or pipeline.queue else KEEP

@@ -82,3 +82,35 @@ SERVER_SEND: dict[tuple[ServerState, str], ServerState] = {
 
 # Regular-phase message types a server may send.
 BACKEND_TYPES = frozenset(b"123AcdCDEGHIKnNsStTVWZ")
+
+
+# --- the client session of the I/O shell (proxy/session.py) -------------------------
+class SessionState(Enum):
+    """Where a client session is; one value instead of flags (PgBouncer's client lists)."""
+
+    LOGIN = "login"  # startup, TLS, client auth, the first server connection
+    IDLE = "idle"  # logged in, no server connection attached
+    WAITING = "waiting"  # requests queued until the pool hands over a server connection
+    ACTIVE = "active"  # a server connection is attached
+    MIGRATING = "migrating"  # session mode: reading its session state to move generations
+    DRAINING = "draining"  # the proxy is stopping: ends at its transaction boundary
+    CLOSED = "closed"
+
+
+_S = SessionState
+SESSION_MOVES: dict[SessionState, frozenset[SessionState]] = {
+    _S.LOGIN: frozenset({_S.ACTIVE, _S.CLOSED}),  # login attaches a server connection
+    _S.IDLE: frozenset({_S.WAITING, _S.ACTIVE, _S.CLOSED}),
+    _S.WAITING: frozenset({_S.ACTIVE, _S.IDLE, _S.CLOSED}),  # IDLE: no server, refused
+    _S.ACTIVE: frozenset({_S.IDLE, _S.MIGRATING, _S.DRAINING, _S.CLOSED}),
+    _S.MIGRATING: frozenset({_S.ACTIVE, _S.IDLE, _S.DRAINING, _S.CLOSED}),
+    _S.DRAINING: frozenset({_S.CLOSED}),
+    _S.CLOSED: frozenset(),
+}
+
+
+def session_move(state: SessionState, new: SessionState) -> SessionState:
+    """``new`` if a session may go there from ``state``; anything else is a proxy bug."""
+    if new not in SESSION_MOVES[state]:
+        raise RuntimeError(f"proxy bug: session cannot go from {state.value} to {new.value}")
+    return new

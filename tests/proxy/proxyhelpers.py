@@ -6,6 +6,7 @@ the same event loop as the test and would starve behind a blocking ``subprocess.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
 import os
@@ -146,3 +147,14 @@ async def pgbench(port: int, db: str, *args: str, seconds: int = 3, clients: int
         db,
         limit=seconds + 120,
     )
+
+
+def imported_modules(path: Path) -> list[str]:
+    """Absolute module names a Python file imports (relative imports left out)."""
+    names: list[str] = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.append(node.module)
+    return names

@@ -1,0 +1,81 @@
+"""Cancel keys: the proxy's own BackendKeyData per client, and forwarding a CancelRequest
+to whichever server connection is running that client's query."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import secrets
+from typing import Protocol
+
+from proxy import metrics, upstream
+from proxy.config import UpstreamConfig
+from proxy.errors import UpstreamError
+from proxy.protocol import messages as m
+from proxy.transport import Link
+from proxy.upstream import ServerConn
+
+log = logging.getLogger("credsidecar.proxy")
+
+
+class Cancellable(Protocol):
+    process_id: int
+    secret_key: int
+    conn: ServerConn | None
+
+
+class CancelKeys:
+    """Process ids unique among the connected clients, each with a random secret."""
+
+    def __init__(self) -> None:
+        self.by_pid: dict[int, Cancellable] = {}
+        self._next_pid = secrets.randbelow(1 << 20) + 1
+
+    def register(self, client: Cancellable) -> tuple[int, int]:
+        while self._next_pid in self.by_pid:
+            self._next_pid += 1
+        pid = self._next_pid
+        self._next_pid = (self._next_pid % 0x7FFFFFF0) + 1
+        self.by_pid[pid] = client
+        return pid, secrets.randbits(31)
+
+    def unregister(self, client: Cancellable) -> None:
+        if self.by_pid.get(client.process_id) is client:
+            del self.by_pid[client.process_id]
+
+    def target(self, request: m.CancelRequest) -> tuple[int, int] | None:
+        """The upstream key to cancel for ``request``, or None (counted) if nothing runs."""
+        client = self.by_pid.get(request.process_id)
+        if client is None or not hmac.compare_digest(
+            client.secret_key.to_bytes(4, "big", signed=True),
+            request.secret_key.to_bytes(4, "big", signed=True),
+        ):
+            metrics.cancel_requests_total.labels("unknown").inc()
+            return None
+        conn = client.conn
+        if conn is None or conn.pipeline.idle or conn.backend_key is None:
+            metrics.cancel_requests_total.labels("idle").inc()
+            return None
+        metrics.cancel_requests_total.labels("forwarded").inc()
+        return conn.backend_key.process_id, conn.backend_key.secret_key
+
+
+async def send_cancel(cfg: UpstreamConfig, process_id: int, secret_key: int) -> None:
+    """One CancelRequest on a connection of its own, as PostgreSQL wants it."""
+    loop = asyncio.get_running_loop()
+    link: Link | None = None
+    try:
+        async with asyncio.timeout(cfg.connect_timeout):
+            _, link = await loop.create_connection(Link, cfg.host, cfg.port)
+            if cfg.sslmode in ("require", "verify-ca", "verify-full"):
+                await upstream._negotiate_tls(link, cfg)
+            link.write(m.cancel_request(process_id, secret_key))
+            with contextlib.suppress(ConnectionError):
+                await link.recv()  # the server closes when done
+    except (OSError, TimeoutError, UpstreamError) as exc:
+        log.warning("proxy_cancel_failed", extra={"error": str(exc) or type(exc).__name__})
+    finally:
+        if link is not None:
+            link.close()

@@ -1,0 +1,108 @@
+"""Logging a client in: the startup packets, the TLS answer, client authentication.
+
+The functions work on a :class:`~proxy.session.ClientSession` in its ``LOGIN`` state,
+reading through its setup-phase link; the session decides what happens next.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, cast
+
+from proxy import metrics
+from proxy.clientauth import peer_allowed, peer_uid
+from proxy.errors import ClientFatal
+from proxy.protocol import events as ev
+from proxy.protocol import messages as m
+from proxy.protocol.auth import ScramVerifier
+from proxy.protocol.errors import AuthenticationFailed, ClientProtocolViolation
+
+if TYPE_CHECKING:
+    from proxy.session import ClientSession
+
+
+async def next_event(session: ClientSession) -> ev.ClientEvent:
+    proto = session.proto
+    while (event := proto.next_event()) is None:
+        proto.receive_data(await session.link.recv())
+    return event
+
+
+async def startup(session: ClientSession) -> m.StartupMessage | None:
+    """The StartupMessage after any SSL/GSSENC negotiation; None for a CancelRequest."""
+    while True:
+        event = await next_event(session)
+        if isinstance(event, m.SSLRequest):
+            await _answer_ssl(session)
+        elif isinstance(event, m.GSSENCRequest):
+            session.link.write(session.proto.send(ev.SSLResponse(False)))
+        elif isinstance(event, m.CancelRequest):
+            session.server.cancel(event)
+            return None
+        elif isinstance(event, m.StartupMessage):
+            return event
+
+
+def parameters(session: ClientSession, event: m.StartupMessage) -> dict[str, str]:
+    """The startup parameters the proxy goes on with; refuses what it cannot serve."""
+    params = dict(event.parameters)
+    session.user = params.get("user", "")
+    if not session.user:
+        raise ClientFatal("28000", "no PostgreSQL user name specified in startup packet")
+    if "replication" in params and params["replication"] not in ("false", "0", "off"):
+        raise ClientFatal("08P01", "replication connections are not supported by the proxy")
+    unsupported = sorted(k for k in params if k.startswith("_pq_."))
+    if event.protocol & 0xFFFF or unsupported:
+        for key in unsupported:
+            del params[key]
+        session.link.write(session.proto.send(ev.NegotiateProtocolVersion(0, tuple(unsupported))))
+    if len(session.server.sessions) > session.server.config.max_client_conn:
+        metrics.clients_total.labels("refused").inc()
+        raise ClientFatal("53300", "sorry, too many clients already (max_client_conn)")
+    return params
+
+
+async def _answer_ssl(session: ClientSession) -> None:
+    tls = session.server.tls
+    link = session.link
+    ctx = tls.context() if tls is not None else None
+    if ctx is None or session.unix:
+        link.write(session.proto.send(ev.SSLResponse(False)))
+        return
+    if session.proto.buffered:
+        # bytes after SSLRequest, before the handshake: plaintext injection (CVE-2021-23214)
+        raise ClientProtocolViolation("data received before the TLS handshake")
+    link.write(session.proto.send(ev.SSLResponse(True)))
+    assert link.transport is not None
+    transport = await asyncio.get_running_loop().start_tls(
+        link.transport, link, ctx, server_side=True
+    )
+    link.transport = cast(asyncio.Transport, transport)
+
+
+async def authenticate(session: ClientSession) -> None:
+    """Client auth per ``client_auth.method``; raises AuthenticationFailed."""
+    cfg = session.server.config.client_auth
+    link = session.link
+    if cfg.method == "trust":
+        return
+    if cfg.method == "peer":
+        sock = link.transport.get_extra_info("socket") if link.transport else None
+        if not session.unix or sock is None:
+            raise AuthenticationFailed("peer authentication (unix socket only) failed", "28000")
+        if not peer_allowed(peer_uid(sock), cfg.peer_uids()):
+            raise AuthenticationFailed("peer authentication failed", "28000")
+        return
+    users = session.server.users
+    assert users is not None
+    proto = session.proto
+    verifier = ScramVerifier(users.lookup(session.user))
+    link.write(proto.send(ev.AuthenticationRequest(m.AUTH_SASL, verifier.mechanisms())))
+    first = await next_event(session)
+    assert isinstance(first, ev.PasswordMessage)
+    server_first = verifier.client_first(first.payload)
+    link.write(proto.send(ev.AuthenticationRequest(m.AUTH_SASL_CONTINUE, server_first)))
+    final = await next_event(session)
+    assert isinstance(final, ev.PasswordMessage)
+    server_final = verifier.client_final(final.payload)
+    link.write(m.authentication(m.AUTH_SASL_FINAL, server_final))

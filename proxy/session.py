@@ -1,0 +1,442 @@
+"""One client session: log in, attach server connections, forward, release.
+
+The session's whereabouts are one :class:`~proxy.protocol.states.SessionState`, moved
+only through :meth:`ClientSession._move` (which checks the move is legal). Client
+requests go through the attached server connection's
+:class:`~proxy.protocol.pipeline.Pipeline` (statement renaming), server responses come
+back through it. In transaction mode the server connection returns to the pool at
+every ReadyForQuery 'I'; in session mode when the client leaves (after the reset query).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from proxy import login, metrics, migrate
+from proxy.errors import ClientFatal, UpstreamError, client_text
+from proxy.pool import Pool
+from proxy.protocol import events as ev
+from proxy.protocol import messages as m
+from proxy.protocol.errors import AuthenticationFailed, ClientProtocolViolation
+from proxy.protocol.frontend import ClientConnection
+from proxy.protocol.pipeline import (
+    DROP,
+    FAKE,
+    KEEP,
+    SYNCED_PARAMETERS,
+    ClientStatements,
+    between_transactions,
+    past_failed_segment,
+    refuse,
+    when_client_leaves,
+)
+from proxy.protocol.states import ClientState, SessionState, session_move
+from proxy.transport import Link
+from proxy.upstream import ServerConn, ServerOwner
+
+if TYPE_CHECKING:
+    from proxy.server import ProxyServer
+
+log = logging.getLogger("credsidecar.proxy")
+
+LOGIN_TIMEOUT = 60.0
+_NOT_FORWARDED = ("user", "database", *SYNCED_PARAMETERS)
+_LOGIN, _IDLE, _WAITING = SessionState.LOGIN, SessionState.IDLE, SessionState.WAITING
+_ACTIVE, _MIGRATING = SessionState.ACTIVE, SessionState.MIGRATING
+_DRAINING, _CLOSED = SessionState.DRAINING, SessionState.CLOSED
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+class ClientSession(ServerOwner):
+    def __init__(self, server: ProxyServer, link: Link, unix: bool) -> None:
+        self.server = server
+        self.link = link
+        self.unix = unix
+        self.state = _LOGIN
+        self.proto = ClientConnection()
+        self.process_id = 0
+        self.secret_key = 0
+        self.user = ""
+        self.pool: Pool | None = None
+        self.conn: ServerConn | None = None
+        self.stmts = ClientStatements()
+        self.params: dict[str, str] = {}
+        self.pending: list[tuple[bytes, list[tuple[int, int, int]]]] = []
+        self.discarding = False  # a failed extended-protocol segment awaits its Sync
+        self.client_paused = False  # the client's socket is full: its server waits
+        self.pinned: ServerConn | None = None  # old connection whose state cannot move
+        self.replay: list[str] = []  # session state to re-create on the next connection
+        self.peer = self._peer()
+        self.transaction_mode = server.config.pool_mode == "transaction"
+
+    def _peer(self) -> str:
+        if self.unix or self.link.transport is None:
+            return "unix"
+        addr = self.link.transport.get_extra_info("peername")
+        return f"{addr[0]}:{addr[1]}" if addr else "?"
+
+    def _move(self, new: SessionState) -> None:
+        self.state = session_move(self.state, new)
+
+    @property
+    def closed(self) -> bool:
+        return self.state is _CLOSED
+
+    # --- login ---------------------------------------------------------------------
+
+    async def login(self) -> None:
+        try:
+            async with asyncio.timeout(LOGIN_TIMEOUT):
+                event = await login.startup(self)
+                if event is None:  # a CancelRequest: nothing else on this connection
+                    self.close()
+                    return
+                params = login.parameters(self, event)
+                await login.authenticate(self)
+                await self._start(params)
+        except ClientFatal as exc:
+            self.fatal(exc.sqlstate, str(exc))
+        except ClientProtocolViolation as exc:
+            metrics.clients_total.labels("protocol_error").inc()
+            log.warning(
+                "proxy_client_protocol_violation", extra={"peer": self.peer, "error": str(exc)}
+            )
+            self.fatal(exc.sqlstate, f"protocol violation: {exc}")
+        except AuthenticationFailed as exc:
+            metrics.clients_total.labels("auth_failed").inc()
+            metrics.auth_failures_total.labels("client").inc()
+            log.warning(
+                "proxy_client_auth_failed",
+                extra={"peer": self.peer, "user": self.user, "error": str(exc)},
+            )
+            # the client learns no more than PostgreSQL would tell it
+            text = "password authentication failed" if exc.sqlstate == "28P01" else str(exc)
+            self.fatal(exc.sqlstate, f'{text} for user "{self.user}"')
+        except UpstreamError as exc:
+            log.warning("proxy_upstream_failed", extra={"peer": self.peer, "error": str(exc)})
+            self.fatal(exc.sqlstate, client_text(exc))  # the detail is for the log only
+        except TimeoutError:
+            self.fatal("08006", "login did not complete in time")
+        except ConnectionError:
+            self.close()
+
+    async def _start(self, params: dict[str, str]) -> None:
+        """Logged in: a server connection tells the parameters, then the session runs."""
+        database = params.get("database") or self.user
+        extra = tuple(sorted((k, v) for k, v in params.items() if k not in _NOT_FORWARDED))
+        self.pool = self.server.manager.pool((database, extra))
+        conn = await self._acquire_now()
+        # The client's startup values of carried parameters are applied with one SET
+        # pipelined behind the login reply (no extra round trip); the server's
+        # ParameterStatus answers then reach the client like any other.
+        wanted = {k: params[k] for k in SYNCED_PARAMETERS if k in params}
+        sql = self._set_sql(conn, wanted)
+        self.params = {**conn.pipeline.synced, **wanted}
+        self.process_id, self.secret_key = self.server.register(self)
+        out = [self.proto.send(ev.AuthenticationOk())]
+        shown = {**conn.parameters, **wanted}
+        out += [m.parameter_status(k, v) for k, v in shown.items()]
+        out.append(m.backend_key_data(self.process_id, self.secret_key))
+        out.append(m.ready_for_query(b"I"))
+        self.link.write(b"".join(out))
+        metrics.clients_total.labels("ok").inc()
+        self.link.on_pause = self._client_paused
+        self._attach(conn, sync=False)
+        if sql:
+            conn.send(conn.pipeline.internal_query(sql))  # released when it completes
+        elif self.transaction_mode:
+            self._release()
+        self.link.run(self._data, self._lost)
+
+    async def _acquire_now(self) -> ServerConn:
+        assert self.pool is not None
+        try:
+            async with asyncio.timeout(self.server.config.pool_timeout):
+                return await self.pool.acquire()
+        except TimeoutError:
+            raise ClientFatal(
+                "08006",
+                f"no server connection available within pool_timeout "
+                f"({self.server.config.pool_timeout:g}s)",
+            ) from None
+
+    # --- attaching server connections --------------------------------------------
+
+    def _set_sql(self, conn: ServerConn, wanted: dict[str, str]) -> str:
+        """SET statements that give ``conn`` the carried parameters in ``wanted``."""
+        have = conn.pipeline.synced
+        sql = ""
+        for k, v in wanted.items():
+            if have.get(k) != v:
+                sql += f'SET "{k}" TO {_quote(v)};'
+        return sql
+
+    def _attach(self, conn: ServerConn, sync: bool = True) -> None:
+        self._move(_ACTIVE)
+        conn.owner = self
+        self.conn = conn
+        if self.client_paused:
+            conn.link.pause_reading(True)
+        if sync:
+            # one dict compare in the usual case (this runs at every transaction in
+            # transaction mode); building SETs only when something differs
+            sql = self._set_sql(conn, self.params) if conn.pipeline.synced != self.params else ""
+            if self.replay:
+                sql += ";".join(self.replay) + ";"
+                self.replay = []
+            if sql:
+                conn.send(conn.pipeline.internal_query(sql))
+
+    def _release(self) -> None:
+        self._move(_IDLE)
+        conn, self.conn = self.conn, None
+        if conn is not None and self.pool is not None:
+            if self.client_paused:
+                conn.link.pause_reading(False)  # the next owner reads at its own pace
+            self.pool.release(conn)
+
+    def _start_acquire(self) -> None:
+        assert self.pool is not None
+        conn = self.pool.try_acquire()
+        if conn is not None:
+            self._attach(conn)
+            self._flush_pending()
+            return
+        self._move(_WAITING)
+        self.link.pause_reading(True)
+        self.server.spawn(self._acquire_later())
+
+    async def _acquire_later(self) -> None:
+        try:
+            conn = await self._acquire_now()
+        except (ClientFatal, UpstreamError) as exc:
+            log.warning("proxy_upstream_failed", extra={"peer": self.peer, "error": str(exc)})
+            if self.state is _WAITING:
+                self._move(_IDLE)
+                self._refuse_pending(exc.sqlstate, client_text(exc))
+            return
+        if self.state is not _WAITING:  # closed meanwhile
+            assert self.pool is not None
+            self.pool.release(conn)
+            return
+        self._attach(conn)
+        self._flush_pending()
+        self.link.pause_reading(False)
+
+    def _refuse_pending(self, sqlstate: str, text: str) -> None:
+        """No server for these requests: fail them with an ERROR, keep the session."""
+        types = [t for _, frames in self.pending for t, _, _ in frames]
+        self.pending.clear()
+        error = ev.ErrorResponse.make(sqlstate, text, "ERROR").to_bytes()
+        out, self.discarding = refuse(types, error, self.discarding)
+        if out:
+            self.link.write(b"".join(out))
+        self.link.pause_reading(False)
+
+    def _flush_pending(self) -> None:
+        conn = self.conn
+        assert conn is not None
+        out: list[bytes] = []
+        pipeline = conn.pipeline
+        try:
+            for buf, frames in self.pending:
+                pipeline.client_frames(buf, frames, self.stmts, out)
+        except ClientProtocolViolation as exc:
+            self.fatal(exc.sqlstate, f"protocol violation: {exc}")
+            return
+        finally:
+            self.pending.clear()
+        if out:
+            conn.send(b"".join(out))
+        self._emit_fakes(conn)
+
+    def _emit_fakes(self, conn: ServerConn) -> None:
+        fakes: list[bytes] = []
+        conn.pipeline.fakes(fakes)
+        if fakes:
+            self.link.write(b"".join(fakes))
+
+    # --- running ---------------------------------------------------------------------
+
+    def _data(self, data: bytes) -> None:
+        try:
+            buf, frames = self.proto.receive_frames(data)
+            if frames:
+                self._requests(buf, frames)
+        except ClientProtocolViolation as exc:
+            log.warning(
+                "proxy_client_protocol_violation", extra={"peer": self.peer, "error": str(exc)}
+            )
+            self.fatal(exc.sqlstate, f"protocol violation: {exc}")
+            return
+        if self.proto.state is ClientState.CLOSED:  # Terminate
+            self.close()
+
+    def _requests(self, buf: bytes, frames: list[tuple[int, int, int]]) -> None:
+        if self.discarding:
+            # the rest of a segment we already failed: drop it up to its Sync
+            after = past_failed_segment(frames)
+            if after < 0:
+                return
+            self.discarding = False
+            self.link.write(m.ready_for_query(b"I"))
+            frames = frames[after:]
+            if not frames:
+                return
+        conn = self.conn
+        if conn is None and self.state is _IDLE:
+            # fast path: an idle server connection is at hand
+            assert self.pool is not None
+            conn = self.pool.try_acquire()
+            if conn is not None:
+                self._attach(conn)
+        if conn is None or self.pending:
+            self.pending.append((buf, frames))
+            if self.state is _IDLE:
+                self._start_acquire()
+            return
+        out: list[bytes] = []
+        pipeline = conn.pipeline
+        pipeline.client_frames(buf, frames, self.stmts, out)
+        if out:
+            conn.link.write(out[0] if len(out) == 1 else b"".join(out))
+        if pipeline.queue and pipeline.queue[0].action == FAKE:
+            self._emit_fakes(conn)
+
+    def to_client(self, data: bytes) -> None:
+        self.link.write(data)
+
+    def server_idle(self, conn: ServerConn) -> None:
+        if conn.proto.transaction_status != b"I":
+            return
+        state = self.state
+        if state is _DRAINING:
+            self.fatal("57P01", "terminating connection: the proxy is shutting down")
+        elif self.transaction_mode:
+            if state is _ACTIVE:
+                self._release()
+        elif (
+            state is _ACTIVE
+            and conn.generation != self.server.manager.generation
+            and conn is not self.pinned
+        ):
+            self._move(_MIGRATING)
+            self.server.spawn(self._migrate(conn))
+
+    async def _migrate(self, conn: ServerConn) -> None:
+        """Session mode: move to a new-generation connection if the session state allows."""
+        rows = await conn.capture(migrate.SESSION_STATE_SQL)
+        if self.state is not _MIGRATING:
+            return  # closed or draining meanwhile
+        if rows is None or self.conn is not conn:
+            self._move(_ACTIVE if self.conn is not None else _IDLE)
+            return
+        move = migrate.plan(rows)
+        if move.blocked:
+            self.pinned = conn
+            self._move(_ACTIVE)
+            log.info("proxy_session_pinned", extra={"peer": self.peer, "db": conn.database})
+            return
+        if not between_transactions(conn.pipeline, conn.proto.transaction_status):
+            self._move(_ACTIVE)
+            return  # the client moved on meanwhile; try again at its next boundary
+        self.replay = move.replay
+        self._release()
+        log.info("proxy_session_moved", extra={"peer": self.peer, "replayed": len(move.replay)})
+
+    def server_ended(self, conn: ServerConn, error: bytes) -> None:
+        if conn is not self.conn:
+            return
+        self.conn = None
+        conn.owner = None
+        in_use = self.state is _ACTIVE or self.state is _MIGRATING
+        if in_use and self.transaction_mode and conn.proto.transaction_status == b"I":
+            # between transactions the server session is not the client's: drop it
+            self._move(_IDLE)
+        else:
+            self.link.write(error)  # the client's own session ends, as PostgreSQL says
+            self.close()
+
+    def server_lost(self, conn: ServerConn) -> None:
+        if conn is self.conn:
+            self.conn = None
+            if conn.pipeline.fatal_forwarded:
+                self.close()  # the server's FATAL error already said why
+            else:
+                self.fatal("08006", "server connection lost")
+
+    def on_parameter(self, name: str, value: str) -> None:
+        if name in SYNCED_PARAMETERS:
+            self.params[name] = value
+
+    def _client_paused(self, paused: bool) -> None:
+        # the client reads slower than the server answers: stop reading the server
+        self.client_paused = paused
+        if self.conn is not None:
+            self.conn.link.pause_reading(paused)
+
+    def _lost(self, exc: Exception | None) -> None:
+        self.close()
+
+    # --- ending ---------------------------------------------------------------------
+
+    def fatal(self, sqlstate: str, text: str) -> None:
+        if self.state is not _CLOSED:
+            self.link.write(ev.ErrorResponse.make(sqlstate, text).to_bytes())
+        self.close()
+
+    def shutdown(self) -> None:
+        """Proxy stopping: end now if between transactions, else at the transaction's end."""
+        conn = self.conn
+        if (
+            self.state in (_LOGIN, _CLOSED)
+            or conn is None
+            or between_transactions(conn.pipeline, conn.proto.transaction_status)
+        ):
+            self.fatal("57P01", "terminating connection: the proxy is shutting down")
+        elif self.state is not _DRAINING:
+            self._move(_DRAINING)
+
+    def close(self) -> None:
+        if self.state is _CLOSED:
+            return
+        self._move(_CLOSED)
+        self.link.close()
+        self.server.unregister(self)
+        conn, self.conn = self.conn, None
+        if conn is None or self.pool is None:
+            return
+        conn.owner = None
+        if self.client_paused:
+            conn.link.pause_reading(False)
+        reset = (
+            self.server.config.server_reset_query
+            if self.server.config.pool_mode == "session"
+            else ""
+        )
+        what = when_client_leaves(conn.pipeline, conn.proto.transaction_status, bool(reset))
+        if conn.closed or what == DROP:
+            conn.close()  # mid-request or mid-transaction: not reusable
+        elif what == KEEP:
+            self.pool.release(conn)
+        else:
+            # our own SET still running (a quick connect-disconnect), or a reset to do
+            self.server.spawn(self._finish_and_release(conn, self.pool, reset))
+
+    async def _finish_and_release(self, conn: ServerConn, pool: Pool, reset: str) -> None:
+        try:
+            await conn.wait_idle()
+            if not conn.closed and conn.proto.transaction_status == b"I" and reset:
+                await conn.internal(reset)
+        except UpstreamError:
+            conn.close()
+            return
+        if conn.closed or conn.proto.transaction_status != b"I":
+            conn.close()
+            return
+        pool.release(conn)
