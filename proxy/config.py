@@ -102,6 +102,8 @@ class ProxyConfig:
     tls: TLSConfig | None = None
     pool_timeout: float = 30.0  # how long a client waits for a server connection
     server_reset_query: str = "DISCARD ALL"
+    # messages up to this size are held whole, larger ones stream through (per direction)
+    message_buffer: int = 256 * 1024
 
     @property
     def unix_socket_path(self) -> Path | None:
@@ -200,6 +202,7 @@ def parse_proxy_config(
         tls=tls,
         pool_timeout=top.get("pool_timeout", parse_duration, 30.0),
         server_reset_query=top.get("server_reset_query", as_nonempty_str, "DISCARD ALL"),
+        message_buffer=top.get("message_buffer", _buffer_size, 256 * 1024),
     )
     if problems is None and collected:
         raise ProxyConfigError(collected.items)
@@ -221,6 +224,7 @@ _TOP_KEYS = (
     "tls",
     "pool_timeout",
     "server_reset_query",
+    "message_buffer",
 )
 _UPSTREAM_KEYS = (
     "host",
@@ -233,6 +237,13 @@ _UPSTREAM_KEYS = (
     "connect_timeout",
     "allow_cleartext",
 )
+
+
+def _buffer_size(value: object) -> int:
+    size = as_positive_int(value)
+    if size < 8192:
+        raise ValueError(f"{size} is below the smallest buffer of 8192 bytes")
+    return size
 
 
 Resolver = Callable[[str], list[str]]

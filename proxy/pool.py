@@ -208,19 +208,28 @@ class PoolManager:
 
     async def open(self, pool: Pool) -> ServerConn:
         creds = await self.credentials()
-        cfg = self.config.upstream
         try:
-            conn = await upstream.connect(cfg, creds, pool.database, pool.parameters, self.names)
+            conn = await self._connect(creds, pool)
         except UpstreamAuthError:
             newer = self.provider.current()
             if newer is None or newer.generation <= creds.generation:
                 raise
             # the old password stopped working before we switched: the new one is the trial
-            conn = await upstream.connect(cfg, newer, pool.database, pool.parameters, self.names)
+            conn = await self._connect(newer, pool)
             if newer.generation > self.generation:
                 self._switch(newer)
         pool.add(conn)
         return conn
+
+    async def _connect(self, creds: Credentials, pool: Pool) -> ServerConn:
+        return await upstream.connect(
+            self.config.upstream,
+            creds,
+            pool.database,
+            pool.parameters,
+            self.names,
+            self.config.message_buffer,
+        )
 
     async def _follow(self) -> None:
         while True:
@@ -240,9 +249,7 @@ class PoolManager:
                 self._switch(new)
                 return
             try:
-                conn = await upstream.connect(
-                    self.config.upstream, new, pool.database, pool.parameters, self.names
-                )
+                conn = await self._connect(new, pool)
             except UpstreamError as exc:
                 metrics.generation_rejections_total.inc()
                 delay = backoff.next()

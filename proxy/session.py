@@ -58,7 +58,7 @@ class ClientSession(ServerOwner):
         self.link = link
         self.unix = unix
         self.state = _LOGIN
-        self.proto = ClientConnection()
+        self.proto = ClientConnection(server.config.message_buffer)
         self.process_id = 0
         self.secret_key = 0
         self.user = ""
@@ -182,6 +182,8 @@ class ClientSession(ServerOwner):
         self.conn = conn
         if self.client_paused:
             conn.link.pause_reading(True)
+        if conn.write_paused:
+            self.link.pause_reading(True)
         if sync:
             # one dict compare in the usual case (this runs at every transaction in
             # transaction mode); building SETs only when something differs
@@ -198,6 +200,8 @@ class ClientSession(ServerOwner):
         if conn is not None and self.pool is not None:
             if self.client_paused:
                 conn.link.pause_reading(False)  # the next owner reads at its own pace
+            if conn.write_paused:
+                self.link.pause_reading(False)
             self.pool.release(conn)
 
     def _start_acquire(self) -> None:
@@ -358,6 +362,8 @@ class ClientSession(ServerOwner):
         if in_use and self.transaction_mode and conn.proto.transaction_status == b"I":
             # between transactions the server session is not the client's: drop it
             self._move(_IDLE)
+            if conn.write_paused:
+                self.link.pause_reading(False)
         else:
             self.link.write(error)  # the client's own session ends, as PostgreSQL says
             self.close()
@@ -379,6 +385,11 @@ class ClientSession(ServerOwner):
         self.client_paused = paused
         if self.conn is not None:
             self.conn.link.pause_reading(paused)
+
+    def server_paused(self, paused: bool) -> None:
+        # the server reads slower than the client sends (a big Query, COPY): stop
+        # reading the client until the server's write buffer drains
+        self.link.pause_reading(paused)
 
     def _lost(self, exc: Exception | None) -> None:
         self.close()

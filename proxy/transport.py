@@ -1,8 +1,10 @@
 """One asyncio Protocol for both sides of the proxy.
 
 While a connection is being set up (TLS negotiation, login) it buffers what arrives
+(at most :data:`SETUP_INBOX`: then it stops reading until :meth:`Link.recv` takes it)
 and :meth:`Link.recv` awaits it; once running it hands every chunk straight to a
-callback, so forwarding costs no task switch.
+callback, so forwarding costs no task switch. Its peer's write buffer filling up or
+draining is reported to ``on_pause`` (backpressure: the other side stops reading).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import cast
 
 DataHandler = Callable[[bytes], None]
 LostHandler = Callable[[Exception | None], None]
+SETUP_INBOX = 65536  # what a connection may have unread while it logs in
 
 
 class Link(asyncio.Protocol):
@@ -27,6 +30,7 @@ class Link(asyncio.Protocol):
         self.on_pause: Callable[[bool], None] | None = None  # peer write buffer full/drained
         self.on_made: Callable[[Link], None] | None = None  # accepted connections
         self.closed = False
+        self._inbox_full = False  # reading paused until recv() takes the inbox
 
     # --- asyncio.Protocol -----------------------------------------------------------
 
@@ -42,6 +46,9 @@ class Link(asyncio.Protocol):
             handler(data)
             return
         self._inbox += data
+        if len(self._inbox) >= SETUP_INBOX and not self._inbox_full:
+            self._inbox_full = True
+            self.pause_reading(True)
         self._wake()
 
     def eof_received(self) -> bool | None:
@@ -84,7 +91,13 @@ class Link(asyncio.Protocol):
                 self._waiter = None
         data = bytes(self._inbox)
         self._inbox.clear()
+        self._resume_inbox()
         return data
+
+    def _resume_inbox(self) -> None:
+        if self._inbox_full:
+            self._inbox_full = False
+            self.pause_reading(False)
 
     def run(self, on_data: DataHandler, on_lost: LostHandler) -> None:
         """Switch to callback mode; anything already buffered is delivered first."""
@@ -99,6 +112,7 @@ class Link(asyncio.Protocol):
         if self._inbox:
             data = bytes(self._inbox)
             self._inbox.clear()
+            self._resume_inbox()
             on_data(data)
         if self.closed:
             on_lost(self._error)

@@ -107,6 +107,8 @@ class ServerConn:
         self.closed = False
         self._idle_waiters: list[asyncio.Future[None]] = []
         self.on_close: Callable[[ServerConn], None] | None = None
+        self.write_paused = False  # the server reads slower than its client sends
+        link.on_pause = self._paused
         link.run(self._data, self._lost)
 
     @property
@@ -154,6 +156,11 @@ class ServerConn:
                 if not waiter.done():
                     waiter.set_result(None)
             self._idle_waiters.clear()
+
+    def _paused(self, paused: bool) -> None:
+        self.write_paused = paused
+        if self.owner is not None:
+            self.owner.server_paused(paused)
 
     async def wait_idle(self) -> None:
         if self.pipeline.idle:
@@ -219,6 +226,10 @@ class ServerOwner:
     def on_parameter(self, name: str, value: str) -> None:
         raise NotImplementedError
 
+    def server_paused(self, paused: bool) -> None:
+        """The server's write buffer filled up (True) or drained: pause the client."""
+        raise NotImplementedError
+
 
 async def connect(
     cfg: UpstreamConfig,
@@ -226,11 +237,15 @@ async def connect(
     database: str,
     parameters: dict[str, str],
     names: StatementNames,
+    message_buffer: int = m.DEFAULT_MESSAGE_BUFFER,
 ) -> ServerConn:
-    """Connect, negotiate TLS and log in; raises :class:`UpstreamError` on any failure."""
+    """Connect, negotiate TLS and log in; raises :class:`UpstreamError` on any failure.
+
+    Server messages of ``message_buffer`` bytes or more stream through (never held whole).
+    """
     try:
         async with asyncio.timeout(cfg.connect_timeout):
-            conn = await _open(cfg, creds, database, parameters, names)
+            conn = await _open(cfg, creds, database, parameters, names, message_buffer)
     except (OSError, ProtocolViolation) as exc:  # UpstreamError and TimeoutError included
         error = _failure(exc, cfg)
         if isinstance(exc, TimeoutError):
@@ -251,12 +266,13 @@ async def _open(
     database: str,
     parameters: dict[str, str],
     names: StatementNames,
+    message_buffer: int,
 ) -> ServerConn:
     loop = asyncio.get_running_loop()
     _, link = await loop.create_connection(Link, cfg.host, cfg.port)
     try:
         tls = await _negotiate_tls(link, cfg)
-        proto = await _login(link, cfg, creds, database, parameters, tls)
+        proto = await _login(link, cfg, creds, database, parameters, tls, message_buffer)
     except BaseException:
         # a failure, the timeout or a cancellation (the pool closing during a trial
         # connect): the socket goes with it, never left to the garbage collector
@@ -288,8 +304,9 @@ async def _login(
     database: str,
     parameters: dict[str, str],
     tls: bool,
+    message_buffer: int,
 ) -> ServerConnection:
-    proto = ServerConnection()
+    proto = ServerConnection(message_buffer)
     startup = {"user": creds.username, "database": database, **parameters}
     link.write(proto.send(m.StartupMessage(startup)))
     auth = UpstreamAuthenticator(

@@ -11,7 +11,13 @@ from __future__ import annotations
 from proxy.protocol import events as ev
 from proxy.protocol import messages as m
 from proxy.protocol.errors import ServerProtocolViolation
-from proxy.protocol.states import BACKEND_TYPES, SERVER_RECEIVE, SERVER_SEND, ServerState
+from proxy.protocol.states import (
+    BACKEND_STREAMABLE,
+    BACKEND_TYPES,
+    SERVER_RECEIVE,
+    SERVER_SEND,
+    ServerState,
+)
 
 _V = ServerProtocolViolation
 _READY = ServerState.READY
@@ -20,9 +26,9 @@ _READY = ServerState.READY
 class ServerConnection:
     __slots__ = ("_reader", "backend_key", "parameters", "state", "transaction_status")
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = m.DEFAULT_MESSAGE_BUFFER) -> None:
         self.state = ServerState.IDLE
-        self._reader = m.FrameReader(_V)
+        self._reader = m.FrameReader(_V, limit, BACKEND_STREAMABLE)
         self.parameters: dict[str, str] = {}
         self.backend_key: ev.BackendKeyData | None = None
         self.transaction_status = b"I"
@@ -35,7 +41,7 @@ class ServerConnection:
         once READY (regular messages are read with :meth:`receive_frames`)."""
         if self.state is _READY:
             return None
-        msg = self._reader.next_message()
+        msg = self._reader.next_message(self._reader.limit)  # nothing streams before login
         if msg is None:
             return None
         event = self._decode_startup(msg)

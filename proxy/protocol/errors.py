@@ -17,6 +17,12 @@ class ClientProtocolViolation(ProtocolViolation):
     """The client broke the protocol."""
 
 
+class StatementTooLarge(ClientProtocolViolation):
+    """A named Parse larger than the proxy holds: it cannot be kept for re-preparing."""
+
+    sqlstate = "54000"  # program_limit_exceeded
+
+
 class ServerProtocolViolation(ProtocolViolation):
     """The upstream server broke the protocol."""
 

@@ -12,7 +12,13 @@ from __future__ import annotations
 from proxy.protocol import events as ev
 from proxy.protocol import messages as m
 from proxy.protocol.errors import ClientProtocolViolation
-from proxy.protocol.states import CLIENT_RECEIVE, CLIENT_SEND, FRONTEND_TYPES, ClientState
+from proxy.protocol.states import (
+    CLIENT_RECEIVE,
+    CLIENT_SEND,
+    FRONTEND_STREAMABLE,
+    FRONTEND_TYPES,
+    ClientState,
+)
 
 _READY = ClientState.READY
 _Outgoing = (
@@ -28,9 +34,9 @@ _Outgoing = (
 class ClientConnection:
     __slots__ = ("_reader", "negotiated", "state")
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = m.DEFAULT_MESSAGE_BUFFER) -> None:
         self.state = ClientState.STARTUP
-        self._reader = m.FrameReader(ClientProtocolViolation)
+        self._reader = m.FrameReader(ClientProtocolViolation, limit, FRONTEND_STREAMABLE)
         self.negotiated: set[str] = set()  # SSLRequest / GSSENCRequest already answered
 
     def receive_data(self, data: bytes) -> None:
@@ -61,7 +67,8 @@ class ClientConnection:
                 self.negotiated.add(kind)
             return event
         if state is ClientState.PASSWORD:
-            msg = self._reader.next_message()
+            # before login nothing is streamed: an oversized message is refused (08P01)
+            msg = self._reader.next_message(m.MAX_AUTH_LENGTH)
             if msg is None:
                 return None
             if msg.type != b"p":

@@ -20,6 +20,14 @@ CANCEL_REQUEST_CODE = 80877102
 MAX_STARTUP_LENGTH = 10000
 # and regular messages above 1 GB (PQ_LARGE_MESSAGE_LIMIT)
 MAX_MESSAGE_LENGTH = (1 << 30) - 1
+# and authentication messages before login above this (PG_MAX_AUTH_TOKEN_LENGTH)
+MAX_AUTH_LENGTH = 65535
+# messages up to this size are held whole; larger ones of a streamable type pass through
+DEFAULT_MESSAGE_BUFFER = 256 * 1024
+# how much of a streamed message is seen before it is forwarded: enough for the names
+# a Bind is rewritten by, a Query's DISCARD check and an error's severity
+STREAM_HEAD = 512
+CONTINUATION = 0  # frame type of the further bytes of a streamed message
 
 _I32 = struct.Struct("!i")
 _I16 = struct.Struct("!h")
@@ -112,15 +120,29 @@ def parse_startup(packet: bytes, violation: type[ProtocolViolation]) -> StartupP
 
 
 class FrameReader:
-    """Accumulates bytes and cuts them into complete frames without copying the rest."""
+    """Accumulates bytes and cuts them into complete frames without copying the rest.
 
-    __slots__ = ("_buf", "_pos", "_violation", "ready_at")
+    A message of ``limit`` bytes or more is never held whole: if its type is in
+    ``streamable`` it is handed on in pieces (its head as a frame of its own type once
+    :data:`STREAM_HEAD` bytes are in, then :data:`CONTINUATION` frames of whatever
+    arrives until it is complete); any other type of that size is a violation.
+    """
 
-    def __init__(self, violation: type[ProtocolViolation]) -> None:
+    __slots__ = ("_buf", "_left", "_pos", "_violation", "limit", "ready_at", "streamable")
+
+    def __init__(
+        self,
+        violation: type[ProtocolViolation],
+        limit: int = DEFAULT_MESSAGE_BUFFER,
+        streamable: frozenset[int] = frozenset(),
+    ) -> None:
         self._buf = bytearray()
         self._pos = 0
         self._violation = violation
         self.ready_at = -1
+        self.limit = max(limit, STREAM_HEAD + 5)
+        self.streamable = streamable
+        self._left = 0  # bytes of a streamed message still to come
 
     def feed(self, data: bytes) -> None:
         if self._pos:
@@ -137,25 +159,42 @@ class FrameReader:
     def pending(self) -> int:
         return len(self._buf) - self._pos
 
+    @property
+    def streaming(self) -> bool:
+        """The last frame returned was the start or a piece of an unfinished message."""
+        return self._left > 0
+
     def frames(
         self, data: bytes, types: frozenset[int]
     ) -> tuple[bytes, list[tuple[int, int, int]]]:
         """Bulk path: ``data`` plus what was pending, cut into ``(type, start, end)`` frames.
 
-        Returns the bytes holding the complete frames (``data`` itself, uncopied, when
-        nothing was pending and it ends on a frame boundary) and their offsets; an
-        incomplete tail stays buffered. A type outside ``types`` or a malformed
-        ReadyForQuery raises; a Terminate ends the list (what follows it is left
-        unread). ``ready_at`` is the start of the last ReadyForQuery, or -1.
+        Returns the bytes holding the frames (``data`` itself, uncopied, when nothing
+        was pending and it ends on a frame boundary) and their offsets; an incomplete
+        tail stays buffered (at most ``limit`` bytes: bigger messages stream, see the
+        class). A type outside ``types`` or a malformed ReadyForQuery raises; a
+        Terminate ends the list (what follows it is left unread). ``ready_at`` is the
+        start of the last ReadyForQuery, or -1.
 
         This is the proxy's hot path, hence one loop that frames and checks together.
         """
-        if len(self._buf) > self._pos:
+        frames: list[tuple[int, int, int]] = []
+        pos = 0
+        if self._left:
+            # the middle of a streamed message: nothing is pending while one streams
+            pos = min(self._left, len(data))
+            self._left -= pos
+            frames.append((CONTINUATION, 0, pos))
+            if self._left:
+                self.ready_at = -1
+                return data, frames
+            buf = data
+        elif len(self._buf) > self._pos:
             self._buf += data
-            # a big message arriving in pieces: wait for all of it before copying
+            # a message arriving in pieces: wait for all of it before copying
             if len(self._buf) - self._pos >= 5:
                 (length,) = _unpack_i32(self._buf, self._pos + 1)
-                if 4 <= length <= MAX_MESSAGE_LENGTH and len(self._buf) - self._pos <= length:
+                if 4 <= length < self.limit and len(self._buf) - self._pos <= length:
                     self.ready_at = -1
                     return b"", []
             buf = bytes(self._buf[self._pos :])
@@ -163,15 +202,29 @@ class FrameReader:
             self._pos = 0
         else:
             buf = data
-        frames: list[tuple[int, int, int]] = []
-        pos, size = 0, len(buf)
+        size = len(buf)
         unpack = _unpack_i32
+        limit = self.limit
         ready_at = -1
         while size - pos >= 5:
             (length,) = unpack(buf, pos + 1)
-            if length < 4 or length > MAX_MESSAGE_LENGTH:
-                raise self._violation(f"invalid message length {length}")
             end = pos + 1 + length
+            if length < 4 or length >= limit:
+                t = buf[pos]
+                if length < 4 or length > MAX_MESSAGE_LENGTH:
+                    raise self._violation(f"invalid message length {length}")
+                if t not in types:
+                    raise self._violation(f"unexpected message type {bytes([t])!r}")
+                if t not in self.streamable:
+                    raise self._violation(
+                        f"message {bytes([t])!r} of {length} bytes is too large for the proxy"
+                    )
+                if end > size:
+                    if size - pos >= STREAM_HEAD:
+                        frames.append((t, pos, size))
+                        self._left = end - size
+                        pos = size
+                    break
             if end > size:
                 break
             t = buf[pos]
@@ -204,12 +257,13 @@ class FrameReader:
         self._pos = pos + length
         return bytes(buf[pos : pos + length])
 
-    def next_message(self) -> Message | None:
+    def next_message(self, max_length: int = MAX_MESSAGE_LENGTH) -> Message | None:
+        """One whole message (startup phase: callers pass a small ``max_length``)."""
         buf, pos = self._buf, self._pos
         if len(buf) - pos < 5:
             return None
         (length,) = _unpack_i32(buf, pos + 1)
-        if length < 4 or length > MAX_MESSAGE_LENGTH:
+        if length < 4 or length > max_length:
             raise self._violation(f"invalid message length {length}")
         end = pos + 1 + length
         if len(buf) < end:

@@ -21,7 +21,11 @@ from collections import deque
 from collections.abc import Callable
 
 from proxy.protocol import messages as m
-from proxy.protocol.errors import ClientProtocolViolation, ServerProtocolViolation
+from proxy.protocol.errors import (
+    ClientProtocolViolation,
+    ServerProtocolViolation,
+    StatementTooLarge,
+)
 
 FORWARD, INJECTED, INTERNAL, FAKE, CAPTURE = 0, 1, 2, 3, 4
 
@@ -39,7 +43,10 @@ _COMPLETES = {
     ord("s"): _EXECUTE,
 }
 _I16 = struct.Struct("!h")
-_PLAIN = frozenset(b"dcfH")  # CopyData, CopyDone, CopyFail, Flush: no response, no rewrite
+# CopyData, CopyDone, CopyFail, Flush and the rest of a streamed message (it was a
+# Query, CopyData, FunctionCall, unnamed Parse or Bind: forwarded): no response, no rewrite
+_PLAIN = frozenset((*b"dcfH", m.CONTINUATION))
+_I32 = struct.Struct("!i")
 # queries after which the server has no prepared statements left
 _DROPS_STATEMENTS = re.compile(rb"\s*(DISCARD\s+ALL|DEALLOCATE\s+(PREPARE\s+)?ALL)\b", re.I)
 _MAYBE_DISCARD = frozenset(b"Dd \n\t\r")  # first byte of such a query: cheap pre-check
@@ -111,6 +118,11 @@ def _parse_message(server_name: str, definition: bytes) -> bytes:
     return m.message(b"P", m.cstr(server_name) + definition)
 
 
+def _partial(data: bytes) -> bool:
+    """``data`` is only the head of a message that streams (see FrameReader)."""
+    return len(data) != 1 + int(_I32.unpack_from(data, 1)[0])
+
+
 class Pipeline:
     """Rewrites client requests for this server connection and routes its responses."""
 
@@ -120,6 +132,7 @@ class Pipeline:
         "parameters",
         "prepared",
         "queue",
+        "streaming_forward",
         "synced",
         "unrequested_error",
     )
@@ -133,6 +146,7 @@ class Pipeline:
         self.synced = {k: parameters[k] for k in SYNCED_PARAMETERS if k in parameters}
         self.fatal_forwarded = False  # the client already got the server's last word
         self.unrequested_error: bytes | None = None  # an error between requests
+        self.streaming_forward = True  # a server message streaming through goes to the client
 
     @property
     def idle(self) -> bool:
@@ -160,7 +174,10 @@ class Pipeline:
             if name:
                 target = self._ensure(stmts, name, out)
                 if target is not None:
-                    out.append(m.message(b"B", body[:offset] + m.cstr(target) + body[rest:]))
+                    # the declared length, not len(body): a big Bind streams after its head
+                    length = int(_I32.unpack_from(msg.data, 1)[0]) + len(target) - len(name)
+                    renamed = body[:offset] + m.cstr(target) + body[rest:]
+                    out.append(b"B" + _I32.pack(length) + renamed)
                     queue.append(_FWD_BIND)
                     return
             queue.append(_FWD_BIND)
@@ -168,6 +185,10 @@ class Pipeline:
             body = msg.body
             name, offset = _split_name(body)
             if name:
+                if _partial(msg.data):
+                    raise StatementTooLarge(
+                        f"prepared statement {name!r} is larger than the proxy's message buffer"
+                    )
                 definition = body[offset:]
                 target = self.names.name_for(definition)
                 stmts.by_name[name] = (target, definition)
@@ -284,6 +305,16 @@ class Pipeline:
         Returns True when an ErrorResponse of the proxy's own query was swallowed.
         """
         queue = self.queue
+        if frames and frames[0][0] == m.CONTINUATION:
+            # the rest of a message that streams: it goes where its head went
+            end = frames[0][2]
+            if self.streaming_forward:
+                out.append(buf[:end] if end != len(buf) else buf)
+            if len(frames) == 1:
+                return False
+            # rare (a streamed message ends in this read): the rest as if it came alone
+            buf = buf[end:]
+            frames = [(t, start - end, stop - end) for t, start, stop in frames[1:]]
         if frames and queue and queue[0] is _FWD_QUERY and len(queue) == 1 and frames[-1][0] == 90:
             # The commonest case by far: the whole answer to the client's one simple
             # Query. All of it goes to the client; only an error, a ParameterStatus
@@ -298,6 +329,7 @@ class Pipeline:
                 return False
         run_start = run_end = -1
         swallowed_error = False
+        forward = True
         for t, start, end in frames:
             if queue and queue[0].action == FAKE:
                 if run_start >= 0:
@@ -311,6 +343,9 @@ class Pipeline:
                     out.append(buf[run_start:run_end])
                     run_start = -1
                 msg = m.Message(buf[start : start + 1], buf[start:end])
+                forward = t == 78 or t == 65  # only those may be streamed here
+                if not forward and _partial(msg.data):
+                    raise ServerProtocolViolation(f"message {msg.type!r} too large")
                 swallowed_error |= self.server_message(msg, out, on_parameter)
                 continue
             head = queue[0]
@@ -337,7 +372,10 @@ class Pipeline:
                     queue.popleft()
                 forward = action == FORWARD
                 if action == CAPTURE and t == 68 and head.rows is not None:
-                    head.rows.append(_data_row(buf[start + 5 : end]))
+                    if _partial(buf[start:end]):
+                        head.rows = None  # not ours to hold: the capture fails
+                    else:
+                        head.rows.append(_data_row(buf[start + 5 : end]))
             if forward:
                 if run_start < 0:
                     run_start = start
@@ -347,6 +385,7 @@ class Pipeline:
                 run_start = -1
         if run_start >= 0:
             out.append(buf[run_start:run_end] if run_start or run_end != len(buf) else buf)
+        self.streaming_forward = forward  # matters when the last frame was a head
         if queue and queue[0].action == FAKE:
             self.fakes(out)  # e.g. a Close answered by us, with only a Flush after it
         return swallowed_error

@@ -56,6 +56,9 @@ CLIENT_SEND: dict[tuple[ClientState, str], ClientState] = {
 # Regular-phase message types a client may send (Bind, Close, CopyData, CopyDone,
 # CopyFail, Describe, Execute, Flush, FunctionCall, Parse, Query, Sync, Terminate).
 FRONTEND_TYPES = frozenset(b"BCdcfDEHFPQSX")
+# those that may be larger than the proxy's message buffer: they stream through (a Parse
+# only without a statement name; a Bind's names are in its head)
+FRONTEND_STREAMABLE = frozenset(b"QdFBP")
 
 # --- server: what the server may send (event kind -> next state) --------------------
 SERVER_RECEIVE: dict[tuple[ServerState, str], ServerState] = {
@@ -82,6 +85,9 @@ SERVER_SEND: dict[tuple[ServerState, str], ServerState] = {
 
 # Regular-phase message types a server may send.
 BACKEND_TYPES = frozenset(b"123AcdCDEGHIKnNsStTVWZ")
+# those that may stream: rows, copy data, descriptions, notices and errors (the proxy
+# reads only their heads), notifications, function results
+BACKEND_STREAMABLE = frozenset(b"DdTNEAVt")
 
 
 # --- the client session of the I/O shell (proxy/session.py) -------------------------

@@ -12,14 +12,17 @@ import json
 import os
 import re
 import secrets
-from collections.abc import Awaitable, Callable
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from devservers import PostgresCluster, pg_bindir
-from waiting import wait_until  # noqa: F401 - the proxy tests import it from here
+from waiting import wait_until  # the proxy tests import it from here too
 
 from proxy.config import ProxyConfig
+from proxy.protocol.messages import startup_message
 from proxy.server import ProxyServer
 
 
@@ -158,3 +161,125 @@ def imported_modules(path: Path) -> list[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
             names.append(node.module)
     return names
+
+
+class StandaloneProxy:
+    """``python -m proxy -c FILE`` as a process of its own (to measure its memory).
+
+    ``async with StandaloneProxy(path, port) as proxy`` waits until it accepts; at exit
+    it is stopped with SIGTERM and ``returncode`` / ``stderr`` are set.
+    """
+
+    def __init__(self, config: Path, port: int) -> None:
+        self.config, self.port = config, port
+        self.proc: asyncio.subprocess.Process | None = None
+        self.returncode: int | None = None
+        self.stderr = b""
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def peak_rss(self) -> int:
+        """VmHWM of the proxy process, in bytes (the kernel's high-water mark)."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmHWM in /proc status")
+
+    async def __aenter__(self) -> StandaloneProxy:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy", "-c", str(self.config), stderr=asyncio.subprocess.PIPE
+        )
+
+        async def accepts() -> bool:
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", self.port)
+            except OSError:
+                return False
+            writer.close()
+            await writer.wait_closed()
+            return True
+
+        try:
+            await wait_until(accepts, what="standalone proxy accepting")
+        except BaseException:
+            await self.__aexit__()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+        _, self.stderr = await asyncio.wait_for(self.proc.communicate(), 30)
+        self.returncode = self.proc.returncode
+
+
+class WireClient:
+    """A bare PostgreSQL client (trust auth) that streams big requests and answers
+    instead of holding them, so a test can push hundreds of MiB through the proxy."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def connect(cls, port: int, user: str, database: str) -> WireClient:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        client = cls(reader, writer)
+        writer.write(startup_message({"user": user, "database": database}))
+        while (await client.message())[0] != b"Z":
+            pass
+        return client
+
+    async def header(self) -> tuple[bytes, int]:
+        head = await self.reader.readexactly(5)
+        return head[:1], int.from_bytes(head[1:], "big") - 4
+
+    async def message(self) -> tuple[bytes, bytes]:
+        kind, size = await self.header()
+        body = await self.reader.readexactly(size)
+        if kind == b"E":
+            raise AssertionError(f"server error: {body!r}")
+        return kind, body
+
+    async def send_query(self, parts: Iterable[bytes], size: int) -> None:
+        """A simple Query of ``size`` bytes of SQL text given in ``parts``, written with
+        backpressure (the client never holds more than one part)."""
+        self.writer.write(b"Q" + (size + 5).to_bytes(4, "big"))
+        for part in parts:
+            self.writer.write(part)
+            await self.writer.drain()
+        self.writer.write(b"\0")
+        await self.writer.drain()
+
+    async def rows(self, on_value: Callable[[bytes], None], chunk: int = 1 << 20) -> int:
+        """Read the answer to a query up to ReadyForQuery; each column value of each
+        DataRow is fed to ``on_value`` in pieces. Returns the number of rows."""
+        count = 0
+        while True:
+            kind, size = await self.header()
+            if kind == b"Z":
+                await self.reader.readexactly(size)
+                return count
+            if kind != b"D":
+                body = await self.reader.readexactly(size)
+                if kind == b"E":
+                    raise AssertionError(f"server error: {body!r}")
+                continue
+            count += 1
+            columns = int.from_bytes(await self.reader.readexactly(2), "big")
+            for _ in range(columns):
+                left = int.from_bytes(await self.reader.readexactly(4), "big", signed=True)
+                while left > 0:
+                    piece = await self.reader.read(min(chunk, left))
+                    if not piece:
+                        raise ConnectionError("closed in the middle of a row")
+                    on_value(piece)
+                    left -= len(piece)
+
+    async def close(self) -> None:
+        self.writer.write(b"X\0\0\0\4")
+        self.writer.close()
+        await self.writer.wait_closed()

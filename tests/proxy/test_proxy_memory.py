@@ -1,0 +1,153 @@
+"""Finding 1: the proxy's memory stays bounded under big answers, big requests and
+oversized messages before login (peak RSS of a proxy process of its own, from /proc)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+from devservers import PostgresCluster, free_port
+from proxyhelpers import (
+    ProxyFactory,
+    Role,
+    StandaloneProxy,
+    WireClient,
+    wait_until,
+    write_credentials,
+)
+
+from proxy.protocol import messages as m
+from proxy.protocol.auth import ScramSecret
+from proxy.transport import SETUP_INBOX
+
+MiB = 1 << 20
+ROW = 200_000_000  # bytes in one column of one row
+QUERY = 300 * MiB  # bytes of SQL text in one Query
+GROWTH = 16 * MiB  # what either may add to the proxy's peak RSS
+
+
+PERIOD = 1_000_003  # letters repeat with a period no read or buffer size divides
+
+
+def _pattern(seed: int) -> bytes:
+    return bytes(random.Random(seed).choices(b"abcdefghijklmnopqrstuvwxyz", k=PERIOD))
+
+
+def _blocks(total: int, seed: int) -> Iterator[bytes]:
+    """``total`` bytes: the pattern of ``seed`` repeated (a shifted piece would show)."""
+    pattern = _pattern(seed)
+    for _ in range(total // PERIOD):
+        yield pattern
+    yield pattern[: total % PERIOD]
+
+
+async def test_big_row_and_big_query_add_little_to_peak_rss(
+    postgres: PostgresCluster, role: Role, tmp_path: Path
+) -> None:
+    port = free_port()
+    write_credentials(tmp_path / "db.json", role.name, role.password)
+    (tmp_path / "proxy.yaml").write_text(
+        "proxy:\n"
+        f"  listen: 127.0.0.1:{port}\n"
+        f"  upstream: {{host: 127.0.0.1, port: {postgres.port}, sslmode: disable}}\n"
+        "  credentials: {file: db.json}\n"
+    )
+    async with StandaloneProxy(tmp_path / "proxy.yaml", port) as proxy:
+        client = await WireClient.connect(port, "app", role.database)
+        # warm up: a login and a query have run, so only the big messages remain
+        client.writer.write(m.query("SELECT 1"))
+        await client.rows(lambda _: None)
+        before = proxy.peak_rss()
+
+        # a 200 MB row (server -> client), intact
+        expected, got = hashlib.md5(), hashlib.md5()
+        for block in _blocks(ROW, 1):
+            expected.update(block)
+        pattern = _pattern(1).decode()
+        client.writer.write(
+            m.query(f"SELECT left(repeat('{pattern}', {-(-ROW // PERIOD)}), {ROW})")
+        )
+        assert await client.rows(got.update) == 1
+        assert got.hexdigest() == expected.hexdigest()
+        after_row = proxy.peak_rss()
+
+        # a 300 MiB Query (client -> server), intact: the server hashes what it got
+        sent = hashlib.md5()
+        parts = (b"SELECT md5('", *_blocks(QUERY, 2), b"')")
+        for part in parts[1:-1]:
+            sent.update(part)
+        answer: list[bytes] = []
+        await client.send_query(iter(parts), sum(map(len, parts)))
+        assert await client.rows(answer.append) == 1
+        assert b"".join(answer).decode() == sent.hexdigest()
+        after_query = proxy.peak_rss()
+        await client.close()
+    assert proxy.returncode == 0, proxy.stderr.decode()[-2000:]
+    assert after_row - before < GROWTH, f"row: {before} -> {after_row}"
+    assert after_query - after_row < GROWTH, f"query: {after_row} -> {after_query}"
+
+
+def _scram_users(tmp_path: Path) -> Path:
+    users = tmp_path / "users.txt"
+    secret = ScramSecret.from_password("client-secret")
+    verifier = (
+        f"SCRAM-SHA-256${secret.iterations}:{base64.b64encode(secret.salt).decode()}$"
+        f"{base64.b64encode(secret.stored_key).decode()}:"
+        f"{base64.b64encode(secret.server_key).decode()}"
+    )
+    users.write_text(f'"alice" "{verifier}"\n')
+    return users
+
+
+async def test_oversized_message_before_login_gets_08p01(
+    make_proxy: ProxyFactory, role: Role, tmp_path: Path
+) -> None:
+    """A password message announcing 1 GiB is refused at its header, not buffered."""
+    proxy = await make_proxy(
+        client_auth={"method": "scram", "users_file": str(_scram_users(tmp_path))}
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        writer.write(m.startup_message({"user": "alice", "database": role.database}))
+        head = await reader.readexactly(5)
+        assert head[:1] == b"R"  # AuthenticationSASL
+        await reader.readexactly(int.from_bytes(head[1:], "big") - 4)
+        writer.write(b"p" + (1 << 30).to_bytes(4, "big") + b"n,,n=alice,r=" + b"x" * 4096)
+        answer = await reader.read()  # the error, then the proxy closes
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    assert answer[:1] == b"E"
+    assert b"C08P01\0" in answer
+
+
+async def test_reading_pauses_while_a_login_waits(make_proxy: ProxyFactory, role: Role) -> None:
+    """Bytes a client sends while its login waits for a server connection stay unread
+    in the socket beyond a small inbox (before: all of it in the proxy's memory)."""
+    proxy = await make_proxy(pool_size=1, pool_timeout="60s")
+    holder = await WireClient.connect(proxy.port, "app", role.database)
+    holder.writer.write(m.query("BEGIN"))
+    await holder.rows(lambda _: None)  # the one server connection is now held
+    _reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        writer.write(m.startup_message({"user": "app", "database": role.database}))
+        writer.write(m.query("SELECT 1") * (8 * MiB // 14))  # far beyond any inbox
+
+        def waiting_session_paused() -> bool:
+            for session in proxy.server.sessions:
+                transport = session.link.transport
+                if session.state.value == "login" and transport is not None:
+                    return not transport.is_reading()
+            return False
+
+        await wait_until(waiting_session_paused, what="login inbox full: reading paused")
+        (session,) = [s for s in proxy.server.sessions if s.state.value == "login"]
+        assert len(session.link._inbox) < SETUP_INBOX + 512 * 1024
+    finally:
+        writer.transport.abort()  # megabytes still unsent: do not wait for them
+        await writer.wait_closed()
+        await holder.close()
