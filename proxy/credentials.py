@@ -124,6 +124,9 @@ class FileCredentialProvider(StaticCredentialProvider):
         if self._task is None:
             self._stop = asyncio.Event()
             self._task = asyncio.create_task(self._watch(), name="proxy-credentials-watch")
+            # let the task arm its watch (awatch creates the inotify watches before its
+            # first await): a change written right after start() is then never missed
+            await asyncio.sleep(0)
 
     async def _watch(self) -> None:
         # watch the directory: an atomic replace swaps the inode the file name points to
