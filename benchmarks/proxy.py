@@ -10,7 +10,9 @@ relay) and to direct. Then a rotation soak: pgbench -S through the proxy while t
 password changes every 5 s (``ALTER ROLE`` + rewritten credentials file); it must end
 with 0 failed transactions.
 
-Run with ``make bench`` or ``python benchmarks/proxy.py --seconds 10 --soak 60``.
+Run with ``make bench`` or ``python benchmarks/proxy.py --seconds 10 --soak 60``;
+``--compare DIR`` adds the proxy of another checkout (``git worktree add DIR main``) to
+the same interleaved rounds, to see what a change costs.
 PgBouncer comes from the Debian package (``apt-get install -y pgbouncer``); it is
 skipped with a note when missing. PgBouncer refuses to run as root, so when we are
 root it runs as the ``postgres`` user.
@@ -129,7 +131,13 @@ class PgBouncer(Target):
 
 class Proxy(Target):
     def __init__(
-        self, workdir: Path, pg: PostgresCluster, password: str, mode: str, label: str = ""
+        self,
+        workdir: Path,
+        pg: PostgresCluster,
+        password: str,
+        mode: str,
+        label: str = "",
+        root: Path = ROOT,
     ) -> None:
         port = free_port()
         self.dir = workdir / f"proxy-{label or mode}"
@@ -150,7 +158,8 @@ class Proxy(Target):
         self.log = open(self.dir / "proxy.log", "wb")  # noqa: SIM115 - closed in stop()
         argv = [sys.executable, "-m", "proxy", "-c", str(self.dir / "proxy.yaml")]
         argv += ["--log-level", "warning"]
-        super().__init__(argv, port, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+        # ``-m`` imports the proxy package of ``cwd``: another checkout runs its own code
+        super().__init__(argv, port, cwd=root, stdout=self.log, stderr=subprocess.STDOUT)
 
     def write_credentials(self, password: str) -> None:
         tmp = self.creds.with_suffix(".tmp")
@@ -292,6 +301,12 @@ def main() -> int:
         "--only", default="", help='comma-separated "workload:clients" rows, e.g. "-S:16"'
     )
     parser.add_argument("--rounds", type=int, default=3, help="interleaved runs per row")
+    parser.add_argument(
+        "--compare",
+        type=Path,
+        help="another checkout (e.g. a git worktree of main): its proxy runs in the same "
+        'rounds as rows "proxy <mode> @base"',
+    )
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="proxybench-"))
@@ -313,6 +328,10 @@ def main() -> int:
         targets["relay (floor)"] = Relay(pg)
         for mode in ("session", "transaction"):
             targets[f"proxy {mode}"] = Proxy(workdir, pg, password, mode)
+            if args.compare:
+                targets[f"proxy {mode} @base"] = Proxy(
+                    workdir, pg, password, mode, f"{mode}-base", args.compare.resolve()
+                )
 
         if not args.skip_matrix:
             rows = WORKLOADS
