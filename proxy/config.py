@@ -104,6 +104,7 @@ class ProxyConfig:
     server_reset_query: str = "DISCARD ALL"
     # messages up to this size are held whole, larger ones stream through (per direction)
     message_buffer: int = 256 * 1024
+    client_login_timeout: float = 15.0  # PgBouncer's name; startup + client auth
 
     @property
     def unix_socket_path(self) -> Path | None:
@@ -203,6 +204,7 @@ def parse_proxy_config(
         pool_timeout=top.get("pool_timeout", parse_duration, 30.0),
         server_reset_query=top.get("server_reset_query", as_nonempty_str, "DISCARD ALL"),
         message_buffer=top.get("message_buffer", _buffer_size, 256 * 1024),
+        client_login_timeout=top.get("client_login_timeout", parse_duration, 15.0),
     )
     if problems is None and collected:
         raise ProxyConfigError(collected.items)
@@ -225,6 +227,7 @@ _TOP_KEYS = (
     "pool_timeout",
     "server_reset_query",
     "message_buffer",
+    "client_login_timeout",
 )
 _UPSTREAM_KEYS = (
     "host",

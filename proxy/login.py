@@ -9,16 +9,21 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, cast
 
-from proxy import metrics
 from proxy.clientauth import peer_allowed, peer_uid
 from proxy.errors import ClientFatal
 from proxy.protocol import events as ev
 from proxy.protocol import messages as m
 from proxy.protocol.auth import ScramVerifier
 from proxy.protocol.errors import AuthenticationFailed, ClientProtocolViolation
+from proxy.protocol.frontend import ClientConnection
+from proxy.transport import Link
 
 if TYPE_CHECKING:
+    from proxy.server import ProxyServer
     from proxy.session import ClientSession
+
+TOO_MANY = m.error_response("53300", "sorry, too many clients already (max_client_conn)")
+REFUSE_WITHIN = 2.0  # seconds a refused connection may take to send its startup packet
 
 
 async def next_event(session: ClientSession) -> ev.ClientEvent:
@@ -56,9 +61,6 @@ def parameters(session: ClientSession, event: m.StartupMessage) -> dict[str, str
         for key in unsupported:
             del params[key]
         session.link.write(session.proto.send(ev.NegotiateProtocolVersion(0, tuple(unsupported))))
-    if len(session.server.sessions) > session.server.config.max_client_conn:
-        metrics.clients_total.labels("refused").inc()
-        raise ClientFatal("53300", "sorry, too many clients already (max_client_conn)")
     return params
 
 
@@ -106,3 +108,28 @@ async def authenticate(session: ClientSession) -> None:
     assert isinstance(final, ev.PasswordMessage)
     server_final = verifier.client_final(final.payload)
     link.write(m.authentication(m.AUTH_SASL_FINAL, server_final))
+
+
+async def refuse_too_many(server: ProxyServer, link: Link) -> None:
+    """A connection past max_client_conn: 53300 after its startup packet (as PostgreSQL
+    does; clients trust no error sent before TLS is settled), 'N' to SSL, within
+    :data:`REFUSE_WITHIN`; a CancelRequest is still served."""
+    proto = ClientConnection()
+    try:
+        async with asyncio.timeout(REFUSE_WITHIN):
+            while True:
+                event = proto.next_event()
+                if event is None:
+                    proto.receive_data(await link.recv())
+                elif isinstance(event, m.SSLRequest | m.GSSENCRequest):
+                    link.write(proto.send(ev.SSLResponse(False)))
+                elif isinstance(event, m.CancelRequest):
+                    server.cancel(event)
+                    return
+                else:
+                    break
+    except (ClientProtocolViolation, TimeoutError, ConnectionError):
+        pass
+    finally:
+        link.write(TOO_MANY)
+        link.close()

@@ -15,12 +15,12 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-from proxy import metrics, upstream
+from proxy import login, metrics, upstream
 from proxy.cancel import CancelKeys, send_cancel
 from proxy.clientauth import UsersFile
 from proxy.config import ProxyConfig
 from proxy.credentials import CredentialProvider
-from proxy.listener import Listeners
+from proxy.listener import Listeners, raise_open_file_limit
 from proxy.pool import PoolManager
 from proxy.protocol import messages as m
 from proxy.protocol.states import SessionState
@@ -30,6 +30,7 @@ from proxy.transport import Link
 from proxy.upstream import ServerConn
 
 log = logging.getLogger("credsidecar.proxy")
+MAX_REFUSING = 32  # connections past max_client_conn being told so (in the file budget)
 
 
 class ProxyServer:
@@ -49,6 +50,7 @@ class ProxyServer:
         self.keys = CancelKeys()
         self.listeners = Listeners(config, self._accepted)
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._refusing: set[Link] = set()
         self.tls = TLSFiles(config.tls) if config.tls is not None else None
         self.users = (
             UsersFile(config.client_auth.users_file) if config.client_auth.users_file else None
@@ -75,6 +77,7 @@ class ProxyServer:
         """Start the provider and the listeners; on failure nothing is left running."""
         if self.tls is not None:
             self.tls.context()  # a certificate that does not load is a startup error
+        raise_open_file_limit(self.config, self.config.pool_size)
         await self.provider.start()
         await self.manager.start()
         try:
@@ -97,10 +100,27 @@ class ProxyServer:
         if self.stopping:
             link.abort()
             return
+        if len(self.sessions) >= self.config.max_client_conn:
+            # counted from accept, logged in or not; a few refusals read the startup
+            # packet first (so that clients show the error), the rest are cut at once
+            metrics.clients_total.labels("refused").inc()
+            if len(self._refusing) < MAX_REFUSING:
+                self._refusing.add(link)
+                self.spawn(self._refuse(link))
+            else:
+                link.write(login.TOO_MANY)
+                link.close()
+            return
         session = ClientSession(self, link, unix)
         self.sessions.add(session)
         self._empty.clear()
         self.spawn(session.login())
+
+    async def _refuse(self, link: Link) -> None:
+        try:
+            await login.refuse_too_many(self, link)
+        finally:
+            self._refusing.discard(link)
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)

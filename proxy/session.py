@@ -41,7 +41,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("credsidecar.proxy")
 
-LOGIN_TIMEOUT = 60.0
 _NOT_FORWARDED = ("user", "database", *SYNCED_PARAMETERS)
 _LOGIN, _IDLE, _WAITING = SessionState.LOGIN, SessionState.IDLE, SessionState.WAITING
 _ACTIVE, _MIGRATING = SessionState.ACTIVE, SessionState.MIGRATING
@@ -91,14 +90,16 @@ class ClientSession(ServerOwner):
 
     async def login(self) -> None:
         try:
-            async with asyncio.timeout(LOGIN_TIMEOUT):
+            # the client's part is bounded by client_login_timeout; the server
+            # connection that follows by pool_timeout and connect_timeout
+            async with asyncio.timeout(self.server.config.client_login_timeout):
                 event = await login.startup(self)
                 if event is None:  # a CancelRequest: nothing else on this connection
                     self.close()
                     return
                 params = login.parameters(self, event)
                 await login.authenticate(self)
-                await self._start(params)
+            await self._start(params)
         except ClientFatal as exc:
             self.fatal(exc.sqlstate, str(exc))
         except ClientProtocolViolation as exc:

@@ -10,7 +10,6 @@ import pytest
 from devservers import PostgresCluster
 from proxyhelpers import ProxyFactory, Role, psql, wait_until
 
-from proxy import metrics
 from proxy.protocol import messages as m
 
 
@@ -85,22 +84,6 @@ async def test_garbage_gets_08p01_and_others_keep_working(
         assert await good.fetchval("SELECT 42") == 42
     finally:
         await good.close()
-
-
-async def test_max_client_conn_gives_53300(make_proxy: ProxyFactory, role: Role) -> None:
-    proxy = await make_proxy(max_client_conn=2)
-    held = [await asyncpg.connect(proxy.dsn(db=role.database)) for _ in range(2)]
-    before = metrics.clients_total.labels("refused")._value.get()
-    try:
-        with pytest.raises(asyncpg.TooManyConnectionsError):
-            await asyncpg.connect(proxy.dsn(db=role.database))
-        assert metrics.clients_total.labels("refused")._value.get() == before + 1
-        await held.pop().close()
-        again = await asyncpg.connect(proxy.dsn(db=role.database))
-        await again.close()
-    finally:
-        for conn in held:
-            await conn.close()
 
 
 async def test_connect_timeout_against_silent_upstream(
