@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncpg
 import psycopg
 import pytest
-from proxyhelpers import ProxyFactory, Role
+from proxyhelpers import ProxyFactory, Role, wait_until
 
+from proxy import metrics
 from proxy.cancel import PID_MAX_LIMIT, CancelKeys
 from proxy.upstream import ServerConn
 
@@ -52,3 +53,27 @@ def test_fake_pids_wrap_inside_their_range() -> None:
     client = _Client()
     client.process_id, _ = keys.register(client)
     assert client.process_id == PID_MAX_LIMIT + 2
+
+
+async def test_a_failed_reset_closes_the_server_connection(
+    make_proxy: ProxyFactory, role: Role
+) -> None:
+    """A reset query that fails for real: the next client gets a fresh server session."""
+    proxy = await make_proxy(
+        pool_mode="session", pool_size=1, server_reset_query="SELECT no_such_reset_function()"
+    )
+    failures = metrics.server_reset_failures_total
+    before = failures._value.get()
+    first = await asyncpg.connect(proxy.dsn(db=role.database))
+    try:
+        await first.execute("SET statement_timeout = '4321s'")
+        first_pid = await first.fetchval("SELECT pg_backend_pid()")
+    finally:
+        await first.close()
+    await wait_until(lambda: failures._value.get() == before + 1, what="reset failure counted")
+    second = await asyncpg.connect(proxy.dsn(db=role.database))
+    try:
+        assert await second.fetchval("SHOW statement_timeout") == "0"
+        assert await second.fetchval("SELECT pg_backend_pid()") != first_pid
+    finally:
+        await second.close()
