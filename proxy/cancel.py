@@ -19,6 +19,12 @@ from proxy.upstream import ServerConn
 
 log = logging.getLogger("credsidecar.proxy")
 
+# Fake pids live above PostgreSQL's PID_MAX_LIMIT (Linux's largest pid, 2^22), so a
+# client's pg_terminate_backend(<its reported pid>) can never name a real backend;
+# BackendKeyData carries an int32, hence the top.
+PID_MAX_LIMIT = 4_194_304
+_PID_LOW, _PID_HIGH = PID_MAX_LIMIT + 1, (1 << 31) - 1
+
 
 class Cancellable(Protocol):
     process_id: int
@@ -27,17 +33,21 @@ class Cancellable(Protocol):
 
 
 class CancelKeys:
-    """Process ids unique among the connected clients, each with a random secret."""
+    """Process ids unique among the connected clients (in ``_PID_LOW.._PID_HIGH``), each
+    with a random secret."""
 
     def __init__(self) -> None:
         self.by_pid: dict[int, Cancellable] = {}
-        self._next_pid = secrets.randbelow(1 << 20) + 1
+        self._next_pid = _PID_LOW + secrets.randbelow(_PID_HIGH - _PID_LOW + 1)
+
+    def _advance(self) -> None:
+        self._next_pid = self._next_pid + 1 if self._next_pid < _PID_HIGH else _PID_LOW
 
     def register(self, client: Cancellable) -> tuple[int, int]:
         while self._next_pid in self.by_pid:
-            self._next_pid += 1
+            self._advance()
         pid = self._next_pid
-        self._next_pid = (self._next_pid % 0x7FFFFFF0) + 1
+        self._advance()
         self.by_pid[pid] = client
         return pid, secrets.randbits(31)
 

@@ -71,6 +71,12 @@ cancel_requests_total = Counter(
     registry=REGISTRY,
 )
 
+server_reset_failures_total = Counter(
+    "credsidecar_proxy_server_reset_failures_total",
+    "Server connections closed instead of pooled because server_reset_query failed.",
+    registry=REGISTRY,
+)
+
 
 class StateCollector(Collector):
     """Gauges read from a live ``status()`` snapshot at scrape time."""

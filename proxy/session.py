@@ -443,8 +443,14 @@ class ClientSession(ServerOwner):
     async def _finish_and_release(self, conn: ServerConn, pool: Pool, reset: str) -> None:
         try:
             await conn.wait_idle()
-            if not conn.closed and conn.proto.transaction_status == b"I" and reset:
-                await conn.internal(reset)
+            idle = not conn.closed and conn.proto.transaction_status == b"I"
+            if idle and reset and not await conn.internal(reset):
+                # a failed reset may have reset nothing: the next client would inherit
+                # this one's session state (SET, temp tables)
+                metrics.server_reset_failures_total.inc()
+                log.warning("proxy_server_reset_failed", extra={"db": conn.database})
+                conn.close()
+                return
         except UpstreamError:
             conn.close()
             return

@@ -108,6 +108,7 @@ class ServerConn:
         self._idle_waiters: list[asyncio.Future[None]] = []
         self.on_close: Callable[[ServerConn], None] | None = None
         self.write_paused = False  # the server reads slower than its client sends
+        self.internal_errors = 0  # ErrorResponses to the proxy's own queries, swallowed
         link.on_pause = self._paused
         link.run(self._data, self._lost)
 
@@ -131,6 +132,7 @@ class ServerConn:
             if frames and pipeline.server_frames(
                 buf, frames, out, owner.on_parameter if owner is not None else None
             ):
+                self.internal_errors += 1
                 log.warning("proxy_internal_query_failed", extra={"db": self.database})
         except ProtocolViolation as exc:
             log.warning("proxy_server_protocol_violation", extra={"error": str(exc)})
@@ -169,12 +171,14 @@ class ServerConn:
         self._idle_waiters.append(waiter)
         await waiter
 
-    async def internal(self, sql: str) -> None:
-        """Run a query of the proxy's own and wait for it to finish."""
+    async def internal(self, sql: str) -> bool:
+        """Run a query of the proxy's own and wait for it to finish; False if it failed."""
+        errors = self.internal_errors
         self.send(self.pipeline.internal_query(sql))
         await self.wait_idle()
         if self.closed:
             raise UpstreamError("upstream connection closed during an internal query")
+        return self.internal_errors == errors
 
     async def capture(self, sql: str) -> list[list[str | None]] | None:
         """Rows of a query of the proxy's own (``None`` if it failed)."""

@@ -1,0 +1,79 @@
+"""What real drivers found through the proxy (issue 10): fake pids, failed resets, clients
+that leave mid-query; each against the real cluster."""
+
+from __future__ import annotations
+
+import asyncpg
+import psycopg
+import pytest
+from proxyhelpers import ProxyFactory, Role, wait_until
+
+from proxy import metrics
+from proxy.cancel import PID_MAX_LIMIT, CancelKeys
+from proxy.upstream import ServerConn
+
+
+class _Client:
+    process_id = 0
+    secret_key = 0
+    conn: ServerConn | None = None
+
+
+@pytest.mark.parametrize("mode", ["transaction", "session"])
+async def test_reported_pid_names_no_real_process(
+    make_proxy: ProxyFactory, role: Role, mode: str
+) -> None:
+    """The BackendKeyData pid is above PID_MAX_LIMIT; pg_backend_pid() is the real one."""
+    proxy = await make_proxy(pool_mode=mode)
+    a = await asyncpg.connect(proxy.dsn(db=role.database))
+    dsn = f"host=127.0.0.1 port={proxy.port} user=x password=x dbname={role.database}"
+    b = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+    try:
+        told = [a._protocol.backend_pid, b.info.backend_pid]
+        assert all(PID_MAX_LIMIT < pid < 1 << 31 for pid in told), told
+        assert told[0] != told[1]
+        real = await a.fetchval("SELECT pg_backend_pid()")
+        assert 0 < real <= PID_MAX_LIMIT
+    finally:
+        await a.close()
+        await b.close()
+
+
+def test_fake_pids_wrap_inside_their_range() -> None:
+    keys = CancelKeys()
+    keys._next_pid = (1 << 31) - 2
+    pids = []
+    for _ in range(3):
+        client = _Client()
+        client.process_id, client.secret_key = keys.register(client)
+        pids.append(client.process_id)
+    assert pids == [(1 << 31) - 2, (1 << 31) - 1, PID_MAX_LIMIT + 1]
+    # a pid still in use is skipped after the wrap
+    keys._next_pid = (1 << 31) - 1
+    client = _Client()
+    client.process_id, _ = keys.register(client)
+    assert client.process_id == PID_MAX_LIMIT + 2
+
+
+async def test_a_failed_reset_closes_the_server_connection(
+    make_proxy: ProxyFactory, role: Role
+) -> None:
+    """A reset query that fails for real: the next client gets a fresh server session."""
+    proxy = await make_proxy(
+        pool_mode="session", pool_size=1, server_reset_query="SELECT no_such_reset_function()"
+    )
+    failures = metrics.server_reset_failures_total
+    before = failures._value.get()
+    first = await asyncpg.connect(proxy.dsn(db=role.database))
+    try:
+        await first.execute("SET statement_timeout = '4321s'")
+        first_pid = await first.fetchval("SELECT pg_backend_pid()")
+    finally:
+        await first.close()
+    await wait_until(lambda: failures._value.get() == before + 1, what="reset failure counted")
+    second = await asyncpg.connect(proxy.dsn(db=role.database))
+    try:
+        assert await second.fetchval("SHOW statement_timeout") == "0"
+        assert await second.fetchval("SELECT pg_backend_pid()") != first_pid
+    finally:
+        await second.close()
