@@ -10,6 +10,11 @@ DURATION ?= 0
 # recompiles them when their source changed, so no test runs stale compiled code.
 NATIVE := $(VENV)/.native
 NATIVE_SRC := setup.py proxy/build.py $(shell $(PYTHON) proxy/build.py)
+# make test runs these tests against both builds (the asyncpg way), so they cannot
+# diverge; a test in tests/proxy/test_build.py checks each run is the build it claims.
+BOTH_BUILDS := tests/proxy
+COMPILED_RUN := CREDSIDECAR_EXPECT_BUILD=compiled
+PURE_RUN := CREDSIDECAR_PURE_PYTHON=1 CREDSIDECAR_EXPECT_BUILD=pure
 
 .PHONY: test check lint typecheck unit fast demo bench clean hadolint servers pure-install
 
@@ -54,11 +59,14 @@ servers:
 	apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -yq --no-install-recommends $$missing
 
 unit: $(NATIVE) servers
-	$(BIN)/pytest -q
+	$(COMPILED_RUN) $(BIN)/pytest -q
+	$(PURE_RUN) $(BIN)/pytest -q $(BOTH_BUILDS)
 
-# The tests that need no server (tests/conftest.py marks the others "servers").
+# The tests that need no server (tests/conftest.py marks the others "servers"); the
+# protocol's also in pure Python.
 fast: $(NATIVE)
-	$(BIN)/pytest -q -m "not servers"
+	$(COMPILED_RUN) $(BIN)/pytest -q -m "not servers"
+	$(PURE_RUN) $(BIN)/pytest -q -m "not servers" $(BOTH_BUILDS)
 
 # make check: the fast tier, under a minute (lint, types, the pure tests).
 # make test: everything, against real OpenBao and PostgreSQL.
