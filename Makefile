@@ -77,11 +77,14 @@ test: lint typecheck unit
 demo: $(NATIVE)
 	DURATION=$(DURATION) $(BIN)/python examples/demo.py
 
-# PgBouncer (Debian's package) is the proxy's peer in benchmarks/proxy.py; only the
-# benchmark needs it, so only this target installs it (as root, when missing).
+# PgBouncer (Debian's package) is the proxy's peer in benchmarks/proxy.py, and valgrind
+# counts its and the proxy's instructions; only the benchmark needs them, so only this
+# target installs them (as root, when missing).
 bench: $(NATIVE)
-	@command -v pgbouncer >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || \
-		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -yq pgbouncer; }
+	@missing=""; for cmd in pgbouncer valgrind; do \
+		command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$cmd"; done; \
+	[ -z "$$missing" ] || [ "$$(id -u)" != 0 ] || \
+		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -yq $$missing; }
 	$(BIN)/python benchmarks/agent.py
 	$(BIN)/python benchmarks/proxy.py
 	$(BIN)/python benchmarks/injector.py
