@@ -58,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     _config_source(refresh)
     status = sub.add_parser("status", help="print the running agent's status (JSON)")
     _config_source(status)
-    sub.add_parser("version", help="print the version")
+    sub.add_parser("version", help="print the version and the proxy's build (compiled or pure)")
     injector = sub.add_parser("injector", help="serve the Kubernetes mutating admission webhook")
     injector.add_argument("--listen", help="host:port (default 0.0.0.0:8443)")
     injector.add_argument("--tls-cert", help="PEM certificate (re-read when it changes)")
@@ -259,7 +259,10 @@ def _injector(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     if args.command == "version":
+        from proxy import build
+
         print(f"credsidecar {__version__}")
+        print(f"proxy build: {build.describe()}")
         sys.exit(EXIT_OK)
     if args.command == "injector":
         _injector(args)

@@ -2,20 +2,25 @@
 
 Rows: direct, PgBouncer (session, transaction), a bare uvloop byte relay (the floor
 for any Python proxy, ``benchmarks/relay.py``), credsidecar proxy (session,
-transaction; ``python -m proxy`` under uvloop). Workloads: ``pgbench -S`` and TPC-B
-at 1 and 16 clients, each also with ``-C`` (a new connection per transaction). Each
-row runs the targets in turn, ``--rounds`` times, and prints the median TPS and
-latency, the TPS range, and the ratios to PgBouncer (same pool mode; session for the
-relay) and to direct. Then a rotation soak: pgbench -S through the proxy while the role's
+transaction; ``python -m proxy`` under uvloop), in both builds side by side: compiled
+with mypyc (when the install is) and pure Python (``CREDSIDECAR_PURE_PYTHON=1``).
+Workloads: ``pgbench -S`` and TPC-B at 1 and 16 clients, each also with ``-C`` (a new
+connection per transaction). Each row runs the targets in turn, ``--rounds`` times, and
+prints the median TPS and latency, the TPS range, the ratios to PgBouncer (same pool
+mode; session for the relay) and to direct, and the CPU time (user + system, from
+/proc) each target process spent per transaction, and its ratio to PgBouncer's.
+Then instructions per transaction (valgrind's callgrind, repeatable where time is
+not) for PgBouncer and both proxy builds, with the proxy's top functions; then a
+rotation soak: pgbench -S through the proxy while the role's
 password changes every 5 s (``ALTER ROLE`` + rewritten credentials file); it must end
 with 0 failed transactions.
 
 Run with ``make bench`` or ``python benchmarks/proxy.py --seconds 10 --soak 60``;
 ``--compare DIR`` adds the proxy of another checkout (``git worktree add DIR main``) to
 the same interleaved rounds, to see what a change costs.
-PgBouncer comes from the Debian package (``apt-get install -y pgbouncer``); it is
-skipped with a note when missing. PgBouncer refuses to run as root, so when we are
-root it runs as the ``postgres`` user.
+PgBouncer and valgrind come from the Debian packages (``apt-get install -y pgbouncer
+valgrind``); each is skipped with a note when missing. PgBouncer refuses to run as
+root, so when we are root it runs as the ``postgres`` user.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from devservers import PostgresCluster, free_port, pg_bindir  # noqa: E402
 
 USER = "bench"
 DB = "bench"
+PURE_ENV = "CREDSIDECAR_PURE_PYTHON"  # proxy/build.py: the pure-Python build
 
 
 @dataclass
@@ -53,6 +59,17 @@ class Result:
     tps: float
     latency_ms: float
     failed: int
+    transactions: int = 0
+    cpu_us: float | None = None  # the target process's user + system time per transaction
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system time of process ``pid`` (all its threads) so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
 
 
 def wait_port(port: int, timeout: float = 30) -> None:
@@ -77,28 +94,42 @@ def run_pgbench(
     )
 
 
-def pgbench(port: int, password: str, args: list[str], seconds: int, clients: int) -> Result:
+def pgbench(
+    port: int, password: str, args: list[str], seconds: int, clients: int, count: int = 0
+) -> Result:
+    """``seconds`` of load, or ``count`` transactions per client when given."""
     threads = min(clients, 2)
-    load = ["-n", "-c", str(clients), "-j", str(threads), "-T", str(seconds)]
+    load = ["-n", "-c", str(clients), "-j", str(threads)]
+    load += ["-t", str(count)] if count else ["-T", str(seconds)]
     out = run_pgbench(port, password, load + args)
     text = out.stdout + out.stderr
     tps = re.search(r"tps = ([\d.]+)", text)
     lat = re.search(r"latency average = ([\d.]+) ms", text)
     failed = re.search(r"number of failed transactions: (\d+)", text)
-    if out.returncode != 0 or tps is None or lat is None:
+    done = re.search(r"number of transactions actually processed: (\d+)", text)
+    if out.returncode != 0 or tps is None or lat is None or done is None:
         raise RuntimeError(f"pgbench failed on port {port}: {text[-1500:]}")
-    return Result(float(tps.group(1)), float(lat.group(1)), int(failed.group(1)) if failed else 0)
+    return Result(
+        float(tps.group(1)),
+        float(lat.group(1)),
+        int(failed.group(1)) if failed else 0,
+        int(done.group(1)),
+    )
 
 
 class Target:
     """A process under test, listening on 127.0.0.1:``port``; stopped with SIGTERM."""
 
-    def __init__(self, argv: list[str], port: int, **popen: Any) -> None:
+    def __init__(self, argv: list[str], port: int, wait: float = 30, **popen: Any) -> None:
         self.port = port
         popen.setdefault("stdout", subprocess.DEVNULL)
         popen.setdefault("stderr", subprocess.DEVNULL)
         self.proc = subprocess.Popen(argv, **popen)
-        wait_port(port)
+        wait_port(port, wait)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -106,9 +137,17 @@ class Target:
 
 
 class PgBouncer(Target):
-    def __init__(self, workdir: Path, pg: PostgresCluster, password: str, mode: str) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        pg: PostgresCluster,
+        password: str,
+        mode: str,
+        label: str = "",
+        prefix: tuple[str, ...] = (),
+    ) -> None:
         port = free_port()
-        self.dir = workdir / f"pgbouncer-{mode}"
+        self.dir = workdir / f"pgbouncer-{label or mode}"
         self.dir.mkdir()
         (self.dir / "userlist.txt").write_text(f'"{USER}" "{password}"\n')
         (self.dir / "pgbouncer.ini").write_text(
@@ -126,10 +165,13 @@ class PgBouncer(Target):
             kwargs = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
             for path in (self.dir, *self.dir.iterdir()):
                 os.chown(path, pw.pw_uid, pw.pw_gid)
-        super().__init__(["pgbouncer", str(self.dir / "pgbouncer.ini")], port, **kwargs)
+        argv = [*prefix, "pgbouncer", str(self.dir / "pgbouncer.ini")]
+        super().__init__(argv, port, wait=120 if prefix else 30, **kwargs)
 
 
 class Proxy(Target):
+    """``python -m proxy``; ``pure``: the pure-Python build (``CREDSIDECAR_PURE_PYTHON=1``)."""
+
     def __init__(
         self,
         workdir: Path,
@@ -138,6 +180,8 @@ class Proxy(Target):
         mode: str,
         label: str = "",
         root: Path = ROOT,
+        pure: bool = False,
+        prefix: tuple[str, ...] = (),
     ) -> None:
         port = free_port()
         self.dir = workdir / f"proxy-{label or mode}"
@@ -156,10 +200,21 @@ class Proxy(Target):
         }
         (self.dir / "proxy.yaml").write_text(json.dumps(config))  # JSON is YAML
         self.log = open(self.dir / "proxy.log", "wb")  # noqa: SIM115 - closed in stop()
-        argv = [sys.executable, "-m", "proxy", "-c", str(self.dir / "proxy.yaml")]
+        argv = [*prefix, sys.executable, "-m", "proxy", "-c", str(self.dir / "proxy.yaml")]
         argv += ["--log-level", "warning"]
+        env = {k: v for k, v in os.environ.items() if k != PURE_ENV}
+        if pure:
+            env[PURE_ENV] = "1"
         # ``-m`` imports the proxy package of ``cwd``: another checkout runs its own code
-        super().__init__(argv, port, cwd=root, stdout=self.log, stderr=subprocess.STDOUT)
+        super().__init__(
+            argv,
+            port,
+            wait=120 if prefix else 30,
+            cwd=root,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
 
     def write_credentials(self, password: str) -> None:
         tmp = self.creds.with_suffix(".tmp")
@@ -247,48 +302,165 @@ def matrix(
         for _ in range(rounds):
             for name, target in targets.items():
                 port = target if isinstance(target, int) else target.port
+                pid = None if isinstance(target, int) else target.pid
+                before = cpu_seconds(pid) if pid else 0.0
                 result = pgbench(port, password, wargs, seconds, clients)
+                if pid and result.transactions:
+                    spent = cpu_seconds(pid) - before
+                    result.cpu_us = spent * 1e6 / result.transactions
                 runs.setdefault((name, workload, clients), []).append(result)
-    results = {
-        key: Result(
+    results = {}
+    for key, rs in runs.items():
+        cpus = [r.cpu_us for r in rs if r.cpu_us is not None]
+        results[key] = Result(
             median([r.tps for r in rs]),
             median([r.latency_ms for r in rs]),
             sum(r.failed for r in rs),
+            cpu_us=median(cpus) if cpus else None,
         )
-        for key, rs in runs.items()
-    }
     print(
         f"\nPostgreSQL {pg_bindir().parent.name}, {os.cpu_count()} CPUs, "
         f"{platform.python_implementation()} {platform.python_version()}, "
         f"pgbench scale {scale}, {seconds}s per run, median of {rounds} interleaved rounds\n"
+        "cpu us/tx: user + system time of the target process per transaction "
+        "(direct: PostgreSQL's backends, not measured)\n"
     )
     print(
-        f"{'target':<22}{'workload':<10}{'clients':>8}{'tps':>12}{'tps range':>16}"
-        f"{'lat ms':>9}{'/bouncer':>10}{'/direct':>9}"
+        f"{'target':<24}{'workload':<10}{'clients':>8}{'tps':>10}{'tps range':>14}"
+        f"{'lat ms':>9}{'/bouncer':>10}{'/direct':>9}{'cpu us/tx':>11}{'cpu/bncr':>10}"
     )
     for workload, _, clients in rows:
         for name in targets:
             r = results[(name, workload, clients)]
             tps = [x.tps for x in runs[(name, workload, clients)]]
             spread = f"{min(tps):.0f}-{max(tps):.0f}"
-            ratios = ""
+            ratios = cpu = ""
+            bouncer = None
             if name.startswith(("proxy", "relay")):
-                mode = "session" if name.startswith("relay") else name.split()[1]
+                mode = "session" if name.startswith("relay") else name.split()[-1]
                 bouncer = results.get((f"pgbouncer {mode}", workload, clients))
                 direct = results[("direct", workload, clients)]
                 ratios = f"{r.tps / bouncer.tps:>10.2f}" if bouncer else f"{'-':>10}"
                 ratios += f"{r.tps / direct.tps:>9.2f}"
+            else:
+                ratios = " " * 19
+            if r.cpu_us is not None:
+                cpu = f"{r.cpu_us:>11.1f}"
+                if bouncer is not None and bouncer.cpu_us:
+                    cpu += f"{r.cpu_us / bouncer.cpu_us:>10.2f}"
             print(
-                f"{name:<22}{workload:<10}{clients:>8}{r.tps:>12.0f}{spread:>16}"
-                f"{r.latency_ms:>9.3f}{ratios}"
+                f"{name:<24}{workload:<10}{clients:>8}{r.tps:>10.0f}{spread:>14}"
+                f"{r.latency_ms:>9.3f}{ratios}{cpu}"
             )
         print()
     if ("direct", "-S", 1) in results:
-        direct = results[("direct", "-S", 1)].latency_ms
+        direct_ms = results[("direct", "-S", 1)].latency_ms
         for name in targets:
             if name != "direct":
-                added = (results[(name, "-S", 1)].latency_ms - direct) * 1000
+                added = (results[(name, "-S", 1)].latency_ms - direct_ms) * 1000
                 print(f"added latency at 1 client (-S), {name}: {added:.0f} us")
+    builds = [(f"proxy {m}", f"proxy pure {m}") for m in ("session", "transaction")]
+    pairs = [(c, p) for c, p in builds if c in targets and p in targets]
+    if pairs:
+        print("\ncompiled / pure Python, same row: tps ratio, cpu per transaction ratio")
+        for workload, _, clients in rows:
+            cells = []
+            for compiled, pure in pairs:
+                c, p = results[(compiled, workload, clients)], results[(pure, workload, clients)]
+                cpu = f"{c.cpu_us / p.cpu_us:.2f}" if c.cpu_us and p.cpu_us else "-"
+                cells.append(f"{compiled.split()[-1]} {c.tps / p.tps:.2f} tps, {cpu} cpu")
+            print(f"  {workload:<8} {clients:>2} clients: " + "; ".join(cells))
+
+
+def callgrind_costs(path: Path) -> tuple[int, dict[str, int], dict[str, int]]:
+    """Total, self cost per function and per object file, from a ``--compress-strings=no``
+    dump: a cost line belongs to the current ``fn=``, except the one after ``calls=``
+    (that is the callee's inclusive cost)."""
+    total = 0
+    by_fn: dict[str, int] = {}
+    by_ob: dict[str, int] = {}
+    ob = fn = "?"
+    after_call = False
+    for line in path.read_text(errors="replace").splitlines():
+        if line.startswith("ob="):
+            ob = Path(line[3:]).name
+        elif line.startswith("fn="):
+            fn = line[3:]
+        elif line.startswith("calls="):
+            after_call = True
+        elif line[:1].isdigit() or line[:1] in "+-*":
+            if after_call:
+                after_call = False
+                continue
+            fields = line.split()
+            cost = int(fields[1]) if len(fields) > 1 else 0  # a bare position costs nothing
+            total += cost
+            by_fn[f"{fn} [{ob}]"] = by_fn.get(f"{fn} [{ob}]", 0) + cost
+            by_ob[ob] = by_ob.get(ob, 0) + cost
+    return total, by_fn, by_ob
+
+
+def instructions(
+    pg: PostgresCluster, workdir: Path, password: str, transactions: int, top: int, both: bool
+) -> None:
+    """Instructions per ``pgbench -S`` transaction (transaction pooling) under callgrind.
+
+    Each target starts under valgrind; after a warm-up, ``callgrind_control --dump``
+    zeroes the counters, ``transactions`` run (4 clients), and a second dump holds
+    exactly their instructions: start-up and import costs are not counted.
+    """
+    if not shutil.which("valgrind"):
+        print("note: valgrind not installed (apt-get install -y valgrind); instructions skipped")
+        return
+    clients = 4
+    per_client = max(transactions // clients, 1)
+    made: list[tuple[str, Any]] = []
+    if shutil.which("pgbouncer"):
+        made.append(("pgbouncer transaction", "pgbouncer"))
+    made.append(("proxy transaction", False))
+    if both:
+        made.append(("proxy pure transaction", True))
+    print(
+        f"\ninstructions (callgrind Ir) per pgbench -S transaction, transaction pooling, "
+        f"{clients} clients x {per_client} transactions, after a warm-up"
+    )
+    for name, kind in made:
+        label = "cg-" + name.replace(" ", "-")
+        cgdir = workdir / label
+        cgdir.mkdir()
+        if os.geteuid() == 0:  # PgBouncer runs as postgres and writes its profile here
+            pw = pwd.getpwnam("postgres")
+            os.chown(cgdir, pw.pw_uid, pw.pw_gid)
+        prefix = (
+            "valgrind",
+            "--tool=callgrind",
+            "--compress-strings=no",  # each dump file names its own functions
+            f"--callgrind-out-file={cgdir}/callgrind.out",
+        )
+        target: PgBouncer | Proxy
+        if kind == "pgbouncer":
+            target = PgBouncer(workdir, pg, password, "transaction", label, prefix)
+        else:
+            target = Proxy(
+                workdir, pg, password, "transaction", label, pure=bool(kind), prefix=prefix
+            )
+        try:
+            pgbench(target.port, password, ["-S"], 0, clients, count=25)  # warm-up
+            control = ["callgrind_control", "--dump", str(target.pid)]
+            subprocess.run(control, check=True, capture_output=True, timeout=120)  # .1
+            result = pgbench(target.port, password, ["-S"], 0, clients, count=per_client)
+            subprocess.run(control, check=True, capture_output=True, timeout=120)  # .2
+        finally:
+            target.stop()
+        measured = cgdir / "callgrind.out.2"  # what the counted transactions cost
+        total, by_fn, by_ob = callgrind_costs(measured)
+        print(f"  {name:<24} {total / result.transactions:>10,.0f} Ir/transaction")
+        if top and kind != "pgbouncer":
+            tops = sorted(by_ob.items(), key=lambda kv: -kv[1])[:5]
+            share = ", ".join(f"{ob} {cost / total:.0%}" for ob, cost in tops)
+            print(f"      by object: {share}")
+            for where, cost in sorted(by_fn.items(), key=lambda kv: -kv[1])[:top]:
+                print(f"      {cost / result.transactions:>8,.0f}  {where[:100]}")
 
 
 def main() -> int:
@@ -307,7 +479,29 @@ def main() -> int:
         help="another checkout (e.g. a git worktree of main): its proxy runs in the same "
         'rounds as rows "proxy <mode> @base"',
     )
+    parser.add_argument(
+        "--builds",
+        choices=["both", "installed"],
+        default="both",
+        help="the proxy compiled and in pure Python side by side, or the installed build only",
+    )
+    parser.add_argument(
+        "--callgrind",
+        type=int,
+        default=2000,
+        help="transactions counted under callgrind per target (0: skip)",
+    )
+    parser.add_argument("--top", type=int, default=12, help="top functions by instructions")
     args = parser.parse_args()
+    describe = "from proxy import build; print(build.describe())"
+    env = {k: v for k, v in os.environ.items() if k != PURE_ENV}
+    installed = subprocess.run(
+        [sys.executable, "-c", describe], env=env, cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    print(f"proxy build: {installed}")
+    both = args.builds == "both" and installed.startswith("compiled")
+    if args.builds == "both" and not both:
+        print("note: the install is not compiled; the pure-Python rows would repeat it")
 
     workdir = Path(tempfile.mkdtemp(prefix="proxybench-"))
     workdir.chmod(0o755)  # PgBouncer runs as postgres and reads its files in here
@@ -328,6 +522,10 @@ def main() -> int:
         targets["relay (floor)"] = Relay(pg)
         for mode in ("session", "transaction"):
             targets[f"proxy {mode}"] = Proxy(workdir, pg, password, mode)
+            if both:
+                targets[f"proxy pure {mode}"] = Proxy(
+                    workdir, pg, password, mode, f"pure-{mode}", pure=True
+                )
             if args.compare:
                 targets[f"proxy {mode} @base"] = Proxy(
                     workdir, pg, password, mode, f"{mode}-base", args.compare.resolve()
@@ -343,6 +541,8 @@ def main() -> int:
             if not isinstance(target, int):
                 target.stop()
         targets.clear()
+        if args.callgrind:
+            instructions(pg, workdir, password, args.callgrind, args.top, both)
         if args.soak:
             for workload in (["-S"], []):
                 print(soak(pg, workdir, password, args.soak, workload))

@@ -26,3 +26,8 @@ with the credential generation they logged in with; ``credentials.py`` says wher
 credentials come from. Logs go to the ``credsidecar.proxy`` logger with ``extra``
 fields; metrics are prefixed ``credsidecar_proxy_``.
 """
+
+from proxy import build as _build
+
+# before any compiled module is imported: CREDSIDECAR_PURE_PYTHON=1 picks the .py sources
+_build.install()

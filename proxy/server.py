@@ -15,7 +15,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-from proxy import login, metrics, upstream
+from proxy import build, login, metrics, upstream
 from proxy.cancel import CancelKeys, send_cancel
 from proxy.clientauth import UsersFile
 from proxy.config import ProxyConfig
@@ -93,6 +93,7 @@ class ProxyServer:
                 "listen": [str(a) for a in self.addresses],
                 "pool_mode": self.config.pool_mode,
                 "upstream": upstream.where(self.config.upstream),
+                "build": build.mode(),  # compiled (mypyc) or pure Python: proxy/build.py
             },
         )
 

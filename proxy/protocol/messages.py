@@ -338,10 +338,12 @@ def negotiate_protocol_version(newest_minor: int, unsupported: list[str]) -> byt
     return message(b"v", body + b"".join(cstr(o) for o in unsupported))
 
 
-TERMINATE = message(b"X")
-SYNC = message(b"S")
-PARSE_COMPLETE = message(b"1")
-CLOSE_COMPLETE = message(b"3")
+# annotated: mypyc checks this package on its own, where the import cycle through
+# proxy.protocol.__init__ leaves their inferred types undetermined in pipeline.py
+TERMINATE: bytes = message(b"X")
+SYNC: bytes = message(b"S")
+PARSE_COMPLETE: bytes = message(b"1")
+CLOSE_COMPLETE: bytes = message(b"3")
 
 
 def error_response(
