@@ -64,12 +64,16 @@ class CancelKeys:
         ):
             metrics.cancel_requests_total.labels("unknown").inc()
             return None
-        conn = client.conn
-        if conn is None or conn.pipeline.idle or conn.backend_key is None:
-            metrics.cancel_requests_total.labels("idle").inc()
-            return None
-        metrics.cancel_requests_total.labels("forwarded").inc()
-        return conn.backend_key.process_id, conn.backend_key.secret_key
+        key = running_key(client.conn)
+        metrics.cancel_requests_total.labels("idle" if key is None else "forwarded").inc()
+        return key
+
+
+def running_key(conn: ServerConn | None) -> tuple[int, int] | None:
+    """The upstream cancel key of ``conn`` while it runs a request, else None."""
+    if conn is None or conn.closed or conn.pipeline.idle or conn.backend_key is None:
+        return None
+    return conn.backend_key.process_id, conn.backend_key.secret_key
 
 
 async def send_cancel(cfg: UpstreamConfig, process_id: int, secret_key: int) -> None:

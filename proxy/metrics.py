@@ -66,7 +66,8 @@ accept_errors_total = Counter(
 )
 cancel_requests_total = Counter(
     "credsidecar_proxy_cancel_requests_total",
-    "CancelRequests received, by result (forwarded, unknown, idle).",
+    "CancelRequests received, by result (forwarded, unknown, idle), and sent for clients"
+    " that left with a query running (client_left).",
     ["result"],
     registry=REGISTRY,
 )

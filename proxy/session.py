@@ -15,6 +15,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from proxy import login, metrics, migrate
+from proxy.cancel import running_key, send_cancel
 from proxy.errors import ClientFatal, UpstreamError, client_text
 from proxy.pool import Pool
 from proxy.protocol import events as ev
@@ -433,7 +434,14 @@ class ClientSession(ServerOwner):
         )
         what = when_client_leaves(conn.pipeline, conn.proto.transaction_status, bool(reset))
         if conn.closed or what == DROP:
-            conn.close()  # mid-request or mid-transaction: not reusable
+            key = running_key(conn)
+            if key is not None:
+                # PostgreSQL would not notice the client is gone until the query ends:
+                # cancel it, as a direct connection's backend would be stopped
+                metrics.cancel_requests_total.labels("client_left").inc()
+                log.info("proxy_client_left_mid_query", extra={"peer": self.peer})
+                self.server.spawn(send_cancel(self.server.config.upstream, *key))
+            conn.close()  # mid-request or mid-transaction: never back to the pool
         elif what == KEEP:
             self.pool.release(conn)
         else:

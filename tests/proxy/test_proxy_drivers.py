@@ -3,10 +3,14 @@ that leave mid-query; each against the real cluster."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+
 import asyncpg
 import psycopg
 import pytest
-from proxyhelpers import ProxyFactory, Role, wait_until
+from devservers import PostgresCluster
+from proxyhelpers import ProxyFactory, Role, pg_tool, wait_until
 
 from proxy import metrics
 from proxy.cancel import PID_MAX_LIMIT, CancelKeys
@@ -77,3 +81,62 @@ async def test_a_failed_reset_closes_the_server_connection(
         assert await second.fetchval("SELECT pg_backend_pid()") != first_pid
     finally:
         await second.close()
+
+
+@pytest.mark.parametrize("mode", ["transaction", "session"])
+async def test_a_client_killed_mid_query_gets_its_query_cancelled(
+    make_proxy: ProxyFactory, postgres: PostgresCluster, role: Role, mode: str
+) -> None:
+    """psql killed during pg_sleep(60): the backend stops being active (it was cancelled
+    and its connection closed), instead of sleeping out the minute."""
+    proxy = await make_proxy(pool_mode=mode)
+    left = metrics.cancel_requests_total.labels("client_left")
+    before = left._value.get()
+    admin = await asyncpg.connect(
+        host="127.0.0.1",
+        port=postgres.port,
+        user=postgres.superuser,
+        password=postgres.password,
+        database="postgres",
+    )
+    psql = await asyncio.create_subprocess_exec(
+        pg_tool("psql"),
+        "-X",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(proxy.port),
+        "-U",
+        "x",
+        "-d",
+        role.database,
+        "-c",
+        "SELECT pg_sleep(60)",
+        env={**os.environ, "PGPASSWORD": "x"},
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+
+    async def sleepers() -> int:
+        count: int = await admin.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = $1"
+            " AND state = 'active' AND query = 'SELECT pg_sleep(60)'",
+            role.name,
+        )
+        return count
+
+    async def no_sleepers() -> bool:
+        return await sleepers() == 0
+
+    try:
+        await wait_until(sleepers, what="pg_sleep running upstream")
+        psql.kill()
+        await psql.wait()
+        # 20 s: well before the minute the query would otherwise sleep
+        await wait_until(no_sleepers, limit=20, what="the backend to stop sleeping")
+        assert left._value.get() == before + 1
+    finally:
+        if psql.returncode is None:
+            psql.kill()
+            await psql.wait()
+        await admin.close()
