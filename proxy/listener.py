@@ -1,34 +1,26 @@
-"""The listening sockets (TCP and unix), the accept loop, and the open-file budget.
+"""The listening sockets (TCP and unix) and the open-file budget.
 
-The proxy accepts with a loop of its own rather than asyncio's server, so that an
-accept error (EMFILE and the like: out of file descriptors) backs off with the shared
-:class:`~proxy.backoff.Backoff` instead of spinning, and is logged and counted.
+Accepting stays with the event loop's own server (uvloop's runs in C): an accept error
+for lack of descriptors does not spin there either (asyncio stops accepting for a
+second, libuv drains the backlog with a reserved descriptor). What keeps the proxy
+from running out of descriptors is the budget checked at start and
+``max_client_conn`` counted from accept.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import logging
-import random
 import resource
-import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from proxy import metrics
-from proxy.backoff import Backoff
 from proxy.clientauth import secure_socket
 from proxy.config import ProxyConfig, ProxyConfigError
 from proxy.transport import Link
 
-log = logging.getLogger("credsidecar.proxy")
-
 Accepted = Callable[[Link, bool], None]  # (link, unix)
-# out of a resource: wait for connections to end rather than retry at once
-_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # descriptors besides client and server connections: listeners, the credentials file
 # watcher, the agent's HTTP servers and files, TLS files, logs, refused connections
 RESERVED_FILES = 96
@@ -66,38 +58,13 @@ def raise_open_file_limit(config: ProxyConfig, server_connections: int) -> int:
     return soft
 
 
-def _tcp_sockets(host: str, port: int) -> list[socket.socket]:
-    """Bound, listening, non-blocking sockets for every address of ``host``."""
-    sockets: list[socket.socket] = []
-    try:
-        for family, kind, proto, _, addr in socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        ):
-            sock = socket.socket(family, kind, proto)
-            sockets.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(addr)
-            if port == 0:  # every address on the same port
-                port = sock.getsockname()[1]
-            sock.listen(1024)
-            sock.setblocking(False)
-    except BaseException:
-        for sock in sockets:
-            sock.close()
-        raise
-    return sockets
-
-
 class Listeners:
     """Binds ``listen`` and ``listen_unix``; every accepted link goes to ``on_accept``."""
 
     def __init__(self, config: ProxyConfig, on_accept: Accepted) -> None:
         self.config = config
         self.on_accept = on_accept
-        self._sockets: list[tuple[socket.socket, bool]] = []
-        self._tasks: list[asyncio.Task[None]] = []
+        self._servers: list[asyncio.Server] = []
         self.addresses: list[Any] = []
         self.socket_path: Path | None = None
 
@@ -107,22 +74,22 @@ class Listeners:
         return link
 
     async def open(self) -> None:
-        """Bind every listener and start accepting; on failure nothing stays bound."""
+        """Bind every listener; on failure the ones already bound are closed again."""
         try:
-            self._bind()
+            await self._open()
         except BaseException:
             self.close()
             raise
-        for sock, unix in self._sockets:
-            name = "proxy-accept-unix" if unix else "proxy-accept"
-            self._tasks.append(asyncio.create_task(self._accept(sock, unix), name=name))
 
-    def _bind(self) -> None:
+    async def _open(self) -> None:
+        loop = asyncio.get_running_loop()
         if self.config.listen is not None:
             host, port = self.config.listen
-            for sock in _tcp_sockets(host, port):
-                self._sockets.append((sock, False))
-                self.addresses.append(sock.getsockname())
+            srv = await loop.create_server(
+                lambda: self._link(unix=False), host, port, reuse_address=True, backlog=1024
+            )
+            self._servers.append(srv)
+            self.addresses += [s.getsockname() for s in srv.sockets]
         path = self.config.unix_socket_path
         if path is not None and self.config.listen is not None and self.config.listen[1] == 0:
             path = path.with_name(f".s.PGSQL.{self.port}")  # same port number as TCP
@@ -131,33 +98,10 @@ class Listeners:
             path.parent.mkdir(parents=True, exist_ok=True)
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self._sockets.append((sock, True))
-            sock.bind(str(path))
+            srv = await loop.create_unix_server(lambda: self._link(unix=True), str(path))
             secure_socket(path, self.config.unix_socket_mode, self.config.unix_socket_group)
-            sock.listen(1024)
-            sock.setblocking(False)
+            self._servers.append(srv)
             self.addresses.append(str(path))
-
-    async def _accept(self, listener: socket.socket, unix: bool) -> None:
-        loop = asyncio.get_running_loop()
-        backoff = Backoff(0.1, 2.0, random.Random())
-        while True:
-            try:
-                sock, _ = await loop.sock_accept(listener)
-            except OSError as exc:
-                if exc.errno not in _RESOURCE_ERRORS:
-                    raise
-                delay = backoff.next()
-                metrics.accept_errors_total.labels(errno.errorcode.get(exc.errno, "?")).inc()
-                log.warning("proxy_accept_failed", extra={"error": exc.strerror, "retry_in": delay})
-                await asyncio.sleep(delay)
-                continue
-            backoff.reset()
-            try:
-                await loop.connect_accepted_socket(lambda: self._link(unix), sock)
-            except OSError:
-                sock.close()  # the client left before its transport was set up
 
     @property
     def port(self) -> int:
@@ -169,14 +113,13 @@ class Listeners:
 
     def close(self) -> None:
         """Stop accepting (the unix socket file goes too)."""
-        for task in self._tasks:
-            task.cancel()
-        for sock, _ in self._sockets:
-            sock.close()
+        for srv in self._servers:
+            srv.close()
         if self.socket_path is not None:
             with contextlib.suppress(OSError):
                 self.socket_path.unlink()
 
     async def wait_closed(self) -> None:
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks.clear()
+        for srv in self._servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(srv.wait_closed(), 1.0)

@@ -58,12 +58,6 @@ wait_seconds = Histogram(
     buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30),
     registry=REGISTRY,
 )
-accept_errors_total = Counter(
-    "credsidecar_proxy_accept_errors_total",
-    "Accepts that failed for lack of a resource (EMFILE, ENFILE, ...); the listener backs off.",
-    ["error"],
-    registry=REGISTRY,
-)
 cancel_requests_total = Counter(
     "credsidecar_proxy_cancel_requests_total",
     "CancelRequests received, by result (forwarded, unknown, idle), and sent for clients"
