@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import base64
 import json
 import os
 import re
@@ -22,6 +23,7 @@ from devservers import PostgresCluster, pg_bindir
 from waiting import wait_until  # the proxy tests import it from here too
 
 from proxy.config import ProxyConfig
+from proxy.protocol.auth import ScramSecret
 from proxy.protocol.messages import startup_message
 from proxy.server import ProxyServer
 
@@ -283,3 +285,13 @@ class WireClient:
         self.writer.write(b"X\0\0\0\4")
         self.writer.close()
         await self.writer.wait_closed()
+
+
+def scram_verifier(password: str) -> str:
+    """A users-file verifier for ``password``, in pg_authid's SCRAM-SHA-256 text form."""
+    secret = ScramSecret.from_password(password)
+    b64 = base64.b64encode
+    return (
+        f"SCRAM-SHA-256${secret.iterations}:{b64(secret.salt).decode()}$"
+        f"{b64(secret.stored_key).decode()}:{b64(secret.server_key).decode()}"
+    )

@@ -4,7 +4,6 @@ oversized messages before login (peak RSS of a proxy process of its own, from /p
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import random
 from collections.abc import Iterator
@@ -16,12 +15,12 @@ from proxyhelpers import (
     Role,
     StandaloneProxy,
     WireClient,
+    scram_verifier,
     wait_until,
     write_credentials,
 )
 
 from proxy.protocol import messages as m
-from proxy.protocol.auth import ScramSecret
 from proxy.transport import SETUP_INBOX
 
 MiB = 1 << 20
@@ -93,12 +92,7 @@ async def test_big_row_and_big_query_add_little_to_peak_rss(
 
 def _scram_users(tmp_path: Path) -> Path:
     users = tmp_path / "users.txt"
-    secret = ScramSecret.from_password("client-secret")
-    verifier = (
-        f"SCRAM-SHA-256${secret.iterations}:{base64.b64encode(secret.salt).decode()}$"
-        f"{base64.b64encode(secret.stored_key).decode()}:"
-        f"{base64.b64encode(secret.server_key).decode()}"
-    )
+    verifier = scram_verifier("client-secret")
     users.write_text(f'"alice" "{verifier}"\n')
     return users
 

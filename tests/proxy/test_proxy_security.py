@@ -13,10 +13,9 @@ import asyncpg
 import pytest
 from devservers import PostgresCluster
 from devservers import make_test_pki as make_certs
-from proxyhelpers import ProxyFactory, Role, pg_tool, psql, run
+from proxyhelpers import ProxyFactory, Role, pg_tool, psql, run, scram_verifier
 
 from proxy.config import ProxyConfigError, parse_proxy_config
-from proxy.protocol.auth import ScramSecret
 
 
 @pytest.fixture(scope="module")
@@ -188,14 +187,7 @@ async def test_client_scram_users_file(
     make_proxy: ProxyFactory, role: Role, tmp_path: Path
 ) -> None:
     users = tmp_path / "users.txt"
-    secret = ScramSecret.from_password("client-secret")
-    import base64
-
-    verifier = (
-        f"SCRAM-SHA-256${secret.iterations}:{base64.b64encode(secret.salt).decode()}$"
-        f"{base64.b64encode(secret.stored_key).decode()}:"
-        f"{base64.b64encode(secret.server_key).decode()}"
-    )
+    verifier = scram_verifier("client-secret")
     users.write_text(f'"alice" "{verifier}"\n"bob" "plain-pw"\n')
     proxy = await make_proxy(client_auth={"method": "scram", "users_file": str(users)})
     # libpq (psql) and asyncpg both log in
