@@ -8,6 +8,8 @@ the transaction status of ReadyForQuery is tracked.
 
 from __future__ import annotations
 
+from typing import Final
+
 from proxy.protocol import events as ev
 from proxy.protocol import messages as m
 from proxy.protocol.errors import ServerProtocolViolation
@@ -20,7 +22,7 @@ from proxy.protocol.states import (
 )
 
 _V = ServerProtocolViolation
-_READY = ServerState.READY
+_READY: Final = ServerState.READY
 
 
 class ServerConnection:

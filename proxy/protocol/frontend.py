@@ -9,6 +9,8 @@ are the tables in :mod:`proxy.protocol.states`.
 
 from __future__ import annotations
 
+from typing import Final
+
 from proxy.protocol import events as ev
 from proxy.protocol import messages as m
 from proxy.protocol.errors import ClientProtocolViolation
@@ -20,7 +22,7 @@ from proxy.protocol.states import (
     ClientState,
 )
 
-_READY = ClientState.READY
+_READY: Final = ClientState.READY
 _Outgoing = (
     ev.SSLResponse
     | ev.AuthenticationRequest

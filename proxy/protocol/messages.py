@@ -9,31 +9,34 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+from typing import Final
 
 from proxy.protocol.errors import ProtocolViolation
 
-PROTOCOL_3_0 = 196608  # 3 << 16
-SSL_REQUEST_CODE = 80877103
-GSSENC_REQUEST_CODE = 80877104
-CANCEL_REQUEST_CODE = 80877102
+# Final: compiled by mypyc, a Final constant is a C static; any other module-level
+# name is a dict lookup at each use (the interpreter caches those, mypyc does not)
+PROTOCOL_3_0: Final = 196608  # 3 << 16
+SSL_REQUEST_CODE: Final = 80877103
+GSSENC_REQUEST_CODE: Final = 80877104
+CANCEL_REQUEST_CODE: Final = 80877102
 # PostgreSQL refuses startup packets above this size (MAX_STARTUP_PACKET_LENGTH)
-MAX_STARTUP_LENGTH = 10000
+MAX_STARTUP_LENGTH: Final = 10000
 # and regular messages above 1 GB (PQ_LARGE_MESSAGE_LIMIT)
-MAX_MESSAGE_LENGTH = (1 << 30) - 1
+MAX_MESSAGE_LENGTH: Final = (1 << 30) - 1
 # and authentication messages before login above this (PG_MAX_AUTH_TOKEN_LENGTH)
-MAX_AUTH_LENGTH = 65535
+MAX_AUTH_LENGTH: Final = 65535
 # messages up to this size are held whole; larger ones of a streamable type pass through
-DEFAULT_MESSAGE_BUFFER = 256 * 1024
+DEFAULT_MESSAGE_BUFFER: Final = 256 * 1024
 # how much of a streamed message is seen before it is forwarded: enough for the names
 # a Bind is rewritten by, a Query's DISCARD check and an error's severity
-STREAM_HEAD = 512
-CONTINUATION = 0  # frame type of the further bytes of a streamed message
+STREAM_HEAD: Final = 512
+CONTINUATION: Final = 0  # frame type of the further bytes of a streamed message
 
-_I32 = struct.Struct("!i")
-_I16 = struct.Struct("!h")
-_HDR = struct.Struct("!ci")
-_unpack_i32 = _I32.unpack_from
-_TRANSACTION_STATUSES = frozenset(b"ITE")  # idle, in a transaction, in a failed one
+_I32: Final = struct.Struct("!i")
+_I16: Final = struct.Struct("!h")
+_HDR: Final = struct.Struct("!ci")
+_unpack_i32: Final = _I32.unpack_from
+_TRANSACTION_STATUSES: Final = frozenset(b"ITE")  # idle, in a transaction, in a failed one
 
 
 # --- startup-phase packets (client -> server) -------------------------------------
@@ -305,12 +308,12 @@ def authentication(code: int, payload: bytes = b"") -> bytes:
     return message(b"R", _I32.pack(code) + payload)
 
 
-AUTH_OK = 0
-AUTH_CLEARTEXT = 3
-AUTH_MD5 = 5
-AUTH_SASL = 10
-AUTH_SASL_CONTINUE = 11
-AUTH_SASL_FINAL = 12
+AUTH_OK: Final = 0
+AUTH_CLEARTEXT: Final = 3
+AUTH_MD5: Final = 5
+AUTH_SASL: Final = 10
+AUTH_SASL_CONTINUE: Final = 11
+AUTH_SASL_FINAL: Final = 12
 
 
 def parameter_status(name: str, value: str) -> bytes:

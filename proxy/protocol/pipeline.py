@@ -19,6 +19,7 @@ import re
 import struct
 from collections import deque
 from collections.abc import Callable
+from typing import Final
 
 from proxy.protocol import messages as m
 from proxy.protocol.errors import (
@@ -27,12 +28,24 @@ from proxy.protocol.errors import (
     StatementTooLarge,
 )
 
-FORWARD, INJECTED, INTERNAL, FAKE, CAPTURE = 0, 1, 2, 3, 4
+# Final: compiled by mypyc, a Final constant is a C static; any other module-level
+# name is a dict lookup at each use (the interpreter caches those, mypyc does not)
+FORWARD: Final = 0
+INJECTED: Final = 1
+INTERNAL: Final = 2
+FAKE: Final = 3
+CAPTURE: Final = 4
 
 # kinds: what completes an entry
-_PARSE, _BIND, _DESCRIBE, _EXECUTE, _CLOSE, _SYNC, _QUERY = range(7)
-_FAKE_REPLY = {_PARSE: m.PARSE_COMPLETE, _CLOSE: m.CLOSE_COMPLETE}
-_COMPLETES = {
+_PARSE: Final = 0
+_BIND: Final = 1
+_DESCRIBE: Final = 2
+_EXECUTE: Final = 3
+_CLOSE: Final = 4
+_SYNC: Final = 5
+_QUERY: Final = 6
+_FAKE_REPLY: Final = {_PARSE: m.PARSE_COMPLETE, _CLOSE: m.CLOSE_COMPLETE}
+_COMPLETES: Final = {
     ord("1"): _PARSE,
     ord("2"): _BIND,
     ord("3"): _CLOSE,
@@ -42,14 +55,14 @@ _COMPLETES = {
     ord("I"): _EXECUTE,
     ord("s"): _EXECUTE,
 }
-_I16 = struct.Struct("!h")
+_I16: Final = struct.Struct("!h")
 # CopyData, CopyDone, CopyFail, Flush and the rest of a streamed message (it was a
 # Query, CopyData, FunctionCall, unnamed Parse or Bind: forwarded): no response, no rewrite
-_PLAIN = frozenset((*b"dcfH", m.CONTINUATION))
-_I32 = struct.Struct("!i")
+_PLAIN: Final = frozenset((*b"dcfH", m.CONTINUATION))
+_I32: Final = struct.Struct("!i")
 # queries after which the server has no prepared statements left
-_DROPS_STATEMENTS = re.compile(rb"\s*(DISCARD\s+ALL|DEALLOCATE\s+(PREPARE\s+)?ALL)\b", re.I)
-_MAYBE_DISCARD = frozenset(b"Dd \n\t\r")  # first byte of such a query: cheap pre-check
+_DROPS_STATEMENTS: Final = re.compile(rb"\s*(DISCARD\s+ALL|DEALLOCATE\s+(PREPARE\s+)?ALL)\b", re.I)
+_MAYBE_DISCARD: Final = frozenset(b"Dd \n\t\r")  # first byte of such a query: cheap pre-check
 
 # reported parameters a client may change and the proxy carries between connections
 SYNCED_PARAMETERS = (
@@ -75,12 +88,12 @@ class Entry:
 
 # A FORWARD entry without a statement is never changed once queued, so one shared
 # instance per kind serves every request (no allocation on the hot path).
-_FORWARDS = {kind: Entry(kind, FORWARD) for kind in range(7)}
-_FWD_QUERY = _FORWARDS[_QUERY]
-_FWD_SYNC = _FORWARDS[_SYNC]
-_FWD_EXECUTE = _FORWARDS[_EXECUTE]
-_FWD_BIND = _FORWARDS[_BIND]
-_FWD_PARSE = _FORWARDS[_PARSE]
+_FORWARDS: Final = {kind: Entry(kind, FORWARD) for kind in range(7)}
+_FWD_QUERY: Final = _FORWARDS[_QUERY]
+_FWD_SYNC: Final = _FORWARDS[_SYNC]
+_FWD_EXECUTE: Final = _FORWARDS[_EXECUTE]
+_FWD_BIND: Final = _FORWARDS[_BIND]
+_FWD_PARSE: Final = _FORWARDS[_PARSE]
 
 
 class StatementNames:
@@ -471,7 +484,7 @@ def _data_row(body: bytes) -> list[str | None]:
     return row
 
 
-_IDLE_READY = m.ready_for_query(b"I")
+_IDLE_READY: Final = m.ready_for_query(b"I")
 
 
 def refuse(types: list[int], error: bytes, discarding: bool) -> tuple[list[bytes], bool]:

@@ -9,6 +9,7 @@ of the side that caused it.
 from __future__ import annotations
 
 from enum import Enum
+from typing import Final
 
 
 class ClientState(Enum):
@@ -55,10 +56,10 @@ CLIENT_SEND: dict[tuple[ClientState, str], ClientState] = {
 
 # Regular-phase message types a client may send (Bind, Close, CopyData, CopyDone,
 # CopyFail, Describe, Execute, Flush, FunctionCall, Parse, Query, Sync, Terminate).
-FRONTEND_TYPES = frozenset(b"BCdcfDEHFPQSX")
+FRONTEND_TYPES: Final = frozenset(b"BCdcfDEHFPQSX")
 # those that may be larger than the proxy's message buffer: they stream through (a Parse
 # only without a statement name; a Bind's names are in its head)
-FRONTEND_STREAMABLE = frozenset(b"QdFBP")
+FRONTEND_STREAMABLE: Final = frozenset(b"QdFBP")
 
 # --- server: what the server may send (event kind -> next state) --------------------
 SERVER_RECEIVE: dict[tuple[ServerState, str], ServerState] = {
@@ -84,10 +85,10 @@ SERVER_SEND: dict[tuple[ServerState, str], ServerState] = {
 }
 
 # Regular-phase message types a server may send.
-BACKEND_TYPES = frozenset(b"123AcdCDEGHIKnNsStTVWZ")
+BACKEND_TYPES: Final = frozenset(b"123AcdCDEGHIKnNsStTVWZ")
 # those that may stream: rows, copy data, descriptions, notices and errors (the proxy
 # reads only their heads), notifications, function results
-BACKEND_STREAMABLE = frozenset(b"DdTNEAVt")
+BACKEND_STREAMABLE: Final = frozenset(b"DdTNEAVt")
 
 
 # --- the client session of the I/O shell (proxy/session.py) -------------------------
