@@ -347,7 +347,8 @@ def matrix(
             ratios = cpu = ""
             bouncer = None
             if name.startswith(("proxy", "relay")):
-                mode = "session" if name.startswith("relay") else name.split()[-1]
+                words = name.split()  # "proxy [pure] <mode> [@base]"; the relay: session
+                mode = "transaction" if "transaction" in words else "session"
                 bouncer = results.get((f"pgbouncer {mode}", workload, clients))
                 direct = results[("direct", workload, clients)]
                 ratios = f"{r.tps / bouncer.tps:>10.2f}" if bouncer else f"{'-':>10}"
