@@ -15,6 +15,9 @@ NATIVE_SRC := setup.py proxy/build.py $(shell $(PYTHON) proxy/build.py)
 BOTH_BUILDS := tests/proxy
 COMPILED_RUN := CREDSIDECAR_EXPECT_BUILD=compiled
 PURE_RUN := CREDSIDECAR_PURE_PYTHON=1 CREDSIDECAR_EXPECT_BUILD=pure
+# Parallel pytest workers (pytest-xdist) for make test: the tests mostly wait on servers'
+# clocks, so more workers than cores pay; each worker starts its own servers.
+TEST_WORKERS ?= 4
 
 .PHONY: test check lint typecheck unit fast demo bench clean hadolint servers pure-install
 
@@ -59,8 +62,8 @@ servers:
 	apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -yq --no-install-recommends $$missing
 
 unit: $(NATIVE) servers
-	$(COMPILED_RUN) $(BIN)/pytest -q
-	$(PURE_RUN) $(BIN)/pytest -q $(BOTH_BUILDS)
+	$(COMPILED_RUN) $(BIN)/pytest -q -n $(TEST_WORKERS)
+	$(PURE_RUN) $(BIN)/pytest -q -n $(TEST_WORKERS) $(BOTH_BUILDS)
 
 # The tests that need no server (tests/conftest.py marks the others "servers"); the
 # protocol's also in pure Python.
