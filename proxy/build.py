@@ -30,6 +30,7 @@ COMPILED = (
     "proxy.protocol.events",
     "proxy.protocol.frontend",
     "proxy.protocol.backend",
+    "proxy.protocol.statements",
     "proxy.protocol.pipeline",
     "proxy.protocol.auth",
 )

@@ -24,7 +24,7 @@ from proxy.backoff import Backoff
 from proxy.config import ProxyConfig
 from proxy.credentials import CredentialProvider, Credentials
 from proxy.errors import UpstreamAuthError, UpstreamError
-from proxy.protocol.pipeline import StatementNames
+from proxy.protocol.statements import StatementNames
 from proxy.upstream import ServerConn
 
 log = logging.getLogger("credsidecar.proxy")

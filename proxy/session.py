@@ -27,12 +27,12 @@ from proxy.protocol.pipeline import (
     FAKE,
     KEEP,
     SYNCED_PARAMETERS,
-    ClientStatements,
     between_transactions,
     past_failed_segment,
     refuse,
     when_client_leaves,
 )
+from proxy.protocol.statements import ClientStatements
 from proxy.protocol.states import ClientState, SessionState, session_move
 from proxy.transport import Link
 from proxy.upstream import ServerConn, ServerOwner

@@ -25,7 +25,8 @@ from proxy.protocol import messages as m
 from proxy.protocol.auth import UpstreamAuthenticator
 from proxy.protocol.backend import ServerConnection
 from proxy.protocol.errors import AuthenticationFailed, ProtocolViolation
-from proxy.protocol.pipeline import Pipeline, StatementNames
+from proxy.protocol.pipeline import Pipeline
+from proxy.protocol.statements import StatementNames
 from proxy.transport import Link
 
 log = logging.getLogger("credsidecar.proxy")

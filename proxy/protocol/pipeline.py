@@ -27,6 +27,7 @@ from proxy.protocol.errors import (
     ServerProtocolViolation,
     StatementTooLarge,
 )
+from proxy.protocol.statements import ClientStatements, StatementNames, parse_message
 
 # Final: compiled by mypyc, a Final constant is a C static; any other module-level
 # name is a dict lookup at each use (the interpreter caches those, mypyc does not)
@@ -96,39 +97,8 @@ _FWD_BIND: Final = _FORWARDS[_BIND]
 _FWD_PARSE: Final = _FORWARDS[_PARSE]
 
 
-class StatementNames:
-    """Server-side name for each distinct statement (query text + parameter types)."""
-
-    def __init__(self, prefix: str = "csp_") -> None:
-        self._names: dict[bytes, str] = {}
-        self._prefix = prefix
-
-    def name_for(self, definition: bytes) -> str:
-        name = self._names.get(definition)
-        if name is None:
-            name = f"{self._prefix}{len(self._names) + 1}"
-            self._names[definition] = name
-        return name
-
-    def __len__(self) -> int:
-        return len(self._names)
-
-
-class ClientStatements:
-    """A client's prepared statements: its name -> (server name, Parse body after the name)."""
-
-    __slots__ = ("by_name",)
-
-    def __init__(self) -> None:
-        self.by_name: dict[str, tuple[str, bytes]] = {}
-
-
 def _split_name(body: bytes, offset: int = 0) -> tuple[str, int]:
     return m.read_cstr(body, offset, ClientProtocolViolation)
-
-
-def _parse_message(server_name: str, definition: bytes) -> bytes:
-    return m.message(b"P", m.cstr(server_name) + definition)
 
 
 def _partial(data: bytes) -> bool:
@@ -209,7 +179,7 @@ class Pipeline:
                     queue.append(Entry(_PARSE, FAKE))
                     return
                 self.prepared.add(target)
-                out.append(_parse_message(target, definition))
+                out.append(parse_message(target, definition))
                 queue.append(Entry(_PARSE, FORWARD, target))
                 return
             queue.append(_FWD_PARSE)
@@ -279,7 +249,7 @@ class Pipeline:
         target, definition = known
         if target not in self.prepared:
             self.prepared.add(target)
-            out.append(_parse_message(target, definition))
+            out.append(parse_message(target, definition))
             self.queue.append(Entry(_PARSE, INJECTED, target))
         return target
 

@@ -184,7 +184,8 @@ async def test_copy_and_client_discard_all(make_proxy: ProxyFactory, role: Role)
 
 def test_pipeline_close_with_flush_answers_without_sync() -> None:
     from proxy.protocol import messages as m
-    from proxy.protocol.pipeline import ClientStatements, Pipeline, StatementNames
+    from proxy.protocol.pipeline import Pipeline
+    from proxy.protocol.statements import ClientStatements, StatementNames
 
     pipe = Pipeline(StatementNames(), {})
     stmts = ClientStatements()

@@ -22,7 +22,8 @@ from proxy.protocol.errors import (
     ServerProtocolViolation,
 )
 from proxy.protocol.frontend import ClientConnection
-from proxy.protocol.pipeline import ClientStatements, Pipeline, StatementNames
+from proxy.protocol.pipeline import Pipeline
+from proxy.protocol.statements import ClientStatements, StatementNames
 from proxy.protocol.states import ClientState, ServerState
 
 PROTOCOL_DIR = Path(__file__).resolve().parents[2] / "proxy" / "protocol"

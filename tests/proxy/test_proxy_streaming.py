@@ -17,7 +17,8 @@ from proxy.protocol.errors import (
     StatementTooLarge,
 )
 from proxy.protocol.frontend import ClientConnection
-from proxy.protocol.pipeline import ClientStatements, Pipeline, StatementNames
+from proxy.protocol.pipeline import Pipeline
+from proxy.protocol.statements import ClientStatements, StatementNames
 
 SMALL = 600  # a message buffer small enough that a few KiB stream
 

@@ -16,13 +16,12 @@ from proxy.protocol.pipeline import (
     DROP,
     FINISH,
     KEEP,
-    ClientStatements,
     Pipeline,
-    StatementNames,
     between_transactions,
     past_failed_segment,
     when_client_leaves,
 )
+from proxy.protocol.statements import ClientStatements, StatementNames
 from proxy.protocol.states import SESSION_MOVES, SessionState, session_move
 
 PROXY_DIR = Path(__file__).resolve().parents[2] / "proxy"
