@@ -71,6 +71,13 @@ server_reset_failures_total = Counter(
     "Server connections closed instead of pooled because server_reset_query failed.",
     registry=REGISTRY,
 )
+idle_transactions_total = Counter(
+    "credsidecar_proxy_idle_transactions_total",
+    "Server connections held in an open transaction or segment with no request running,"
+    " by outcome (released: handed back so, closed instead of pooled).",
+    ["outcome"],
+    registry=REGISTRY,
+)
 
 
 class StateCollector(Collector):

@@ -24,6 +24,7 @@ from proxy.backoff import Backoff
 from proxy.config import ProxyConfig
 from proxy.credentials import CredentialProvider, Credentials
 from proxy.errors import UpstreamAuthError, UpstreamError
+from proxy.protocol.pipeline import between_transactions
 from proxy.protocol.statements import StatementNames
 from proxy.upstream import ServerConn
 
@@ -109,8 +110,14 @@ class Pool:
         if conn.generation != self.manager.generation:
             self.drain(conn, "after_transaction")
             return
-        if not conn.pipeline.idle or conn.proto.transaction_status != b"I":
-            conn.close()  # mid-transaction: nothing safe to hand to another client
+        if not between_transactions(conn.pipeline, conn.proto.transaction_status):
+            # mid-transaction or mid-segment: nothing safe to hand to another client
+            metrics.idle_transactions_total.labels("released").inc()
+            log.warning(
+                "proxy_released_mid_transaction",
+                extra={"db": self.database, "status": conn.proto.transaction_status.decode()},
+            )
+            conn.close()
             return
         while self.waiters:
             waiter = self.waiters.popleft()

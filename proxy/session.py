@@ -318,8 +318,8 @@ class ClientSession(ServerOwner):
         self.link.write(data)
 
     def server_idle(self, conn: ServerConn) -> None:
-        if conn.proto.transaction_status != b"I":
-            return
+        if not between_transactions(conn.pipeline, conn.proto.transaction_status):
+            return  # in a transaction, or a segment of the client's still open
         state = self.state
         if state is _DRAINING:
             self.fatal("57P01", "terminating connection: the proxy is shutting down")
@@ -361,7 +361,11 @@ class ClientSession(ServerOwner):
         self.conn = None
         conn.owner = None
         in_use = self.state is _ACTIVE or self.state is _MIGRATING
-        if in_use and self.transaction_mode and conn.proto.transaction_status == b"I":
+        if (
+            in_use
+            and self.transaction_mode
+            and between_transactions(conn.pipeline, conn.proto.transaction_status)
+        ):
             # between transactions the server session is not the client's: drop it
             self._move(_IDLE)
             if conn.write_paused:
@@ -451,7 +455,9 @@ class ClientSession(ServerOwner):
     async def _finish_and_release(self, conn: ServerConn, pool: Pool, reset: str) -> None:
         try:
             await conn.wait_idle()
-            idle = not conn.closed and conn.proto.transaction_status == b"I"
+            idle = not conn.closed and between_transactions(
+                conn.pipeline, conn.proto.transaction_status
+            )
             if idle and reset and not await conn.internal(reset):
                 # a failed reset may have reset nothing: the next client would inherit
                 # this one's session state (SET, temp tables)
@@ -462,7 +468,7 @@ class ClientSession(ServerOwner):
         except UpstreamError:
             conn.close()
             return
-        if conn.closed or conn.proto.transaction_status != b"I":
+        if conn.closed or not between_transactions(conn.pipeline, conn.proto.transaction_status):
             conn.close()
             return
         pool.release(conn)

@@ -11,6 +11,13 @@ response is queued in order; each entry says what to do with its response:
 * ``FAKE``     - the proxy answered already (Parse of a statement the server has,
   Close of a statement): synthesise ParseComplete/CloseComplete in its turn.
 * ``CAPTURE``  - a query of the proxy whose rows it reads (see :meth:`capture_query`).
+
+Beside the queue, :attr:`Pipeline.segment` follows the extended-protocol segment on the
+way to the server (``CLOSED``: the last request was a Sync or a Query; ``OPEN``: Parse,
+Bind, ... sent since; ``FAILED``: the server reported an error in the open segment and
+ignores everything up to its Sync, as PostgreSQL's ``ignore_till_sync`` does). A server
+connection is between transactions only when the queue is empty *and* the segment is
+closed: a segment ended by Flush, or failed before its Sync, is still the client's.
 """
 
 from __future__ import annotations
@@ -37,6 +44,11 @@ INTERNAL: Final = 2
 FAKE: Final = 3
 CAPTURE: Final = 4
 
+# Pipeline.segment: the extended-protocol segment sent to the server (see the docstring)
+CLOSED: Final = 0
+OPEN: Final = 1
+FAILED: Final = 2
+
 # kinds: what completes an entry
 _PARSE: Final = 0
 _BIND: Final = 1
@@ -60,6 +72,8 @@ _I16: Final = struct.Struct("!h")
 # CopyData, CopyDone, CopyFail, Flush and the rest of a streamed message (it was a
 # Query, CopyData, FunctionCall, unnamed Parse or Bind: forwarded): no response, no rewrite
 _PLAIN: Final = frozenset((*b"dcfH", m.CONTINUATION))
+# requests that open an extended-protocol segment (Flush alone leaves it as it is)
+_OPENS: Final = frozenset(b"PBDEC")
 _I32: Final = struct.Struct("!i")
 # queries after which the server has no prepared statements left
 _DROPS_STATEMENTS: Final = re.compile(rb"\s*(DISCARD\s+ALL|DEALLOCATE\s+(PREPARE\s+)?ALL)\b", re.I)
@@ -115,6 +129,7 @@ class Pipeline:
         "parameters",
         "prepared",
         "queue",
+        "segment",
         "streaming_forward",
         "synced",
         "unrequested_error",
@@ -130,6 +145,7 @@ class Pipeline:
         self.fatal_forwarded = False  # the client already got the server's last word
         self.unrequested_error: bytes | None = None  # an error between requests
         self.streaming_forward = True  # a server message streaming through goes to the client
+        self.segment = CLOSED
 
     @property
     def idle(self) -> bool:
@@ -141,12 +157,19 @@ class Pipeline:
     def client_message(self, msg: m.Message, stmts: ClientStatements, out: list[bytes]) -> None:
         """Append the bytes to send upstream for ``msg`` to ``out`` and queue its entries."""
         t = msg.data[0]
+        if self.segment == FAILED:
+            self._ignored(t, msg.data, out)
+            return
         queue = self.queue
+        if t in _OPENS:
+            self.segment = OPEN
         if t == 81:  # Q
+            self.segment = CLOSED
             queue.append(_FWD_QUERY)
             if _DROPS_STATEMENTS.match(msg.data, 5, 64):
                 self.prepared.clear()
         elif t == 83:  # S
+            self.segment = CLOSED
             queue.append(_FWD_SYNC)
         elif t == 69:  # E
             queue.append(_FWD_EXECUTE)
@@ -203,8 +226,21 @@ class Pipeline:
                 raise ClientProtocolViolation("Describe/Close of neither 'S' nor 'P'")
             queue.append(_FORWARDS[kind])
         elif t == 70:  # F: FunctionCall answers V then Z like a query
+            self.segment = CLOSED
             queue.append(_FWD_QUERY)
         out.append(msg.data)
+
+    def _ignored(self, t: int, data: bytes, out: list[bytes]) -> None:
+        """A request while the server skips to the Sync of a failed segment.
+
+        It is forwarded as it came (the server reads and drops it; a message streaming
+        through keeps its framing) but never queued, renamed or remembered: no response
+        will come. The Sync ends the skipping, and is answered with ReadyForQuery.
+        """
+        out.append(data)
+        if t == 83:  # S
+            self.segment = CLOSED
+            self.queue.append(_FWD_SYNC)
 
     def client_frames(
         self,
@@ -214,20 +250,26 @@ class Pipeline:
         out: list[bytes],
     ) -> None:
         """Bulk form of :meth:`client_message`: what needs no rewrite leaves as one slice."""
+        if self.segment == FAILED and frames:
+            frames = self._skip_ignored(buf, frames, out)
         queue = self.queue
         run_start = run_end = -1
         for t, start, end in frames:
             if t == 81:  # Q
+                self.segment = CLOSED
                 queue.append(_FWD_QUERY)
                 if buf[start + 5] in _MAYBE_DISCARD and _DROPS_STATEMENTS.match(
                     buf, start + 5, min(end, start + 64)
                 ):
                     self.prepared.clear()  # DISCARD ALL / DEALLOCATE ALL from the client
             elif t == 70:  # F
+                self.segment = CLOSED
                 queue.append(_FWD_QUERY)
             elif t == 83:  # S
+                self.segment = CLOSED
                 queue.append(_FWD_SYNC)
             elif t == 69:  # E
+                self.segment = OPEN
                 queue.append(_FWD_EXECUTE)
             elif t not in _PLAIN:  # P, B, D, C may name a statement: the careful path
                 if run_start >= 0:
@@ -240,6 +282,19 @@ class Pipeline:
             run_end = end
         if run_start >= 0:
             out.append(buf if run_start == 0 and run_end == len(buf) else buf[run_start:run_end])
+
+    def _skip_ignored(
+        self, buf: bytes, frames: list[tuple[int, int, int]], out: list[bytes]
+    ) -> list[tuple[int, int, int]]:
+        """:meth:`_ignored` for the frames up to the first Sync (one slice); the rest."""
+        after = past_failed_segment(frames)
+        last = frames[-1 if after < 0 else after - 1]
+        out.append(buf[frames[0][1] : last[2]])
+        if after < 0:
+            return []
+        self.segment = CLOSED
+        self.queue.append(_FWD_SYNC)
+        return frames[after:]
 
     def _ensure(self, stmts: ClientStatements, name: str, out: list[bytes]) -> str | None:
         """Server name of the client's statement, prepared here first if needed."""
@@ -339,11 +394,7 @@ class Pipeline:
                     raise ServerProtocolViolation("ReadyForQuery before the request completed")
                 forward = action == FORWARD
             elif t == 69:  # E
-                if head.stmt is not None:
-                    self.prepared.discard(head.stmt)
-                if head.kind != _QUERY:
-                    while queue and queue[0].kind != _SYNC:
-                        queue.popleft()
+                self._failed(head)
                 forward = action != INTERNAL and action != CAPTURE
                 if not forward:
                     head.rows = None
@@ -372,6 +423,23 @@ class Pipeline:
         if queue and queue[0].action == FAKE:
             self.fakes(out)  # e.g. a Close answered by us, with only a Flush after it
         return swallowed_error
+
+    def _failed(self, head: Entry) -> None:
+        """An ErrorResponse to ``head``: what the server will not answer any more."""
+        if head.stmt is not None:  # a failed Parse leaves nothing prepared
+            self.prepared.discard(head.stmt)
+        if head.kind == _QUERY:
+            return  # a simple Query: ReadyForQuery follows, nothing is skipped
+        # the server skips everything up to the next Sync
+        queue = self.queue
+        prepared = self.prepared
+        while queue and queue[0].kind != _SYNC:
+            skipped = queue.popleft()
+            if skipped.stmt is not None:  # a Parse the server will ignore
+                prepared.discard(skipped.stmt)
+        if not queue:
+            # that Sync is not sent yet: what the client sends until then is ignored
+            self.segment = FAILED
 
     def server_message(
         self,
@@ -416,12 +484,7 @@ class Pipeline:
                 out.append(msg.data)
             return False
         if t == 69:  # E
-            if head.stmt is not None:  # a failed Parse leaves nothing prepared
-                self.prepared.discard(head.stmt)
-            if head.kind != _QUERY:
-                # the server skips everything up to the next Sync
-                while queue and queue[0].kind != _SYNC:
-                    queue.popleft()
+            self._failed(head)
             if action in (INTERNAL, CAPTURE):
                 head.rows = None
                 return True
@@ -484,9 +547,10 @@ def refuse(types: list[int], error: bytes, discarding: bool) -> tuple[list[bytes
 
 
 def between_transactions(pipeline: Pipeline, status: bytes) -> bool:
-    """Nothing awaits a response and the server is idle ('I'): the server session
-    holds no transaction, so it may serve another client (or be closed cleanly)."""
-    return not pipeline.queue and status == b"I"
+    """Nothing awaits a response, no segment is open (the ReadyForQuery seen answered
+    the client's last Sync or Query) and the server is idle ('I'): the server session
+    holds nothing of the client's, so it may serve another client (or be closed cleanly)."""
+    return not pipeline.queue and pipeline.segment == CLOSED and status == b"I"
 
 
 def past_failed_segment(frames: list[tuple[int, int, int]]) -> int:
@@ -509,7 +573,7 @@ KEEP, FINISH, DROP = "keep", "finish", "drop"
 def when_client_leaves(pipeline: Pipeline, status: bytes, reset: bool) -> str:
     """``KEEP`` it for the pool, ``FINISH`` (wait for the proxy's own queries, then the
     reset query) or ``DROP`` it (a request of the client still open, or a transaction)."""
-    if any(entry.action != INTERNAL for entry in pipeline.queue):
+    if pipeline.segment != CLOSED or any(entry.action != INTERNAL for entry in pipeline.queue):
         return DROP
     if not pipeline.queue and status != b"I":
         return DROP

@@ -1,0 +1,378 @@
+"""Issue 10, findings 3 and 8: segments, Syncs and errors in flight.
+
+A server connection is the client's until the ReadyForQuery that answers its last Sync
+(a segment ended by Flush, or failed before its Sync, is still open); after an error the
+server ignores everything up to the segment's Sync, and so does the proxy's bookkeeping.
+Each live test sends the same requests straight to PostgreSQL and through the proxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import asyncpg
+import psycopg
+import pytest
+from devservers import PostgresCluster
+from proxyhelpers import ProxyFactory, Role, RunningProxy, wait_until
+
+from proxy.protocol import events as ev
+from proxy.protocol import messages as m
+from proxy.protocol.auth import UpstreamAuthenticator
+from proxy.protocol.backend import ServerConnection
+from proxy.protocol.pipeline import (
+    CLOSED,
+    FAILED,
+    OPEN,
+    Pipeline,
+    between_transactions,
+)
+from proxy.protocol.statements import ClientStatements, StatementNames
+
+MODES = ["transaction", "session"]
+
+
+# --- raw protocol ------------------------------------------------------------------
+
+
+def parse(sql: str, name: str = "") -> bytes:
+    return m.message(b"P", m.cstr(name) + m.cstr(sql) + b"\0\0")
+
+
+def bind(stmt: str = "") -> bytes:
+    return m.message(b"B", b"\0" + m.cstr(stmt) + b"\0\0\0\0\0\0")
+
+
+DESCRIBE = m.message(b"D", b"S\0")
+DESCRIBE_PORTAL = m.message(b"D", b"P\0")
+EXECUTE = m.message(b"E", b"\0\0\0\0\0")
+FLUSH = m.message(b"H")
+
+
+def run(sql: str) -> bytes:
+    return parse(sql) + bind() + DESCRIBE_PORTAL + EXECUTE
+
+
+class Wire:
+    """A bare protocol client: what it reads is kept as whole messages."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    async def message(self) -> bytes:
+        head = await asyncio.wait_for(self.reader.readexactly(5), 20)
+        return head + await self.reader.readexactly(int.from_bytes(head[1:], "big") - 4)
+
+    async def until(self, kind: bytes, count: int = 1) -> list[bytes]:
+        """Messages up to and including the ``count``-th of type ``kind``."""
+        got: list[bytes] = []
+        while count:
+            got.append(await self.message())
+            count -= got[-1][:1] == kind
+        return got
+
+    def send(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    async def close(self) -> None:
+        self.writer.write(m.TERMINATE)
+        self.writer.close()
+        await self.writer.wait_closed()
+
+
+@asynccontextmanager
+async def wire(port: int, user: str, password: str, database: str) -> AsyncIterator[Wire]:
+    """Logged in with SCRAM (PostgreSQL) or trust (the proxy)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    client = Wire(reader, writer)
+    proto = ServerConnection()
+    auth = UpstreamAuthenticator(user, password, cleartext_allowed=False)
+    writer.write(proto.send(m.StartupMessage({"user": user, "database": database})))
+    try:
+        while True:
+            data = await client.message()
+            proto.receive_data(data)
+            event = proto.next_event()
+            if isinstance(event, ev.AuthenticationRequest):
+                reply = auth.respond(event)
+                if reply is not None:
+                    writer.write(proto.send(reply))
+            elif data[:1] == b"Z":
+                break
+            assert data[:1] != b"E", data
+        yield client
+    finally:
+        await client.close()
+
+
+def direct(postgres: PostgresCluster, role: Role) -> AsyncIterator[Wire]:
+    return wire(postgres.port, role.name, role.password, role.database)
+
+
+def proxied(proxy: RunningProxy, role: Role) -> AsyncIterator[Wire]:
+    return wire(proxy.port, "app", "x", role.database)
+
+
+async def answers(client: Wire, steps: list[tuple[bytes, int]]) -> list[bytes]:
+    """Send each step's bytes, read until its count of ReadyForQuery (0: until the
+    first ErrorResponse, the answer to a Flush-ended segment)."""
+    got: list[bytes] = []
+    for data, syncs in steps:
+        client.send(data)
+        got += await (client.until(b"Z", syncs) if syncs else client.until(b"E"))
+    return got
+
+
+def kinds(messages: list[bytes]) -> str:
+    return "".join(chr(x[0]) for x in messages)
+
+
+BAD = "SELECT no_such_column FROM pg_class"
+STEPS = {
+    # three segments in one write, the second fails at its Parse
+    "three_segments": [
+        (run("SELECT 1") + m.SYNC + run(BAD) + m.SYNC + run("SELECT 3") + m.SYNC, 3)
+    ],
+    # the error before its Sync is even sent: the rest of the segment comes later
+    "failed_then_sync": [
+        (parse(BAD) + FLUSH, 0),
+        (bind() + EXECUTE + run("SELECT 2") + m.SYNC + run("SELECT 3") + m.SYNC, 2),
+    ],
+    # an error at Execute, with further segments and a simple Query queued behind it
+    "execute_error": [
+        (run("SELECT 1/0") + run("SELECT 2") + m.SYNC + m.query("SELECT 4") + run("SELECT 5"), 2),
+        (m.SYNC, 1),
+    ],
+    # a named statement prepared in the failed part of a segment does not exist after it
+    "ignored_parse": [
+        (parse(BAD) + FLUSH, 0),
+        (parse("SELECT 7", "st") + m.SYNC, 1),
+        (bind("st") + EXECUTE + m.SYNC, 1),
+    ],
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", sorted(STEPS))
+async def test_pipelined_errors_answer_like_postgresql(
+    make_proxy: ProxyFactory, postgres: PostgresCluster, role: Role, mode: str, case: str
+) -> None:
+    """The same bytes, straight and through the proxy: the same answer, byte for byte."""
+    proxy = await make_proxy(pool_mode=mode, pool_size=1)
+    async with direct(postgres, role) as straight:
+        expected = await answers(straight, STEPS[case])
+    async with proxied(proxy, role) as through:
+        got = await answers(through, STEPS[case])
+        # and the connection is sound afterwards
+        after = await answers(through, [(run("SELECT 9") + m.SYNC, 1)])
+    assert kinds(got) == kinds(expected)
+    assert got == expected
+    assert kinds(after) == "12TDCZ"
+
+
+async def test_flush_ended_segment_keeps_the_server_connection(
+    make_proxy: ProxyFactory, role: Role
+) -> None:
+    """Parse/Describe/Flush, a wait, Bind/Execute/Sync: a competing client waits for the
+    Sync's ReadyForQuery instead of taking the connection (and the unnamed statement)."""
+    proxy = await make_proxy(pool_size=1)
+    other = await asyncpg.connect(proxy.dsn(db=role.database))  # logs in, then lets go
+    async with proxied(proxy, role) as first:
+        first.send(parse("SELECT $1::int + 1") + DESCRIBE + FLUSH)
+        assert kinds(await first.until(b"T")) == "1tT"
+        try:
+            competing = asyncio.create_task(other.fetchval("SELECT 42"))
+
+            def waiting() -> bool:
+                return competing.done() or proxy.server.status()["pools"][0]["waiting"] == 1
+
+            await wait_until(waiting, what="the competing client waits")
+            assert not competing.done(), "the competing client took a connection mid-segment"
+            first.send(m.message(b"B", b"\0\0\0\0\0\1\0\0\0\0016\0\0") + EXECUTE + m.SYNC)
+            got = await first.until(b"Z")
+            assert kinds(got) == "2DCZ"
+            assert got[1] == m.message(b"D", b"\0\1\0\0\0\0017")  # 6 + 1
+            assert await asyncio.wait_for(competing, 20) == 42
+        finally:
+            await asyncio.wait_for(other.close(), 20)
+
+
+@asynccontextmanager
+async def competitor(proxy: RunningProxy, role: Role) -> AsyncIterator[list[int]]:
+    """Another client running queries in a loop; yields how many it finished."""
+    done = [0]
+    conn = await asyncpg.connect(proxy.dsn(db=role.database))
+
+    async def loop() -> None:
+        while True:
+            assert await conn.fetchval("SELECT 5") == 5
+            done[0] += 1
+
+    task = asyncio.create_task(loop())
+    try:
+        await wait_until(lambda: done[0] > 0 or task.done(), what="the competitor runs")
+        yield done
+        assert not task.done(), task.exception()
+        seen = done[0]
+        await wait_until(lambda: done[0] > seen or task.done(), what="the competitor still runs")
+        assert not task.done(), task.exception()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await asyncio.wait_for(conn.close(), 20)
+
+
+async def test_asyncpg_error_at_prepare_then_a_good_query(
+    make_proxy: ProxyFactory, role: Role
+) -> None:
+    """Transaction mode, one server connection, a competing client: a misspelt column
+    fails, the next query works, close() returns."""
+    proxy = await make_proxy(pool_size=1)
+    async with competitor(proxy, role):
+        conn = await asyncpg.connect(proxy.dsn(db=role.database))
+        try:
+            for _ in range(3):
+                with pytest.raises(asyncpg.UndefinedColumnError):
+                    await asyncio.wait_for(conn.fetch(BAD), 20)
+                assert await asyncio.wait_for(conn.fetchval("SELECT 1"), 20) == 1
+        finally:
+            await asyncio.wait_for(conn.close(), 20)
+
+
+async def test_psycopg_error_then_a_good_query(make_proxy: ProxyFactory, role: Role) -> None:
+    proxy = await make_proxy(pool_size=1)
+    dsn = f"host=127.0.0.1 port={proxy.port} user=app password=x dbname={role.database}"
+    async with competitor(proxy, role):
+        conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+        try:
+            for prepare in (False, True):
+                with pytest.raises(psycopg.errors.UndefinedColumn):
+                    await asyncio.wait_for(conn.execute(BAD, prepare=prepare), 20)
+                cur = await asyncio.wait_for(conn.execute("SELECT 1", prepare=prepare), 20)
+                assert await cur.fetchone() == (1,)
+        finally:
+            await asyncio.wait_for(conn.close(), 20)
+
+
+async def _psycopg_pipeline(dsn: str, autocommit: bool) -> list[str]:
+    """What psycopg's pipeline mode reports for each step of a pipeline with an error."""
+    seen: list[str] = []
+    conn = await psycopg.AsyncConnection.connect(dsn, autocommit=autocommit)
+    try:
+
+        async def step(sql: str) -> None:
+            try:
+                cur = await conn.execute(sql)
+                seen.append(repr(await cur.fetchall()))
+            except psycopg.Error as exc:
+                seen.append(type(exc).__name__)
+
+        async with conn.pipeline() as pipeline:
+            await step("SELECT 1")
+            await step(BAD)
+            await step("SELECT 3")
+            try:
+                await pipeline.sync()
+                seen.append("synced")
+            except psycopg.Error as exc:
+                seen.append(f"sync: {type(exc).__name__}")
+            await step("SELECT 4")
+        await step("SELECT 5")
+        seen.append(str(conn.info.transaction_status))
+    finally:
+        await asyncio.wait_for(conn.close(), 20)
+    return seen
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("autocommit", [True, False])
+async def test_psycopg_pipeline_mode_with_an_error(
+    make_proxy: ProxyFactory, postgres: PostgresCluster, role: Role, mode: str, autocommit: bool
+) -> None:
+    """PipelineAborted for the rest of the segment, recovery after the Sync: as direct."""
+    # session mode: each client has a server connection of its own
+    proxy = await make_proxy(pool_mode=mode, pool_size=1 if mode == "transaction" else 2)
+    straight = (
+        f"host=127.0.0.1 port={postgres.port} user={role.name} "
+        f"password={role.password} dbname={role.database}"
+    )
+    through = f"host=127.0.0.1 port={proxy.port} user=app password=x dbname={role.database}"
+    expected = await _psycopg_pipeline(straight, autocommit)
+    assert "PipelineAborted" in expected  # the case this test is about
+    async with competitor(proxy, role):
+        assert await asyncio.wait_for(_psycopg_pipeline(through, autocommit), 30) == expected
+
+
+# --- the bookkeeping alone (sans I/O) ------------------------------------------------
+
+
+def _frames(data: bytes) -> list[tuple[int, int, int]]:
+    frames, pos = [], 0
+    while pos < len(data):
+        end = pos + 1 + int.from_bytes(data[pos + 1 : pos + 5], "big")
+        frames.append((data[pos], pos, end))
+        pos = end
+    return frames
+
+
+def _send(pipe: Pipeline, data: bytes) -> bytes:
+    out: list[bytes] = []
+    pipe.client_frames(data, _frames(data), ClientStatements(), out)
+    return b"".join(out)
+
+
+def _answer(pipe: Pipeline, data: bytes) -> bytes:
+    out: list[bytes] = []
+    pipe.server_frames(data, _frames(data), out)
+    return b"".join(out)
+
+
+def test_segment_states() -> None:
+    pipe = Pipeline(StatementNames(), {})
+    assert pipe.segment == CLOSED
+    _send(pipe, parse("SELECT 1") + DESCRIBE + FLUSH)
+    assert pipe.segment == OPEN
+    _answer(pipe, m.PARSE_COMPLETE + m.message(b"t", b"\0\0") + m.message(b"n"))
+    assert not pipe.queue and not between_transactions(pipe, b"I")  # Flush: still open
+    _send(pipe, bind() + EXECUTE + m.SYNC)
+    assert pipe.segment == CLOSED and not between_transactions(pipe, b"I")
+    _answer(pipe, m.message(b"2") + m.message(b"C", b"SELECT 1\0") + m.ready_for_query(b"I"))
+    assert between_transactions(pipe, b"I")
+    _send(pipe, m.SYNC + FLUSH)  # a Flush alone opens nothing
+    _answer(pipe, m.ready_for_query(b"I"))
+    assert between_transactions(pipe, b"I")
+
+
+def test_error_before_its_sync_ignores_up_to_the_sync() -> None:
+    pipe = Pipeline(StatementNames(), {})
+    _send(pipe, parse("x", "named") + bind("named") + FLUSH)
+    error = m.error_response("42601", "syntax error", "ERROR")
+    assert _answer(pipe, error) == error
+    assert pipe.segment == FAILED and not pipe.queue and not between_transactions(pipe, b"I")
+    # ignored by the server: forwarded as they are, never queued, Parse not remembered
+    later = parse("SELECT 1", "other") + bind("other") + EXECUTE + m.query("SELECT 1")
+    assert _send(pipe, later) == later
+    assert not pipe.queue and pipe.segment == FAILED
+    assert _send(pipe, m.SYNC + m.query("SELECT 2")) == m.SYNC + m.query("SELECT 2")
+    assert pipe.segment == CLOSED and len(pipe.queue) == 2
+    _answer(pipe, m.ready_for_query(b"I"))
+    _answer(pipe, m.message(b"C", b"SELECT 1\0") + m.ready_for_query(b"I"))
+    assert between_transactions(pipe, b"I")
+    assert not pipe.prepared  # the failed Parse was forgotten, the ignored one never seen
+
+
+def test_parse_skipped_after_an_error_is_not_prepared() -> None:
+    """A named Parse queued behind the failing request never ran on the server: the
+    next client with that text must get a real Parse, not a faked ParseComplete."""
+    names = StatementNames()
+    pipe = Pipeline(names, {})
+    _send(pipe, run("SELECT 1/0") + parse("SELECT 7", "st") + m.SYNC)
+    error = m.error_response("22012", "division by zero", "ERROR")
+    _answer(pipe, m.PARSE_COMPLETE + m.message(b"2") + m.message(b"n") + error)
+    _answer(pipe, m.ready_for_query(b"I"))
+    assert not pipe.prepared
+    assert _send(pipe, parse("SELECT 7", "mine")) == parse(
+        "SELECT 7", names.name_for(b"SELECT 7\0\0\0")
+    )
