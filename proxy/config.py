@@ -105,6 +105,10 @@ class ProxyConfig:
     # messages up to this size are held whole, larger ones stream through (per direction)
     message_buffer: int = 256 * 1024
     client_login_timeout: float = 15.0  # PgBouncer's name; startup + client auth
+    # a wait this long for an answer the server owes, or in an idle transaction, is
+    # logged and counted (0: never); see proxy/watchdog.py
+    hang_warning_timeout: float = 60.0
+    idle_transaction_timeout: float = 0.0  # PgBouncer's name and default (0: never)
 
     @property
     def unix_socket_path(self) -> Path | None:
@@ -205,6 +209,8 @@ def parse_proxy_config(
         server_reset_query=top.get("server_reset_query", as_nonempty_str, "DISCARD ALL"),
         message_buffer=top.get("message_buffer", _buffer_size, 256 * 1024),
         client_login_timeout=top.get("client_login_timeout", parse_duration, 15.0),
+        hang_warning_timeout=top.get("hang_warning_timeout", parse_duration, 60.0),
+        idle_transaction_timeout=top.get("idle_transaction_timeout", parse_duration, 0.0),
     )
     if problems is None and collected:
         raise ProxyConfigError(collected.items)
@@ -228,6 +234,8 @@ _TOP_KEYS = (
     "server_reset_query",
     "message_buffer",
     "client_login_timeout",
+    "hang_warning_timeout",
+    "idle_transaction_timeout",
 )
 _UPSTREAM_KEYS = (
     "host",

@@ -71,10 +71,17 @@ server_reset_failures_total = Counter(
     "Server connections closed instead of pooled because server_reset_query failed.",
     registry=REGISTRY,
 )
+overdue_answers_total = Counter(
+    "credsidecar_proxy_overdue_answers_total",
+    "Clients that waited longer than hang_warning_timeout for an answer their server connection"
+    " owed them (logged as proxy_answer_overdue).",
+    registry=REGISTRY,
+)
 idle_transactions_total = Counter(
     "credsidecar_proxy_idle_transactions_total",
     "Server connections held in an open transaction or segment with no request running,"
-    " by outcome (released: handed back so, closed instead of pooled).",
+    " by outcome (warned: past hang_warning_timeout; closed: past idle_transaction_timeout;"
+    " released: handed back so, closed instead of pooled).",
     ["outcome"],
     registry=REGISTRY,
 )

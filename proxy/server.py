@@ -28,6 +28,7 @@ from proxy.session import ClientSession
 from proxy.tls import TLSFiles
 from proxy.transport import Link
 from proxy.upstream import ServerConn
+from proxy.watchdog import Watchdog
 
 log = logging.getLogger("credsidecar.proxy")
 MAX_REFUSING = 32  # connections past max_client_conn being told so (in the file budget)
@@ -59,6 +60,7 @@ class ProxyServer:
         self._empty = asyncio.Event()
         self._registry = registry if registry is not None else metrics.REGISTRY
         self._collector = metrics.StateCollector(self.status)
+        self.watchdog = Watchdog(self)
 
     @property
     def addresses(self) -> list[Any]:
@@ -87,6 +89,7 @@ class ProxyServer:
             await self.provider.close()
             raise
         self._registry.register(self._collector)
+        self.spawn(self.watchdog.run())
         log.info(
             "proxy_started",
             extra={

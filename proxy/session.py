@@ -73,6 +73,7 @@ class ClientSession(ServerOwner):
         self.replay: list[str] = []  # session state to re-create on the next connection
         self.peer = self._peer()
         self.transaction_mode = server.config.pool_mode == "transaction"
+        self.reads = 0  # chunks received: the watchdog's sign of life (proxy/watchdog.py)
 
     def _peer(self) -> str:
         if self.unix or self.link.transport is None:
@@ -270,6 +271,7 @@ class ClientSession(ServerOwner):
     # --- running ---------------------------------------------------------------------
 
     def _data(self, data: bytes) -> None:
+        self.reads += 1
         try:
             buf, frames = self.proto.receive_frames(data)
             if frames:

@@ -110,6 +110,7 @@ class ServerConn:
         self.on_close: Callable[[ServerConn], None] | None = None
         self.write_paused = False  # the server reads slower than its client sends
         self.internal_errors = 0  # ErrorResponses to the proxy's own queries, swallowed
+        self.reads = 0  # chunks received: the watchdog's sign of life (proxy/watchdog.py)
         link.on_pause = self._paused
         link.run(self._data, self._lost)
 
@@ -125,6 +126,7 @@ class ServerConn:
         self.link.write(data)
 
     def _data(self, data: bytes) -> None:
+        self.reads += 1
         out: list[bytes] = []
         owner = self.owner
         pipeline = self.pipeline

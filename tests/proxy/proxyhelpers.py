@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import asyncpg
 from devservers import PostgresCluster, pg_bindir
 from waiting import wait_until  # the proxy tests import it from here too
 
@@ -48,6 +49,35 @@ def write_credentials(path: Path, username: str, password: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps({"username": username, "password": password}))
     os.replace(tmp, path)
+
+
+async def connect_direct(pg: PostgresCluster, role: Role | None = None) -> asyncpg.Connection:
+    """asyncpg straight to the cluster: as ``role`` to its database, else as superuser."""
+    if role is None:
+        return await asyncpg.connect(
+            host="127.0.0.1",
+            port=pg.port,
+            user=pg.superuser,
+            password=pg.password,
+            database="postgres",
+        )
+    return await asyncpg.connect(
+        host="127.0.0.1",
+        port=pg.port,
+        user=role.name,
+        password=role.password,
+        database=role.database,
+    )
+
+
+def frames_of(data: bytes) -> list[tuple[int, int, int]]:
+    """(type, start, end) of each whole message in ``data``, as the frame readers give."""
+    frames, pos = [], 0
+    while pos < len(data):
+        end = pos + 1 + int.from_bytes(data[pos + 1 : pos + 5], "big")
+        frames.append((data[pos], pos, end))
+        pos = end
+    return frames
 
 
 @dataclass

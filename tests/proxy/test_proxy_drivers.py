@@ -10,7 +10,7 @@ import asyncpg
 import psycopg
 import pytest
 from devservers import PostgresCluster
-from proxyhelpers import ProxyFactory, Role, pg_tool, wait_until
+from proxyhelpers import ProxyFactory, Role, connect_direct, pg_tool, wait_until
 
 from proxy import metrics
 from proxy.cancel import PID_MAX_LIMIT, CancelKeys
@@ -92,13 +92,7 @@ async def test_a_client_killed_mid_query_gets_its_query_cancelled(
     proxy = await make_proxy(pool_mode=mode)
     left = metrics.cancel_requests_total.labels("client_left")
     before = left._value.get()
-    admin = await asyncpg.connect(
-        host="127.0.0.1",
-        port=postgres.port,
-        user=postgres.superuser,
-        password=postgres.password,
-        database="postgres",
-    )
+    admin = await connect_direct(postgres)
     psql = await asyncio.create_subprocess_exec(
         pg_tool("psql"),
         "-X",

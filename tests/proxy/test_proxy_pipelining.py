@@ -9,20 +9,26 @@ Each live test sends the same requests straight to PostgreSQL and through the pr
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
+from types import SimpleNamespace
 
 import asyncpg
 import psycopg
 import pytest
 from devservers import PostgresCluster
-from proxyhelpers import ProxyFactory, Role, RunningProxy, wait_until
+from proxyhelpers import ProxyFactory, Role, RunningProxy, connect_direct, frames_of, wait_until
 
+from proxy import metrics
+from proxy.config import ProxyConfigError, parse_proxy_config
 from proxy.protocol import events as ev
 from proxy.protocol import messages as m
 from proxy.protocol.auth import UpstreamAuthenticator
 from proxy.protocol.backend import ServerConnection
 from proxy.protocol.pipeline import (
+    _FWD_QUERY,
     CLOSED,
     FAILED,
     OPEN,
@@ -30,6 +36,7 @@ from proxy.protocol.pipeline import (
     between_transactions,
 )
 from proxy.protocol.statements import ClientStatements, StatementNames
+from proxy.watchdog import MIN_TICK, Watchdog, tick_interval
 
 MODES = ["transaction", "session"]
 
@@ -308,24 +315,15 @@ async def test_psycopg_pipeline_mode_with_an_error(
 # --- the bookkeeping alone (sans I/O) ------------------------------------------------
 
 
-def _frames(data: bytes) -> list[tuple[int, int, int]]:
-    frames, pos = [], 0
-    while pos < len(data):
-        end = pos + 1 + int.from_bytes(data[pos + 1 : pos + 5], "big")
-        frames.append((data[pos], pos, end))
-        pos = end
-    return frames
-
-
 def _send(pipe: Pipeline, data: bytes) -> bytes:
     out: list[bytes] = []
-    pipe.client_frames(data, _frames(data), ClientStatements(), out)
+    pipe.client_frames(data, frames_of(data), ClientStatements(), out)
     return b"".join(out)
 
 
 def _answer(pipe: Pipeline, data: bytes) -> bytes:
     out: list[bytes] = []
-    pipe.server_frames(data, _frames(data), out)
+    pipe.server_frames(data, frames_of(data), out)
     return b"".join(out)
 
 
@@ -376,3 +374,135 @@ def test_parse_skipped_after_an_error_is_not_prepared() -> None:
     assert _send(pipe, parse("SELECT 7", "mine")) == parse(
         "SELECT 7", names.name_for(b"SELECT 7\0\0\0")
     )
+
+
+# --- finding 10: hangs are not silent --------------------------------------------------
+
+
+def _records(caplog: pytest.LogCaptureFixture, message: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.getMessage() == message]
+
+
+async def test_an_overdue_answer_is_logged_and_counted(
+    make_proxy: ProxyFactory,
+    postgres: PostgresCluster,
+    role: Role,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A query stuck behind a lock: past hang_warning_timeout, one log line and one count."""
+    proxy = await make_proxy(hang_warning_timeout="200ms")
+    overdue = metrics.overdue_answers_total
+    before = overdue._value.get()
+    admin = await connect_direct(postgres, role)
+    client = await asyncpg.connect(proxy.dsn(db=role.database))
+    try:
+        await admin.execute("CREATE TABLE IF NOT EXISTS hang_lock (x int)")
+        locker = admin.transaction()
+        await locker.start()
+        await admin.execute("LOCK TABLE hang_lock")
+        stuck = asyncio.create_task(client.fetchval("SELECT count(*) FROM hang_lock"))
+        await wait_until(lambda: overdue._value.get() > before, what="overdue answer counted")
+        [record] = _records(caplog, "proxy_answer_overdue")
+        assert record.db == role.database and record.outstanding >= 1  # type: ignore[attr-defined]
+        assert record.waited_s >= 0.2 and record.status == "I"  # type: ignore[attr-defined]
+        assert role.password not in repr(record.__dict__)
+        await locker.rollback()
+        assert await asyncio.wait_for(stuck, 20) == 0
+        assert overdue._value.get() == before + 1  # once per stall
+    finally:
+        await asyncio.wait_for(client.close(), 20)
+        await admin.close()
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_an_idle_transaction_is_logged_then_closed(
+    make_proxy: ProxyFactory,
+    postgres: PostgresCluster,
+    role: Role,
+    caplog: pytest.LogCaptureFixture,
+    mode: str,
+) -> None:
+    """A client silent inside a transaction: warned at hang_warning_timeout, then at
+    idle_transaction_timeout it gets 25P03 and its server connection is closed."""
+    proxy = await make_proxy(
+        pool_mode=mode, hang_warning_timeout="100ms", idle_transaction_timeout="400ms"
+    )
+    idle = metrics.idle_transactions_total
+    warned, closed = idle.labels("warned")._value.get(), idle.labels("closed")._value.get()
+    async with proxied(proxy, role) as client:
+        client.send(m.query("BEGIN; SELECT pg_backend_pid()"))
+        answer = await client.until(b"Z")
+        assert answer[-1] == m.ready_for_query(b"T")
+        pid = int(answer[-3][11:])  # the DataRow's one text value
+        await wait_until(
+            lambda: idle.labels("closed")._value.get() > closed, what="idle transaction closed"
+        )
+        assert idle.labels("warned")._value.get() == warned + 1
+        assert _records(caplog, "proxy_idle_in_transaction")
+        [record] = _records(caplog, "proxy_idle_transaction_timeout")
+        assert record.backend_pid == pid  # type: ignore[attr-defined]
+        error = await client.message()
+        assert b"SFATAL\0" in error and b"C25P03\0" in error
+        assert await client.reader.read() == b""  # and the connection is closed
+    admin = await connect_direct(postgres)
+    try:
+
+        async def gone() -> bool:
+            found = await admin.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid=$1", pid)
+            return bool(found == 0)
+
+        await wait_until(gone, what="the server connection closed")
+    finally:
+        await admin.close()
+
+
+class _Stub:
+    """Just what the watchdog reads of a session and its server connection."""
+
+    def __init__(self, status: bytes = b"I", queued: int = 0) -> None:
+        self.reads = 0
+        self.peer = "stub"
+        self.client_paused = False
+        self.closed = False
+        self.database = "db"
+        self.backend_key = None
+        self.pipeline = Pipeline(StatementNames(), {})
+        self.pipeline.queue.extend([_FWD_QUERY] * queued)
+        self.proto = SimpleNamespace(transaction_status=status)
+        self.conn = self
+        self.ended: list[str] = []
+
+    def fatal(self, sqlstate: str, text: str) -> None:
+        self.ended.append(sqlstate)
+        self.conn = None  # type: ignore[assignment]
+
+
+def test_watchdog_judges_stalls_not_traffic() -> None:
+    owed, busy, idle, free = _Stub(queued=1), _Stub(queued=1), _Stub(b"T"), _Stub()
+    server = SimpleNamespace(
+        sessions={owed, busy, idle, free},
+        config=SimpleNamespace(hang_warning_timeout=1.0, idle_transaction_timeout=3.0),
+    )
+    dog = Watchdog(server)  # type: ignore[arg-type]
+    assert dog.interval == 0.25
+    before = metrics.overdue_answers_total._value.get()
+    warned = metrics.idle_transactions_total.labels("warned")._value.get()
+    for now in (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0):
+        busy.reads += 1  # answers keep coming: never a stall
+        dog.tick(now)
+    assert metrics.overdue_answers_total._value.get() == before + 1  # owed: once
+    assert metrics.idle_transactions_total.labels("warned")._value.get() == warned + 1
+    assert idle.ended == ["25P03"] and not owed.ended and not free.ended
+    assert tick_interval(0, 0) is None and tick_interval(0.1, 0) == MIN_TICK
+
+
+def test_hang_settings_are_checked(tmp_path: Path) -> None:
+    raw = {"credentials": {"file": "db.json"}, "idle_transaction_timeout": "soon"}
+    with pytest.raises(ProxyConfigError) as caught:
+        parse_proxy_config({**raw, "hang_warning_timeout": -1}, tmp_path)
+    assert caught.value.problems == [
+        "proxy.hang_warning_timeout: -1 is negative",
+        'proxy.idle_transaction_timeout: "soon" is not a duration (use 200ms, 30s, 5m, 1h)',
+    ]
+    defaults = parse_proxy_config({"credentials": {"file": "db.json"}}, tmp_path)
+    assert (defaults.hang_warning_timeout, defaults.idle_transaction_timeout) == (60.0, 0.0)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from proxyhelpers import imported_modules
+from proxyhelpers import frames_of, imported_modules
 
 from proxy.protocol import messages as m
 from proxy.protocol.errors import ProtocolViolation
@@ -71,13 +71,7 @@ def test_session_move_checks_every_pair(state: SessionState, new: SessionState) 
 # --- protocol rules the session asks about (byte level) ----------------------------
 
 
-def _frames(data: bytes) -> list[tuple[int, int, int]]:
-    frames, pos = [], 0
-    while pos < len(data):
-        end = pos + 1 + int.from_bytes(data[pos + 1 : pos + 5], "big")
-        frames.append((data[pos], pos, end))
-        pos = end
-    return frames
+_frames = frames_of
 
 
 BIND = m.message(b"B", b"\0\0\0\0\0\0\0\0")
