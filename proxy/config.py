@@ -20,6 +20,7 @@ from proxy.configkit import (
     Section,
     as_bool,
     as_group,
+    as_int,
     as_int_list,
     as_nonempty_str,
     as_port,
@@ -109,6 +110,9 @@ class ProxyConfig:
     # logged and counted (0: never); see proxy/watchdog.py
     hang_warning_timeout: float = 60.0
     idle_transaction_timeout: float = 0.0  # PgBouncer's name and default (0: never)
+    # PgBouncer's name and default: statements kept per server connection in transaction
+    # mode (least recently used closed past it); 0 turns renaming off (names pass through)
+    max_prepared_statements: int = 200
 
     @property
     def unix_socket_path(self) -> Path | None:
@@ -211,6 +215,7 @@ def parse_proxy_config(
         client_login_timeout=top.get("client_login_timeout", parse_duration, 15.0),
         hang_warning_timeout=top.get("hang_warning_timeout", parse_duration, 60.0),
         idle_transaction_timeout=top.get("idle_transaction_timeout", parse_duration, 0.0),
+        max_prepared_statements=top.get("max_prepared_statements", _statement_count, 200),
     )
     if problems is None and collected:
         raise ProxyConfigError(collected.items)
@@ -236,6 +241,7 @@ _TOP_KEYS = (
     "client_login_timeout",
     "hang_warning_timeout",
     "idle_transaction_timeout",
+    "max_prepared_statements",
 )
 _UPSTREAM_KEYS = (
     "host",
@@ -255,6 +261,13 @@ def _buffer_size(value: object) -> int:
     if size < 8192:
         raise ValueError(f"{size} is below the smallest buffer of 8192 bytes")
     return size
+
+
+def _statement_count(value: object) -> int:
+    count = as_int(value)
+    if not 0 <= count <= 100_000:
+        raise ValueError(f"{count} is outside 0..100000")
+    return count
 
 
 Resolver = Callable[[str], list[str]]

@@ -2,9 +2,15 @@
 
 A session-mode client keeps its server connection, so after a rotation it would keep
 the old credentials forever. At a transaction boundary the proxy reads what the server
-session holds; what can be re-created (SET values, SQL-level PREPARE) is replayed on a
+session holds; what can be re-created (SET values, prepared statements) is replayed on a
 connection of the new generation, anything else (temporary tables, LISTEN, advisory
 locks, cursors) pins the session to its old connection.
+
+Statement names pass through unchanged in session mode, so a statement the client
+prepared at protocol level is re-created with SQL ``PREPARE`` under its own name and
+parameter types (Bind, Describe and Close work on those alike). Only what ``PREPARE``
+can take moves; a session holding any other protocol-level statement (a prepared
+``SET`` or ``BEGIN``) stays pinned.
 """
 
 from __future__ import annotations
@@ -16,10 +22,15 @@ SESSION_STATE_SQL = """\
 SELECT 'blocked', ((SELECT count(*) FROM pg_class WHERE relnamespace = pg_my_temp_schema())
   + (SELECT count(*) FROM pg_listening_channels())
   + (SELECT count(*) FROM pg_locks WHERE pid = pg_backend_pid() AND locktype = 'advisory')
-  + (SELECT count(*) FROM pg_cursors))::text
+  + (SELECT count(*) FROM pg_cursors)
+  + (SELECT count(*) FROM pg_prepared_statements WHERE NOT from_sql
+     AND statement !~* '^\\s*(select|insert|update|delete|merge|values|table|with)\\M'))::text
 UNION ALL SELECT 'set', format('SET %I TO %L', name, current_setting(name))
   FROM pg_settings WHERE source = 'session'
-UNION ALL SELECT 'prepare', statement FROM pg_prepared_statements WHERE from_sql"""
+UNION ALL SELECT 'prepare', CASE WHEN from_sql THEN statement
+  ELSE format('PREPARE %I%s AS %s', name, CASE WHEN cardinality(parameter_types) > 0
+    THEN '(' || array_to_string(parameter_types, ',') || ')' ELSE '' END, statement) END
+  FROM pg_prepared_statements"""
 
 
 @dataclass(frozen=True)

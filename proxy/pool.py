@@ -179,7 +179,9 @@ class PoolManager:
         self.pools: dict[PoolKey, Pool] = {}
         self.creds: Credentials | None = None
         self.generation = 0  # of the credentials in service (read on every release)
-        self.names = StatementNames()
+        # session mode: the connection is the client's own, statement names pass through
+        renaming = config.pool_mode == "transaction"
+        self.names = StatementNames(config.max_prepared_statements if renaming else 0)
         self._task: asyncio.Task[None] | None = None
         self._timers: list[asyncio.TimerHandle] = []
         self.on_drain_timeout: Any = None  # callable(conn) set by the server: tell the client

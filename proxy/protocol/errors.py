@@ -23,6 +23,12 @@ class StatementTooLarge(ClientProtocolViolation):
     sqlstate = "54000"  # program_limit_exceeded
 
 
+class StatementLimit(ClientProtocolViolation):
+    """A client keeps more named statements than the proxy holds for one client."""
+
+    sqlstate = "53400"  # configuration_limit_exceeded
+
+
 class ServerProtocolViolation(ProtocolViolation):
     """The upstream server broke the protocol."""
 

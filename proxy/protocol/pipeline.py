@@ -1,13 +1,16 @@
 """Request/response bookkeeping of one server connection, sans I/O.
 
-A pooled server connection serves many clients, so the client's named prepared
-statements are renamed to server-wide names (one per distinct statement text) and
-prepared lazily on whichever server connection lacks them. Every request that gets a
-response is queued in order; each entry says what to do with its response:
+In transaction mode a pooled server connection serves many clients, so the client's
+named prepared statements are renamed to server-wide names (one per distinct definition,
+see :mod:`proxy.protocol.statements`) and prepared lazily on whichever server connection
+lacks them; in session mode (or with ``max_prepared_statements: 0``) names and Close pass
+through unchanged. Every request that gets a response is queued in order; each entry
+says what to do with its response:
 
 * ``FORWARD``  - the client's own request: pass responses through;
 * ``INJECTED`` - a Parse the proxy added: swallow ParseComplete, pass an error through;
-* ``INTERNAL`` - a query of the proxy itself (SET, DISCARD ALL): swallow everything;
+* ``INTERNAL`` - a query of the proxy itself (SET, DISCARD ALL) or a Close of a statement
+  it evicts: swallow everything;
 * ``FAKE``     - the proxy answered already (Parse of a statement the server has,
   Close of a statement): synthesise ParseComplete/CloseComplete in its turn.
 * ``CAPTURE``  - a query of the proxy whose rows it reads (see :meth:`capture_query`).
@@ -34,7 +37,14 @@ from proxy.protocol.errors import (
     ServerProtocolViolation,
     StatementTooLarge,
 )
-from proxy.protocol.statements import ClientStatements, StatementNames, parse_message
+from proxy.protocol.statements import (
+    ClientStatements,
+    ServerStatements,
+    StatementNames,
+    close_message,
+    parse_message,
+    sqlstate,
+)
 
 # Final: compiled by mypyc, a Final constant is a C static; any other module-level
 # name is a dict lookup at each use (the interpreter caches those, mypyc does not)
@@ -74,6 +84,12 @@ _I16: Final = struct.Struct("!h")
 _PLAIN: Final = frozenset((*b"dcfH", m.CONTINUATION))
 # requests that open an extended-protocol segment (Flush alone leaves it as it is)
 _OPENS: Final = frozenset(b"PBDEC")
+# Parse, Bind, Describe, Close: what they complete when statements pass through
+_NAMING: Final = {80: _PARSE, 66: _BIND, 68: _DESCRIBE, 67: _CLOSE}
+# SQLSTATEs after which a server statement cannot serve again: gone (26000), or its
+# result type changed under it ("cached plan must not change result type", 0A000)
+_GONE: Final = b"26000"
+_STALE: Final = b"0A000"
 _I32: Final = struct.Struct("!i")
 # queries after which the server has no prepared statements left
 _DROPS_STATEMENTS: Final = re.compile(rb"\s*(DISCARD\s+ALL|DEALLOCATE\s+(PREPARE\s+)?ALL)\b", re.I)
@@ -97,7 +113,9 @@ class Entry:
     def __init__(self, kind: int, action: int, stmt: str | None = None) -> None:
         self.kind = kind
         self.action = action
-        self.stmt = stmt  # server statement a Parse creates (forgotten if it fails)
+        # the server statement a Parse creates (forgotten if it fails), an eviction
+        # closes, or a Bind/Describe uses (forgotten if the server says it is stale)
+        self.stmt = stmt
         self.rows: list[list[str | None]] | None = None  # CAPTURE: the rows; None on error
 
 
@@ -129,6 +147,7 @@ class Pipeline:
         "parameters",
         "prepared",
         "queue",
+        "renaming",
         "segment",
         "streaming_forward",
         "synced",
@@ -137,7 +156,8 @@ class Pipeline:
 
     def __init__(self, names: StatementNames, parameters: dict[str, str]) -> None:
         self.names = names
-        self.prepared: set[str] = set()
+        self.renaming = names.limit > 0  # else statement names pass through
+        self.prepared = ServerStatements(names.limit)
         self.queue: deque[Entry] = deque()
         self.parameters = parameters  # the server's reported parameters, kept current
         # the subset a client carries between connections: one dict compare per attach
@@ -173,6 +193,8 @@ class Pipeline:
             queue.append(_FWD_SYNC)
         elif t == 69:  # E
             queue.append(_FWD_EXECUTE)
+        elif not self.renaming and t in _NAMING:  # P, B, D, C pass through
+            queue.append(_FORWARDS[_NAMING[t]])
         elif t == 66:  # B
             body = msg.body
             _portal, offset = _split_name(body)
@@ -184,7 +206,7 @@ class Pipeline:
                     length = int(_I32.unpack_from(msg.data, 1)[0]) + len(target) - len(name)
                     renamed = body[:offset] + m.cstr(target) + body[rest:]
                     out.append(b"B" + _I32.pack(length) + renamed)
-                    queue.append(_FWD_BIND)
+                    queue.append(Entry(_BIND, FORWARD, target))
                     return
             queue.append(_FWD_BIND)
         elif t == 80:  # P
@@ -197,13 +219,11 @@ class Pipeline:
                     )
                 definition = body[offset:]
                 target = self.names.name_for(definition)
-                stmts.by_name[name] = (target, definition)
-                if target in self.prepared:
+                stmts.keep(name, target, definition, self.names.limit)
+                if self.prepared.use(target):
                     queue.append(Entry(_PARSE, FAKE))
                     return
-                self.prepared.add(target)
-                out.append(parse_message(target, definition))
-                queue.append(Entry(_PARSE, FORWARD, target))
+                self._prepare(target, definition, FORWARD, out)
                 return
             queue.append(_FWD_PARSE)
         elif t == 68 or t == 67:  # D, C
@@ -214,13 +234,14 @@ class Pipeline:
             name, _ = _split_name(body, 1)
             if body[0] == 83 and name:  # 'S': a named statement
                 if kind == _CLOSE:
-                    stmts.by_name.pop(name, None)  # the server keeps it for others
+                    # the server keeps it for others, until it is the least recently used
+                    stmts.drop(name)
                     queue.append(Entry(_CLOSE, FAKE))
                     return
                 target = self._ensure(stmts, name, out)
                 if target is not None:
                     out.append(m.message(b"D", b"S" + m.cstr(target)))
-                    queue.append(_FORWARDS[_DESCRIBE])
+                    queue.append(Entry(_DESCRIBE, FORWARD, target))
                     return
             elif body[0] not in (80, 83):
                 raise ClientProtocolViolation("Describe/Close of neither 'S' nor 'P'")
@@ -271,6 +292,9 @@ class Pipeline:
             elif t == 69:  # E
                 self.segment = OPEN
                 queue.append(_FWD_EXECUTE)
+            elif not self.renaming and t in _NAMING:  # P, B, D, C pass through
+                self.segment = OPEN
+                queue.append(_FORWARDS[_NAMING[t]])
             elif t not in _PLAIN:  # P, B, D, C may name a statement: the careful path
                 if run_start >= 0:
                     out.append(buf[run_start:run_end])
@@ -302,11 +326,48 @@ class Pipeline:
         if known is None:
             return None  # the server will say it does not exist
         target, definition = known
-        if target not in self.prepared:
-            self.prepared.add(target)
-            out.append(parse_message(target, definition))
-            self.queue.append(Entry(_PARSE, INJECTED, target))
+        if not self.prepared.use(target):
+            self._prepare(target, definition, INJECTED, out)
         return target
+
+    def _prepare(self, target: str, definition: bytes, action: int, out: list[bytes]) -> None:
+        """Parse ``target`` here, first closing the least recently used past the cap."""
+        queue = self.queue
+        for victim in self.prepared.add(target):
+            out.append(close_message(victim))
+            queue.append(Entry(_CLOSE, INTERNAL, victim))
+        out.append(parse_message(target, definition))
+        queue.append(Entry(_PARSE, action, target))
+
+    def _failed(self, head: Entry, error: bytes) -> None:
+        """``head`` failed with ``error``; the server skips the rest of its segment."""
+        stmt = head.stmt
+        if stmt is not None and (head.kind == _BIND or head.kind == _DESCRIBE):
+            code = sqlstate(error)
+            if code == _GONE:
+                self.prepared.discard(stmt)  # prepared again at the next use
+            elif code == _STALE:
+                self.names.forget(stmt)  # the next Parse of its text gets a fresh one
+        queue = self.queue
+        if head.kind == _QUERY:
+            return
+        # What the server holds is what it held before the segment: the first Parse or
+        # Close of a name in it says which (we Parse only what is not there, and Close
+        # only what is), the rest of the segment changed nothing.
+        seen: set[str] = set()
+        while queue and queue[0].kind != _SYNC:
+            entry = queue.popleft()
+            stmt = entry.stmt
+            if stmt is None or stmt in seen or (entry.kind != _PARSE and entry.kind != _CLOSE):
+                continue
+            seen.add(stmt)
+            if entry.kind == _PARSE:
+                self.prepared.discard(stmt)  # failed or skipped: not there
+            else:
+                self.prepared.restore(stmt)  # an eviction skipped: still there
+        if not queue:
+            # that Sync is not sent yet: what the client sends until then is ignored
+            self.segment = FAILED
 
     def internal_query(self, sql: str) -> bytes:
         """A query of the proxy's own whose responses nobody sees."""
@@ -394,7 +455,7 @@ class Pipeline:
                     raise ServerProtocolViolation("ReadyForQuery before the request completed")
                 forward = action == FORWARD
             elif t == 69:  # E
-                self._failed(head)
+                self._failed(head, buf[start:end])
                 forward = action != INTERNAL and action != CAPTURE
                 if not forward:
                     head.rows = None
@@ -423,23 +484,6 @@ class Pipeline:
         if queue and queue[0].action == FAKE:
             self.fakes(out)  # e.g. a Close answered by us, with only a Flush after it
         return swallowed_error
-
-    def _failed(self, head: Entry) -> None:
-        """An ErrorResponse to ``head``: what the server will not answer any more."""
-        if head.stmt is not None:  # a failed Parse leaves nothing prepared
-            self.prepared.discard(head.stmt)
-        if head.kind == _QUERY:
-            return  # a simple Query: ReadyForQuery follows, nothing is skipped
-        # the server skips everything up to the next Sync
-        queue = self.queue
-        prepared = self.prepared
-        while queue and queue[0].kind != _SYNC:
-            skipped = queue.popleft()
-            if skipped.stmt is not None:  # a Parse the server will ignore
-                prepared.discard(skipped.stmt)
-        if not queue:
-            # that Sync is not sent yet: what the client sends until then is ignored
-            self.segment = FAILED
 
     def server_message(
         self,
@@ -484,7 +528,7 @@ class Pipeline:
                 out.append(msg.data)
             return False
         if t == 69:  # E
-            self._failed(head)
+            self._failed(head, msg.data)
             if action in (INTERNAL, CAPTURE):
                 head.rows = None
                 return True

@@ -80,6 +80,22 @@ def frames_of(data: bytes) -> list[tuple[int, int, int]]:
     return frames
 
 
+def standalone_config(
+    tmp_path: Path, upstream_port: int, role: Role, port: int, extra: str = ""
+) -> Path:
+    """A config file for :class:`StandaloneProxy`: trust auth on ``port``, the role's
+    credentials in a file; ``extra`` holds more ``proxy:`` lines (indented)."""
+    write_credentials(tmp_path / "db.json", role.name, role.password)
+    path = tmp_path / "proxy.yaml"
+    path.write_text(
+        "proxy:\n"
+        f"  listen: 127.0.0.1:{port}\n"
+        f"  upstream: {{host: 127.0.0.1, port: {upstream_port}, sslmode: disable}}\n"
+        "  credentials: {file: db.json}\n" + extra
+    )
+    return path
+
+
 @dataclass
 class RunningProxy:
     server: ProxyServer

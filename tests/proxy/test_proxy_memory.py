@@ -16,8 +16,8 @@ from proxyhelpers import (
     StandaloneProxy,
     WireClient,
     scram_verifier,
+    standalone_config,
     wait_until,
-    write_credentials,
 )
 
 from proxy.protocol import messages as m
@@ -48,14 +48,8 @@ async def test_big_row_and_big_query_add_little_to_peak_rss(
     postgres: PostgresCluster, role: Role, tmp_path: Path
 ) -> None:
     port = free_port()
-    write_credentials(tmp_path / "db.json", role.name, role.password)
-    (tmp_path / "proxy.yaml").write_text(
-        "proxy:\n"
-        f"  listen: 127.0.0.1:{port}\n"
-        f"  upstream: {{host: 127.0.0.1, port: {postgres.port}, sslmode: disable}}\n"
-        "  credentials: {file: db.json}\n"
-    )
-    async with StandaloneProxy(tmp_path / "proxy.yaml", port) as proxy:
+    config = standalone_config(tmp_path, postgres.port, role, port)
+    async with StandaloneProxy(config, port) as proxy:
         client = await WireClient.connect(port, "app", role.database)
         # warm up: a login and a query have run, so only the big messages remain
         client.writer.write(m.query("SELECT 1"))

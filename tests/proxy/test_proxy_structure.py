@@ -151,13 +151,19 @@ _REQUESTS = {
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.sampled_from(sorted(_REQUESTS)), max_size=10), st.integers(0, 3))
-def test_bulk_client_requests_match_message_path(kinds: list[str], prepared: int) -> None:
+@given(
+    st.lists(st.sampled_from(sorted(_REQUESTS)), max_size=10),
+    st.integers(0, 3),
+    st.sampled_from([200, 1, 0]),  # the default, evicting at each Parse, passing through
+)
+def test_bulk_client_requests_match_message_path(
+    kinds: list[str], prepared: int, limit: int
+) -> None:
     """Pipeline.client_frames (runs leave as one slice) sends the same bytes upstream
     and queues the same entries as Pipeline.client_message for each message."""
     data = b"".join(_REQUESTS[k] for k in kinds)
     frames = _frames(data)
-    names = StatementNames()
+    names = StatementNames(limit)
     bulk, single = Pipeline(names, {}), Pipeline(names, {})
     bulk_stmts, single_stmts = ClientStatements(), ClientStatements()
     warm = _REQUESTS["P"]  # the client may have prepared s1 earlier
@@ -184,5 +190,5 @@ def test_bulk_client_requests_match_message_path(kinds: list[str], prepared: int
     assert [(e.kind, e.action, e.stmt) for e in bulk.queue] == [
         (e.kind, e.action, e.stmt) for e in single.queue
     ]
-    assert bulk.prepared == single.prepared
+    assert bulk.prepared.names() == single.prepared.names()
     assert bulk_stmts.by_name == single_stmts.by_name
