@@ -189,13 +189,19 @@ async def test_altered_column_type_after_asyncpg_retry(
             await conn.close()
 
 
-async def test_session_mode_passes_statement_names_through(
-    make_proxy: ProxyFactory, role: Role
+@pytest.mark.parametrize(
+    "settings",
+    [{"pool_mode": "session"}, {"pool_mode": "transaction", "max_prepared_statements": 0}],
+    ids=["session", "transaction-0"],
+)
+async def test_statement_names_pass_through(
+    make_proxy: ProxyFactory, role: Role, settings: dict[str, object]
 ) -> None:
-    """Issue 10 finding 4: in session mode a protocol-level name is the server's name:
-    SQL EXECUTE/DEALLOCATE of it work, a Close removes it from pg_prepared_statements,
-    a second Parse of it gets PostgreSQL's own 42P05."""
-    proxy = await make_proxy(pool_mode="session", pool_size=1)
+    """Issue 10 finding 4: in session mode (and with max_prepared_statements: 0, as in
+    PgBouncer) a protocol-level name is the server's name: SQL EXECUTE/DEALLOCATE of it
+    work, a Close removes it from pg_prepared_statements, a second Parse of it gets
+    PostgreSQL's own 42P05."""
+    proxy = await make_proxy(pool_size=1, **settings)
     client = await WireClient.connect(proxy.port, "app", role.database)
     try:
         client.writer.write(parse("mine", "SELECT 40 + $1::int") + m.SYNC)
