@@ -506,3 +506,47 @@ def test_hang_settings_are_checked(tmp_path: Path) -> None:
     ]
     defaults = parse_proxy_config({"credentials": {"file": "db.json"}}, tmp_path)
     assert (defaults.hang_warning_timeout, defaults.idle_transaction_timeout) == (60.0, 0.0)
+
+
+# --- COPY: a message streaming through stays with its server connection --------------
+
+
+def copy_data(payload: bytes) -> bytes:
+    return m.message(b"d", payload)
+
+
+async def test_copy_data_tail_after_the_error_stays_on_its_connection(
+    make_proxy: ProxyFactory, postgres: PostgresCluster, role: Role
+) -> None:
+    """The server fails a COPY while a big CopyData is half forwarded. Its tail must
+    follow its head: on another server connection the tail's bytes would be read as
+    messages, and a client's data would run as SQL (here a CREATE TABLE)."""
+    admin = await connect_direct(postgres, role)
+    await admin.execute("CREATE TABLE IF NOT EXISTS copy_check (x int CHECK (x >= 0))")
+    await admin.execute("DROP TABLE IF EXISTS injected_by_copy")
+    proxy = await make_proxy(pool_size=1)
+    other = await asyncpg.connect(proxy.dsn(db=role.database))
+    try:
+        async with proxied(proxy, role) as client:
+            client.send(m.query("COPY copy_check FROM STDIN"))
+            assert kinds(await client.until(b"G")) == "G"
+            competing = asyncio.create_task(other.fetchval("SELECT 1"))
+            await wait_until(
+                lambda: proxy.server.status()["pools"][0]["waiting"] == 1, what="competitor waits"
+            )
+            injected = m.query("CREATE TABLE injected_by_copy ()")
+            head_part = b"#" * 65536
+            tail = injected + m.SYNC * 80_000  # well past message_buffer: it streams
+            big = copy_data(head_part + tail)
+            client.send(copy_data(b"-1\n") + big[: 5 + len(head_part)])
+            got = await client.until(b"Z")
+            assert kinds(got) == "EZ" and b"C23514\0" in got[0]  # check_violation
+            client.send(big[5 + len(head_part) :] + m.message(b"c"))
+            assert await asyncio.wait_for(competing, 20) == 1
+            client.send(run("SELECT 2") + m.SYNC)
+            assert kinds(await client.until(b"Z")) == "12TDCZ"
+        exists = await admin.fetchval("SELECT to_regclass('injected_by_copy') IS NOT NULL")
+        assert not exists, "COPY data reached another server connection as SQL"
+    finally:
+        await asyncio.wait_for(other.close(), 20)
+        await admin.close()
