@@ -18,8 +18,17 @@ from types import SimpleNamespace
 import asyncpg
 import psycopg
 import pytest
-from devservers import PostgresCluster
-from proxyhelpers import ProxyFactory, Role, RunningProxy, connect_direct, frames_of, wait_until
+from devservers import PostgresCluster, free_port
+from proxyhelpers import (
+    ProxyFactory,
+    Role,
+    RunningProxy,
+    StandaloneProxy,
+    connect_direct,
+    frames_of,
+    wait_until,
+    write_credentials,
+)
 
 from proxy import metrics
 from proxy.config import ProxyConfigError, parse_proxy_config
@@ -550,3 +559,85 @@ async def test_copy_data_tail_after_the_error_stays_on_its_connection(
     finally:
         await asyncio.wait_for(other.close(), 20)
         await admin.close()
+
+
+MiB = 1 << 20
+
+
+async def _copy_into_locked(client: Wire, admin: asyncpg.Connection) -> tuple[str, int, int]:
+    """COPY (bad first row) into a table another session has locked, data streamed
+    without waiting: (what the client read once the lock went, bytes sent by the time
+    the client was paused, bytes sent when the error arrived)."""
+    total = 1 << 30  # never sent whole: the client is paused, then told it failed
+    sent, stop = [0], asyncio.Event()
+    rows = copy_data(b"1\n" * (MiB // 2))
+
+    async def sender() -> None:
+        client.send(m.query("COPY copy_slow FROM STDIN") + copy_data(b"-1\n"))
+        while sent[0] < total and not stop.is_set():
+            client.send(rows)
+            sent[0] += len(rows)
+            await client.writer.drain()
+
+    locker = admin.transaction()
+    await locker.start()
+    await admin.execute("LOCK TABLE copy_slow")
+    task = asyncio.create_task(sender())
+    try:
+        last = [-1]
+
+        def paused() -> bool:
+            was, last[0] = last[0], sent[0]
+            return sent[0] >= MiB and sent[0] == was
+
+        await wait_until(paused, what="the client is paused")
+        at_pause = sent[0]
+        await locker.rollback()
+        got = await client.until(b"Z")
+        at_error = sent[0]
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    client.send(m.message(b"c") + run("SELECT 8") + m.SYNC)  # CopyDone: dropped
+    assert kinds(await client.until(b"Z")) == "12TDCZ"
+    return kinds(got), at_pause, at_error
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_copy_to_a_blocked_server_is_paused_and_fails_promptly(
+    postgres: PostgresCluster, role: Role, tmp_path: Path, mode: str
+) -> None:
+    """The server waits on a lock: the client streaming COPY data is paused (the proxy's
+    peak RSS barely moves), and once the COPY fails on its first row the client hears it
+    at once, long before it could have sent its stream: as with PostgreSQL directly."""
+    admin = await connect_direct(postgres, role)
+    try:
+        await admin.execute("CREATE TABLE IF NOT EXISTS copy_slow (x int CHECK (x >= 0))")
+        async with direct(postgres, role) as straight:
+            expected, _, _ = await _copy_into_locked(straight, admin)
+        assert expected == "GEZ"
+        port = free_port()
+        write_credentials(tmp_path / "db.json", role.name, role.password)
+        (tmp_path / "proxy.yaml").write_text(
+            "proxy:\n"
+            f"  listen: 127.0.0.1:{port}\n"
+            f"  upstream: {{host: 127.0.0.1, port: {postgres.port}, sslmode: disable}}\n"
+            "  credentials: {file: db.json}\n"
+            f"  pool_mode: {mode}\n"
+        )
+        proxy = StandaloneProxy(tmp_path / "proxy.yaml", port)
+        async with proxy, wire(port, "app", "x", role.database) as client:
+            client.send(run("SELECT 1") + m.SYNC)  # warm up
+            await client.until(b"Z")
+            before = proxy.peak_rss()
+            got, at_pause, at_error = await _copy_into_locked(client, admin)
+            after = proxy.peak_rss()
+        assert proxy.returncode == 0, proxy.stderr.decode()[-2000:]
+    finally:
+        await admin.close()
+    assert got == expected
+    assert at_pause < 64 * MiB, f"{at_pause} bytes went in before the client was paused"
+    assert after - before < 16 * MiB, f"peak RSS {before} -> {after}"
+    assert at_error < 1 << 30
