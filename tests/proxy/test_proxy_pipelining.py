@@ -641,3 +641,27 @@ async def test_copy_to_a_blocked_server_is_paused_and_fails_promptly(
     assert at_pause < 64 * MiB, f"{at_pause} bytes went in before the client was paused"
     assert after - before < 16 * MiB, f"peak RSS {before} -> {after}"
     assert at_error < 1 << 30
+
+
+async def test_segments_the_proxy_refuses_are_answered_like_failed_ones(
+    make_proxy: ProxyFactory, role: Role
+) -> None:
+    """No server connection within pool_timeout: each segment in flight gets its error
+    and its Sync's ReadyForQuery, a segment still open swallows what follows up to its
+    Sync, and the session carries on once a connection is free."""
+    proxy = await make_proxy(pool_size=1, pool_timeout="300ms")
+    holder = await asyncpg.connect(proxy.dsn(db=role.database))
+    try:
+        async with proxied(proxy, role) as client:
+            await holder.execute("BEGIN")  # the only server connection, held
+            client.send(run("SELECT 1") + m.SYNC + run("SELECT 2"))
+            first = await client.until(b"E", 2)
+            client.send(bind() + EXECUTE + m.SYNC + run("SELECT 3") + m.SYNC)
+            second = await client.until(b"Z", 2)
+            assert kinds(first) + kinds(second) == "EZE" + "ZEZ"
+            assert all(b"C08006\0" in x for x in first + second if x[:1] == b"E")
+            await holder.execute("ROLLBACK")
+            client.send(run("SELECT 4") + m.SYNC)
+            assert kinds(await client.until(b"Z")) == "12TDCZ"
+    finally:
+        await asyncio.wait_for(holder.close(), 20)
