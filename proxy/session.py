@@ -52,6 +52,13 @@ def _quote(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
+_COPY_DATA = frozenset(b"dcf")  # CopyData, CopyDone, CopyFail
+
+
+def _only_copy_data(frames: list[tuple[int, int, int]]) -> bool:
+    return all(frame[0] in _COPY_DATA for frame in frames)
+
+
 class ClientSession(ServerOwner):
     def __init__(self, server: ProxyServer, link: Link, unix: bool) -> None:
         self.server = server
@@ -297,6 +304,8 @@ class ClientSession(ServerOwner):
             if not frames:
                 return
         conn = self.conn
+        if conn is None and self.state is _IDLE and _only_copy_data(frames):
+            return  # COPY data after the server failed the COPY: it would drop it too
         if conn is None and self.state is _IDLE:
             # fast path: an idle server connection is at hand
             assert self.pool is not None
@@ -313,8 +322,14 @@ class ClientSession(ServerOwner):
         pipeline.client_frames(buf, frames, self.stmts, out)
         if out:
             conn.link.write(out[0] if len(out) == 1 else b"".join(out))
-        if pipeline.queue and pipeline.queue[0].action == FAKE:
-            self._emit_fakes(conn)
+        queue = pipeline.queue
+        if queue:
+            if queue[0].action == FAKE:
+                self._emit_fakes(conn)
+        elif self.transaction_mode:
+            # no answer due (the tail of a message that kept the connection, COPY data
+            # after the server's error, a Flush): maybe the transaction is over already
+            self.server_idle(conn)
 
     def to_client(self, data: bytes) -> None:
         self.link.write(data)
@@ -326,7 +341,7 @@ class ClientSession(ServerOwner):
         if state is _DRAINING:
             self.fatal("57P01", "terminating connection: the proxy is shutting down")
         elif self.transaction_mode:
-            if state is _ACTIVE:
+            if state is _ACTIVE and not self.proto.mid_message:
                 self._release()
         elif (
             state is _ACTIVE

@@ -49,6 +49,12 @@ class ClientConnection:
         """Bytes received but not yet turned into events (must be 0 before a TLS switch)."""
         return self._reader.pending
 
+    @property
+    def mid_message(self) -> bool:
+        """The head of a message streaming through is forwarded, its tail is still to
+        come: it must reach the same server connection."""
+        return self._reader.streaming
+
     def next_event(self) -> ev.ClientEvent | None:
         """The next complete startup-phase event, or ``None`` when more bytes are needed.
 

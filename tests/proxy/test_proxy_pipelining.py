@@ -18,8 +18,17 @@ from types import SimpleNamespace
 import asyncpg
 import psycopg
 import pytest
-from devservers import PostgresCluster
-from proxyhelpers import ProxyFactory, Role, RunningProxy, connect_direct, frames_of, wait_until
+from devservers import PostgresCluster, free_port
+from proxyhelpers import (
+    ProxyFactory,
+    Role,
+    RunningProxy,
+    StandaloneProxy,
+    connect_direct,
+    frames_of,
+    wait_until,
+    write_credentials,
+)
 
 from proxy import metrics
 from proxy.config import ProxyConfigError, parse_proxy_config
@@ -506,3 +515,153 @@ def test_hang_settings_are_checked(tmp_path: Path) -> None:
     ]
     defaults = parse_proxy_config({"credentials": {"file": "db.json"}}, tmp_path)
     assert (defaults.hang_warning_timeout, defaults.idle_transaction_timeout) == (60.0, 0.0)
+
+
+# --- COPY: a message streaming through stays with its server connection --------------
+
+
+def copy_data(payload: bytes) -> bytes:
+    return m.message(b"d", payload)
+
+
+async def test_copy_data_tail_after_the_error_stays_on_its_connection(
+    make_proxy: ProxyFactory, postgres: PostgresCluster, role: Role
+) -> None:
+    """The server fails a COPY while a big CopyData is half forwarded. Its tail must
+    follow its head: on another server connection the tail's bytes would be read as
+    messages, and a client's data would run as SQL (here a CREATE TABLE)."""
+    admin = await connect_direct(postgres, role)
+    await admin.execute("CREATE TABLE IF NOT EXISTS copy_check (x int CHECK (x >= 0))")
+    await admin.execute("DROP TABLE IF EXISTS injected_by_copy")
+    proxy = await make_proxy(pool_size=1)
+    other = await asyncpg.connect(proxy.dsn(db=role.database))
+    try:
+        async with proxied(proxy, role) as client:
+            client.send(m.query("COPY copy_check FROM STDIN"))
+            assert kinds(await client.until(b"G")) == "G"
+            competing = asyncio.create_task(other.fetchval("SELECT 1"))
+            await wait_until(
+                lambda: proxy.server.status()["pools"][0]["waiting"] == 1, what="competitor waits"
+            )
+            injected = m.query("CREATE TABLE injected_by_copy ()")
+            head_part = b"#" * 65536
+            tail = injected + m.SYNC * 80_000  # well past message_buffer: it streams
+            big = copy_data(head_part + tail)
+            client.send(copy_data(b"-1\n") + big[: 5 + len(head_part)])
+            got = await client.until(b"Z")
+            assert kinds(got) == "EZ" and b"C23514\0" in got[0]  # check_violation
+            client.send(big[5 + len(head_part) :] + m.message(b"c"))
+            assert await asyncio.wait_for(competing, 20) == 1
+            client.send(run("SELECT 2") + m.SYNC)
+            assert kinds(await client.until(b"Z")) == "12TDCZ"
+        exists = await admin.fetchval("SELECT to_regclass('injected_by_copy') IS NOT NULL")
+        assert not exists, "COPY data reached another server connection as SQL"
+    finally:
+        await asyncio.wait_for(other.close(), 20)
+        await admin.close()
+
+
+MiB = 1 << 20
+
+
+async def _copy_into_locked(client: Wire, admin: asyncpg.Connection) -> tuple[str, int, int]:
+    """COPY (bad first row) into a table another session has locked, data streamed
+    without waiting: (what the client read once the lock went, bytes sent by the time
+    the client was paused, bytes sent when the error arrived)."""
+    total = 1 << 30  # never sent whole: the client is paused, then told it failed
+    sent, stop = [0], asyncio.Event()
+    rows = copy_data(b"1\n" * (MiB // 2))
+
+    async def sender() -> None:
+        client.send(m.query("COPY copy_slow FROM STDIN") + copy_data(b"-1\n"))
+        while sent[0] < total and not stop.is_set():
+            client.send(rows)
+            sent[0] += len(rows)
+            await client.writer.drain()
+
+    locker = admin.transaction()
+    await locker.start()
+    await admin.execute("LOCK TABLE copy_slow")
+    task = asyncio.create_task(sender())
+    try:
+        last = [-1]
+
+        def paused() -> bool:
+            was, last[0] = last[0], sent[0]
+            return sent[0] >= MiB and sent[0] == was
+
+        await wait_until(paused, what="the client is paused")
+        at_pause = sent[0]
+        await locker.rollback()
+        got = await client.until(b"Z")
+        at_error = sent[0]
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    client.send(m.message(b"c") + run("SELECT 8") + m.SYNC)  # CopyDone: dropped
+    assert kinds(await client.until(b"Z")) == "12TDCZ"
+    return kinds(got), at_pause, at_error
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_copy_to_a_blocked_server_is_paused_and_fails_promptly(
+    postgres: PostgresCluster, role: Role, tmp_path: Path, mode: str
+) -> None:
+    """The server waits on a lock: the client streaming COPY data is paused (the proxy's
+    peak RSS barely moves), and once the COPY fails on its first row the client hears it
+    at once, long before it could have sent its stream: as with PostgreSQL directly."""
+    admin = await connect_direct(postgres, role)
+    try:
+        await admin.execute("CREATE TABLE IF NOT EXISTS copy_slow (x int CHECK (x >= 0))")
+        async with direct(postgres, role) as straight:
+            expected, _, _ = await _copy_into_locked(straight, admin)
+        assert expected == "GEZ"
+        port = free_port()
+        write_credentials(tmp_path / "db.json", role.name, role.password)
+        (tmp_path / "proxy.yaml").write_text(
+            "proxy:\n"
+            f"  listen: 127.0.0.1:{port}\n"
+            f"  upstream: {{host: 127.0.0.1, port: {postgres.port}, sslmode: disable}}\n"
+            "  credentials: {file: db.json}\n"
+            f"  pool_mode: {mode}\n"
+        )
+        proxy = StandaloneProxy(tmp_path / "proxy.yaml", port)
+        async with proxy, wire(port, "app", "x", role.database) as client:
+            client.send(run("SELECT 1") + m.SYNC)  # warm up
+            await client.until(b"Z")
+            before = proxy.peak_rss()
+            got, at_pause, at_error = await _copy_into_locked(client, admin)
+            after = proxy.peak_rss()
+        assert proxy.returncode == 0, proxy.stderr.decode()[-2000:]
+    finally:
+        await admin.close()
+    assert got == expected
+    assert at_pause < 64 * MiB, f"{at_pause} bytes went in before the client was paused"
+    assert after - before < 16 * MiB, f"peak RSS {before} -> {after}"
+    assert at_error < 1 << 30
+
+
+async def test_segments_the_proxy_refuses_are_answered_like_failed_ones(
+    make_proxy: ProxyFactory, role: Role
+) -> None:
+    """No server connection within pool_timeout: each segment in flight gets its error
+    and its Sync's ReadyForQuery, a segment still open swallows what follows up to its
+    Sync, and the session carries on once a connection is free."""
+    proxy = await make_proxy(pool_size=1, pool_timeout="300ms")
+    holder = await asyncpg.connect(proxy.dsn(db=role.database))
+    try:
+        async with proxied(proxy, role) as client:
+            await holder.execute("BEGIN")  # the only server connection, held
+            client.send(run("SELECT 1") + m.SYNC + run("SELECT 2"))
+            first = await client.until(b"E", 2)
+            client.send(bind() + EXECUTE + m.SYNC + run("SELECT 3") + m.SYNC)
+            second = await client.until(b"Z", 2)
+            assert kinds(first) + kinds(second) == "EZE" + "ZEZ"
+            assert all(b"C08006\0" in x for x in first + second if x[:1] == b"E")
+            await holder.execute("ROLLBACK")
+            client.send(run("SELECT 4") + m.SYNC)
+            assert kinds(await client.until(b"Z")) == "12TDCZ"
+    finally:
+        await asyncio.wait_for(holder.close(), 20)
