@@ -665,3 +665,39 @@ async def test_segments_the_proxy_refuses_are_answered_like_failed_ones(
             assert kinds(await client.until(b"Z")) == "12TDCZ"
     finally:
         await asyncio.wait_for(holder.close(), 20)
+
+
+async def _executemany_with_an_early_error(conn: asyncpg.Connection) -> list[str]:
+    """A long executemany whose third row breaks a CHECK: what asyncpg reports."""
+    seen = []
+    rows = [(i,) for i in range(20_000)]
+    rows[2] = (-1,)
+    try:
+        await conn.executemany("INSERT INTO many_check VALUES ($1)", rows)
+        seen.append("inserted")
+    except asyncpg.PostgresError as exc:
+        seen.append(type(exc).__name__)
+    seen.append(repr(await conn.fetchval("SELECT count(*) FROM many_check WHERE x < 0")))
+    return seen
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_long_executemany_with_an_early_error(
+    make_proxy: ProxyFactory, postgres: PostgresCluster, role: Role, mode: str
+) -> None:
+    """asyncpg pipelines the Bind/Execute pairs of executemany behind one Sync: the
+    error ends the segment, the rest is ignored, and the connection carries on."""
+    admin = await connect_direct(postgres, role)
+    try:
+        await admin.execute("CREATE TABLE IF NOT EXISTS many_check (x int CHECK (x >= 0))")
+        expected = await _executemany_with_an_early_error(admin)
+    finally:
+        await admin.close()
+    assert expected == ["CheckViolationError", "0"]
+    proxy = await make_proxy(pool_mode=mode, pool_size=1 if mode == "transaction" else 2)
+    async with competitor(proxy, role):
+        conn = await asyncpg.connect(proxy.dsn(db=role.database))
+        try:
+            assert await asyncio.wait_for(_executemany_with_an_early_error(conn), 30) == expected
+        finally:
+            await asyncio.wait_for(conn.close(), 20)
