@@ -83,11 +83,14 @@ class Watchdog:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.interval)
-            self.tick(loop.time())
+            try:
+                self.tick(loop.time())
+            except Exception:  # a bug here must not end the watching
+                log.exception("proxy_watchdog_failed")
 
     def tick(self, now: float) -> None:
         watches: dict[ClientSession, Watch] = {}
-        for session in self.server.sessions:
+        for session in list(self.server.sessions):  # ending one changes the set
             seen = condition(session)
             if seen is None:
                 continue

@@ -480,16 +480,21 @@ class _Stub:
         self.proto = SimpleNamespace(transaction_status=status)
         self.conn = self
         self.ended: list[str] = []
+        self.sessions: set[_Stub] = set()
 
     def fatal(self, sqlstate: str, text: str) -> None:
         self.ended.append(sqlstate)
         self.conn = None  # type: ignore[assignment]
+        self.sessions.discard(self)  # as ClientSession.close unregisters itself
 
 
 def test_watchdog_judges_stalls_not_traffic() -> None:
     owed, busy, idle, free = _Stub(queued=1), _Stub(queued=1), _Stub(b"T"), _Stub()
+    sessions = {owed, busy, idle, free}
+    for stub in sessions:
+        stub.sessions = sessions
     server = SimpleNamespace(
-        sessions={owed, busy, idle, free},
+        sessions=sessions,
         config=SimpleNamespace(hang_warning_timeout=1.0, idle_transaction_timeout=3.0),
     )
     dog = Watchdog(server)  # type: ignore[arg-type]
