@@ -25,12 +25,14 @@ from proxy.configkit import (
     as_nonempty_str,
     as_port,
     as_positive_int,
+    as_str_list,
     choice,
     parse_duration,
     parse_listen,
     parse_mode,
     show_value,
 )
+from proxy.protocol.parameters import canonical_name
 
 PoolMode = Literal["transaction", "session"]
 SslMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
@@ -113,6 +115,14 @@ class ProxyConfig:
     # PgBouncer's name and default: statements kept per server connection in transaction
     # mode (least recently used closed past it); 0 turns renaming off (names pass through)
     max_prepared_statements: int = 200
+    # server connections per database, all generations and trial logins included; 0 is
+    # unlimited (PgBouncer's default). Ours: 2 x pool_size, a full pool draining while a
+    # full new one serves after a rotation, so the proxy never takes more than that
+    max_db_connections: int = 40
+    server_idle_timeout: float = 600.0  # PgBouncer's; an idle server connection closes
+    server_lifetime: float = 3600.0  # PgBouncer's; closed when released past it (jittered)
+    # startup parameters dropped instead of applied (canonical names)
+    ignore_startup_parameters: tuple[str, ...] = ()
 
     @property
     def unix_socket_path(self) -> Path | None:
@@ -196,6 +206,7 @@ def parse_proxy_config(
         else:
             tls = TLSConfig(cert, key)
 
+    pool_size = top.get("pool_size", as_positive_int, 20)
     config = ProxyConfig(
         credentials=credentials,
         listen=listen,
@@ -204,7 +215,7 @@ def parse_proxy_config(
         unix_socket_group=socket_group,
         upstream=upstream,
         pool_mode=top.get("pool_mode", choice(POOL_MODES), "transaction"),
-        pool_size=top.get("pool_size", as_positive_int, 20),
+        pool_size=pool_size,
         max_client_conn=top.get("max_client_conn", as_positive_int, 1000),
         drain_timeout=top.get("drain_timeout", parse_duration, 60.0),
         client_auth=client_auth,
@@ -216,6 +227,10 @@ def parse_proxy_config(
         hang_warning_timeout=top.get("hang_warning_timeout", parse_duration, 60.0),
         idle_transaction_timeout=top.get("idle_transaction_timeout", parse_duration, 0.0),
         max_prepared_statements=top.get("max_prepared_statements", _statement_count, 200),
+        max_db_connections=top.get("max_db_connections", _unlimited_or_count, 2 * pool_size),
+        server_idle_timeout=top.get("server_idle_timeout", parse_duration, 600.0),
+        server_lifetime=top.get("server_lifetime", parse_duration, 3600.0),
+        ignore_startup_parameters=top.get("ignore_startup_parameters", _parameter_names, ()),
     )
     if problems is None and collected:
         raise ProxyConfigError(collected.items)
@@ -242,6 +257,10 @@ _TOP_KEYS = (
     "hang_warning_timeout",
     "idle_transaction_timeout",
     "max_prepared_statements",
+    "max_db_connections",
+    "server_idle_timeout",
+    "server_lifetime",
+    "ignore_startup_parameters",
 )
 _UPSTREAM_KEYS = (
     "host",
@@ -254,6 +273,18 @@ _UPSTREAM_KEYS = (
     "connect_timeout",
     "allow_cleartext",
 )
+
+
+def _unlimited_or_count(value: object) -> int:
+    number = as_int(value)
+    if number < 0:
+        raise ValueError(f"{number} is negative (0 means unlimited)")
+    return number
+
+
+def _parameter_names(value: object) -> tuple[str, ...]:
+    """Startup parameter names, case-insensitive as PostgreSQL's (canonical spelling)."""
+    return tuple(canonical_name(name) for name in as_str_list(value))
 
 
 def _buffer_size(value: object) -> int:

@@ -191,6 +191,12 @@ def as_int_list(value: object) -> tuple[int, ...]:
     return tuple(value)
 
 
+def as_str_list(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ValueError(f"{show_value(value)} is not a list of non-empty strings")
+    return tuple(value)
+
+
 def parse_mode(value: object) -> int:
     """A file mode: ``"0640"``, ``"640"`` or YAML's octal ``0640`` (read as an int)."""
     text = str(value) if not isinstance(value, int) else f"{value:o}"

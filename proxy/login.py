@@ -16,6 +16,7 @@ from proxy.protocol import messages as m
 from proxy.protocol.auth import ScramVerifier
 from proxy.protocol.errors import AuthenticationFailed, ClientProtocolViolation
 from proxy.protocol.frontend import ClientConnection
+from proxy.protocol.parameters import UnsupportedParameter, client_settings
 from proxy.transport import Link
 
 if TYPE_CHECKING:
@@ -48,8 +49,10 @@ async def startup(session: ClientSession) -> m.StartupMessage | None:
             return event
 
 
-def parameters(session: ClientSession, event: m.StartupMessage) -> dict[str, str]:
-    """The startup parameters the proxy goes on with; refuses what it cannot serve."""
+def parameters(session: ClientSession, event: m.StartupMessage) -> tuple[str, dict[str, str]]:
+    """The database and the settings the client asks for; refuses what it cannot serve
+    (08P01 "unsupported startup parameter", as PgBouncer) unless the config says to
+    ignore it."""
     params = dict(event.parameters)
     session.user = params.get("user", "")
     if not session.user:
@@ -61,7 +64,12 @@ def parameters(session: ClientSession, event: m.StartupMessage) -> dict[str, str
         for key in unsupported:
             del params[key]
         session.link.write(session.proto.send(ev.NegotiateProtocolVersion(0, tuple(unsupported))))
-    return params
+    ignored = frozenset(session.server.config.ignore_startup_parameters)
+    try:
+        settings = client_settings(params, ignored)
+    except UnsupportedParameter as exc:
+        raise ClientFatal(exc.sqlstate, str(exc)) from None
+    return params.get("database") or session.user, settings
 
 
 async def _answer_ssl(session: ClientSession) -> None:

@@ -86,6 +86,13 @@ idle_transactions_total = Counter(
     registry=REGISTRY,
 )
 
+server_retired_total = Counter(
+    "credsidecar_proxy_server_retired_total",
+    "Server connections closed by the pool, by why (idle_timeout, lifetime).",
+    ["why"],
+    registry=REGISTRY,
+)
+
 
 class StateCollector(Collector):
     """Gauges read from a live ``status()`` snapshot at scrape time."""

@@ -1,4 +1,4 @@
-"""Server connections per (database, startup options), tagged with a credential generation.
+"""Server connections per database, tagged with a credential generation.
 
 Modelled on asyncpg's pool ``_generation``/``expire_connections``: the manager keeps
 one generation "in service". When the provider announces new credentials, the manager
@@ -7,6 +7,13 @@ After a switch, idle old connections close at once, busy ones when their client
 releases them (at ReadyForQuery 'I'), and whatever is left after ``drain_timeout`` is
 closed with 57P01. If the trial fails, the old generation keeps serving and the
 manager retries with backoff.
+
+A pool is one per database: the upstream user is the one credential in service, and
+a client's startup settings are applied to whichever server connection it gets (see
+:mod:`proxy.protocol.parameters`), never part of the key. ``max_db_connections``
+caps a pool's connections of every generation, trial logins included;
+``server_idle_timeout`` and ``server_lifetime`` (PgBouncer's names) close idle and
+old connections.
 """
 
 from __future__ import annotations
@@ -30,16 +37,15 @@ from proxy.upstream import ServerConn
 
 log = logging.getLogger("credsidecar.proxy")
 
-PoolKey = tuple[str, tuple[tuple[str, str], ...]]  # database, extra startup parameters
+LIFETIME_JITTER = 0.1  # a connection lives 90-100% of server_lifetime: not all at once
 
 
 class Pool:
-    def __init__(self, manager: PoolManager, key: PoolKey) -> None:
+    def __init__(self, manager: PoolManager, database: str) -> None:
         self.manager = manager
-        self.key = key
-        self.database = key[0]
-        self.parameters = dict(key[1])
+        self.database = database
         self.size = manager.config.pool_size
+        self.limit = manager.config.max_db_connections  # every generation; 0: unlimited
         self.idle: list[ServerConn] = []
         self.conns: set[ServerConn] = set()
         self.opening = 0
@@ -48,6 +54,25 @@ class Pool:
     def _current(self) -> int:
         gen = self.manager.generation
         return sum(1 for c in self.conns if c.generation == gen)
+
+    def _room(self) -> bool:
+        """Below max_db_connections, counting every connection and login under way."""
+        return not self.limit or len(self.conns) + self.opening < self.limit
+
+    def reserve(self) -> bool:
+        """Hold a slot for a connection opened outside :meth:`acquire` (a trial login),
+        closing an idle connection to make room; False when every slot is busy. The
+        caller calls :meth:`unreserve` when done."""
+        if not self._room():
+            if not self.idle:
+                return False
+            self.idle.pop(0).close()  # the longest idle: the generation switch drains it anyway
+        self.opening += 1
+        return True
+
+    def unreserve(self) -> None:
+        self.opening -= 1
+        self.wake_waiters(1)
 
     def try_acquire(self) -> ServerConn | None:
         """An idle connection of the current generation, without waiting."""
@@ -69,7 +94,7 @@ class Pool:
             conn = self.try_acquire()
             if conn is not None:
                 break
-            if self._current() + self.opening < self.size:
+            if self._current() + self.opening < self.size and self._room():
                 self.opening += 1
                 try:
                     conn = await self.manager.open(self)
@@ -100,6 +125,10 @@ class Pool:
 
     def add(self, conn: ServerConn) -> None:
         conn.on_close = self._closed
+        lifetime = self.manager.config.server_lifetime
+        if lifetime:
+            jitter = 1.0 - LIFETIME_JITTER * self.manager.rng.random()
+            conn.expires = time.monotonic() + lifetime * jitter
         self.conns.add(conn)
 
     def release(self, conn: ServerConn) -> None:
@@ -119,12 +148,31 @@ class Pool:
             )
             conn.close()
             return
+        if conn.expires <= time.monotonic():
+            self.retire(conn, "lifetime")
+            return
         while self.waiters:
             waiter = self.waiters.popleft()
             if not waiter.done():
                 waiter.set_result(conn)
                 return
+        conn.idle_since = time.monotonic()
         self.idle.append(conn)
+
+    def retire(self, conn: ServerConn, why: str) -> None:
+        """Close a connection past server_idle_timeout or server_lifetime."""
+        metrics.server_retired_total.labels(why).inc()
+        log.info("proxy_server_retired", extra={"db": self.database, "why": why})
+        conn.close()
+
+    def sweep(self, now: float) -> None:
+        """Close idle connections past server_idle_timeout or their lifetime."""
+        idle_timeout = self.manager.config.server_idle_timeout
+        for conn in list(self.idle):
+            if conn.expires <= now:
+                self.retire(conn, "lifetime")
+            elif idle_timeout and now - conn.idle_since >= idle_timeout:
+                self.retire(conn, "idle_timeout")
 
     def drain(self, conn: ServerConn, how: str) -> None:
         metrics.drains_total.labels(how).inc()
@@ -165,8 +213,8 @@ class Pool:
             conns.append({"state": state, "generation": conn.generation, "current": current})
         return {
             "database": self.database,
-            "options": sorted(k for k, _ in self.key[1]),
             "size": self.size,
+            "max_db_connections": self.limit,
             "waiting": sum(1 for w in self.waiters if not w.done()),
             "connections": conns,
         }
@@ -176,7 +224,7 @@ class PoolManager:
     def __init__(self, config: ProxyConfig, provider: CredentialProvider) -> None:
         self.config = config
         self.provider = provider
-        self.pools: dict[PoolKey, Pool] = {}
+        self.pools: dict[str, Pool] = {}
         self.creds: Credentials | None = None
         self.generation = 0  # of the credentials in service (read on every release)
         # session mode: the connection is the client's own, statement names pass through
@@ -185,23 +233,38 @@ class PoolManager:
         self._task: asyncio.Task[None] | None = None
         self._timers: list[asyncio.TimerHandle] = []
         self.on_drain_timeout: Any = None  # callable(conn) set by the server: tell the client
-        self._rng = random.Random()
+        self.rng = random.Random()
+        self._janitor: asyncio.Task[None] | None = None
 
-    def pool(self, key: PoolKey) -> Pool:
-        pool = self.pools.get(key)
+    def pool(self, database: str) -> Pool:
+        pool = self.pools.get(database)
         if pool is None:
-            pool = self.pools[key] = Pool(self, key)
+            pool = self.pools[database] = Pool(self, database)
         return pool
 
     async def start(self) -> None:
         self._serve(self.provider.current())
         self._task = asyncio.create_task(self._follow(), name="proxy-generations")
+        timeouts = [t for t in (self.config.server_idle_timeout, self.config.server_lifetime) if t]
+        if timeouts:
+            # a quarter of the shortest timeout, between 50 ms and 1 s: closes come at
+            # most that late, and an idle proxy wakes once a second at most
+            tick = min(1.0, max(0.05, min(timeouts) / 4))
+            self._janitor = asyncio.create_task(self._sweep(tick), name="proxy-pool-janitor")
+
+    async def _sweep(self, tick: float) -> None:
+        while True:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            for pool in list(self.pools.values()):
+                pool.sweep(now)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._janitor):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for timer in self._timers:
             timer.cancel()
         for pool in self.pools.values():
@@ -235,7 +298,6 @@ class PoolManager:
             self.config.upstream,
             creds,
             pool.database,
-            pool.parameters,
             self.names,
             self.config.message_buffer,
         )
@@ -246,7 +308,7 @@ class PoolManager:
             await self._try_switch(new)
 
     async def _try_switch(self, new: Credentials) -> None:
-        backoff = Backoff(0.5, 10.0, self._rng)
+        backoff = Backoff(0.5, 10.0, self.rng)
         while True:
             latest = self.provider.current()
             if latest is not None and latest.generation > new.generation:
@@ -257,9 +319,20 @@ class PoolManager:
             if pool is None or self.creds is None:
                 self._switch(new)
                 return
+            if not pool.reserve():
+                # max_db_connections reached and nothing idle: retry when a slot may be free
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.provider.changed(new.generation), backoff.next())
+                continue
             try:
                 conn = await self._connect(new, pool)
-            except UpstreamError as exc:
+            except UpstreamError as failed:
+                exc: UpstreamError | None = failed
+            else:
+                exc = None
+            finally:
+                pool.unreserve()
+            if exc is not None:
                 metrics.generation_rejections_total.inc()
                 delay = backoff.next()
                 log.warning(

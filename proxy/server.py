@@ -79,7 +79,7 @@ class ProxyServer:
         """Start the provider and the listeners; on failure nothing is left running."""
         if self.tls is not None:
             self.tls.context()  # a certificate that does not load is a startup error
-        raise_open_file_limit(self.config, self.config.pool_size)
+        raise_open_file_limit(self.config, self.config.max_db_connections or self.config.pool_size)
         await self.provider.start()
         await self.manager.start()
         try:

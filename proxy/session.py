@@ -22,11 +22,11 @@ from proxy.protocol import events as ev
 from proxy.protocol import messages as m
 from proxy.protocol.errors import AuthenticationFailed, ClientProtocolViolation
 from proxy.protocol.frontend import ClientConnection
+from proxy.protocol.parameters import SERVER_OWNED, resets_settings, settings_sql
 from proxy.protocol.pipeline import (
     DROP,
     FAKE,
     KEEP,
-    SYNCED_PARAMETERS,
     between_transactions,
     past_failed_segment,
     refuse,
@@ -42,14 +42,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("credsidecar.proxy")
 
-_NOT_FORWARDED = ("user", "database", *SYNCED_PARAMETERS)
 _LOGIN, _IDLE, _WAITING = SessionState.LOGIN, SessionState.IDLE, SessionState.WAITING
 _ACTIVE, _MIGRATING = SessionState.ACTIVE, SessionState.MIGRATING
 _DRAINING, _CLOSED = SessionState.DRAINING, SessionState.CLOSED
-
-
-def _quote(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
 
 
 _COPY_DATA = frozenset(b"dcf")  # CopyData, CopyDone, CopyFail
@@ -72,7 +67,8 @@ class ClientSession(ServerOwner):
         self.pool: Pool | None = None
         self.conn: ServerConn | None = None
         self.stmts = ClientStatements()
-        self.params: dict[str, str] = {}
+        self.params: dict[str, str] = {}  # reported settings, as the server reports them
+        self.extras: dict[str, str] = {}  # other startup settings, as the client gave them
         self.pending: list[tuple[bytes, list[tuple[int, int, int]]]] = []
         self.discarding = False  # a failed extended-protocol segment awaits its Sync
         self.client_paused = False  # the client's socket is full: its server waits
@@ -106,9 +102,9 @@ class ClientSession(ServerOwner):
                 if event is None:  # a CancelRequest: nothing else on this connection
                     self.close()
                     return
-                params = login.parameters(self, event)
+                database, settings = login.parameters(self, event)
                 await login.authenticate(self)
-            await self._start(params)
+            await self._start(database, settings)
         except ClientFatal as exc:
             self.fatal(exc.sqlstate, str(exc))
         except ClientProtocolViolation as exc:
@@ -135,21 +131,26 @@ class ClientSession(ServerOwner):
         except ConnectionError:
             self.close()
 
-    async def _start(self, params: dict[str, str]) -> None:
-        """Logged in: a server connection tells the parameters, then the session runs."""
-        database = params.get("database") or self.user
-        extra = tuple(sorted((k, v) for k, v in params.items() if k not in _NOT_FORWARDED))
-        self.pool = self.server.manager.pool((database, extra))
+    async def _start(self, database: str, settings: dict[str, str]) -> None:
+        """Logged in: a server connection takes the client's settings and tells the
+        parameters (the server's canonical values, as PostgreSQL's login does), then the
+        session runs."""
+        self.pool = self.server.manager.pool(database)
         conn = await self._acquire_now()
-        # The client's startup values of carried parameters are applied with one SET
-        # pipelined behind the login reply (no extra round trip); the server's
-        # ParameterStatus answers then reach the client like any other.
-        wanted = {k: params[k] for k in SYNCED_PARAMETERS if k in params}
-        sql = self._set_sql(conn, wanted)
-        self.params = {**conn.pipeline.synced, **wanted}
+        try:
+            sql = await self._apply_startup(conn, settings)
+        except ClientFatal as exc:
+            self.pool.release(conn)  # the failed batch changed nothing on it
+            raise exc
+        except BaseException as exc:  # no answer in pool_timeout, lost, cancelled
+            conn.close()  # in an unknown state: nothing to hand to another client
+            if isinstance(exc, TimeoutError):
+                text = "the database server did not apply the settings in time"
+                raise ClientFatal("08006", text) from None
+            raise exc
         self.process_id, self.secret_key = self.server.register(self)
         out = [self.proto.send(ev.AuthenticationOk())]
-        shown = {**conn.parameters, **wanted}
+        shown = {**conn.parameters, **self.params}
         out += [m.parameter_status(k, v) for k, v in shown.items()]
         out.append(m.backend_key_data(self.process_id, self.secret_key))
         out.append(m.ready_for_query(b"I"))
@@ -162,6 +163,37 @@ class ClientSession(ServerOwner):
         elif self.transaction_mode:
             self._release()
         self.link.run(self._data, self._lost)
+
+    async def _apply_startup(self, conn: ServerConn, settings: dict[str, str]) -> str:
+        """Give ``conn`` a fresh login's settings with the client's on top; the client
+        then carries the server's values. Raises ClientFatal with the server's error.
+
+        Values of the client's are applied before the login completes (the server may
+        refuse them, and it tells their canonical spelling: ``utf-8`` is ``UTF8``).
+        Going back to the defaults cannot fail: that SQL is returned, to be pipelined
+        ahead of the client's first request."""
+        known = conn.parameters
+        reported = {k: v for k, v in settings.items() if k in known and conn.defaults.get(k) != v}
+        extras = {k: v for k, v in settings.items() if k not in known}
+        # first back to the defaults, then the client's (DateStyle 'ISO' keeps the order
+        # part it finds), then the unreported ones
+        sql = settings_sql(conn.pipeline.synced, conn.defaults)
+        if reported or any(conn.extras.get(k) != v for k, v in extras.items()):
+            sql += settings_sql(conn.defaults, reported)
+            sql += settings_sql(conn.extras, extras, reset_missing=True)
+            async with asyncio.timeout(self.server.config.pool_timeout):
+                ok = await conn.internal(sql)
+            if not ok:
+                raise ClientFatal(*conn.internal_failure())
+            conn.extras = extras
+            sql = ""
+        else:
+            sql += settings_sql(conn.extras, extras, reset_missing=True)
+            conn.extras = extras
+            conn.pipeline.synced.update(conn.defaults)  # what that SQL gives it
+        self.params = dict(conn.pipeline.synced)
+        self.extras = conn.extras
+        return sql
 
     async def _acquire_now(self) -> ServerConn:
         assert self.pool is not None
@@ -177,13 +209,12 @@ class ClientSession(ServerOwner):
 
     # --- attaching server connections --------------------------------------------
 
-    def _set_sql(self, conn: ServerConn, wanted: dict[str, str]) -> str:
-        """SET statements that give ``conn`` the carried parameters in ``wanted``."""
-        have = conn.pipeline.synced
-        sql = ""
-        for k, v in wanted.items():
-            if have.get(k) != v:
-                sql += f'SET "{k}" TO {_quote(v)};'
+    def _set_sql(self, conn: ServerConn) -> str:
+        """SQL that gives ``conn`` this client's settings (reported and extra)."""
+        sql = settings_sql(conn.pipeline.synced, self.params)
+        if conn.extras is not self.extras:
+            sql += settings_sql(conn.extras, self.extras, reset_missing=True)
+            conn.extras = self.extras  # never changed in place: shared, compared by identity
         return sql
 
     def _attach(self, conn: ServerConn, sync: bool = True) -> None:
@@ -197,7 +228,8 @@ class ClientSession(ServerOwner):
         if sync:
             # one dict compare in the usual case (this runs at every transaction in
             # transaction mode); building SETs only when something differs
-            sql = self._set_sql(conn, self.params) if conn.pipeline.synced != self.params else ""
+            synced = conn.pipeline.synced == self.params and conn.extras is self.extras
+            sql = "" if synced else self._set_sql(conn)
             if self.replay:
                 sql += ";".join(self.replay) + ";"
                 self.replay = []
@@ -400,7 +432,8 @@ class ClientSession(ServerOwner):
                 self.fatal("08006", "server connection lost")
 
     def on_parameter(self, name: str, value: str) -> None:
-        if name in SYNCED_PARAMETERS:
+        # the client's own SET (or ours for it): what it was told is what it carries
+        if name not in SERVER_OWNED:
             self.params[name] = value
 
     def _client_paused(self, paused: bool) -> None:
@@ -482,6 +515,8 @@ class ClientSession(ServerOwner):
                 log.warning("proxy_server_reset_failed", extra={"db": conn.database})
                 conn.close()
                 return
+            if idle and resets_settings(reset):
+                conn.extras = {}  # DISCARD ALL / RESET ALL took the client's settings away
         except UpstreamError:
             conn.close()
             return

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import ssl
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from proxy.protocol import events as ev
 from proxy.protocol import messages as m
 from proxy.protocol.auth import UpstreamAuthenticator
 from proxy.protocol.backend import ServerConnection
-from proxy.protocol.errors import AuthenticationFailed, ProtocolViolation
+from proxy.protocol.errors import AuthenticationFailed, ProtocolViolation, ServerProtocolViolation
 from proxy.protocol.pipeline import Pipeline
 from proxy.protocol.statements import StatementNames
 from proxy.transport import Link
@@ -104,6 +105,13 @@ class ServerConn:
         self.database = database
         self.tls = tls
         self.pipeline = Pipeline(names, proto.parameters)
+        # the carried settings a fresh login has: what a new client starts from
+        self.defaults = dict(self.pipeline.synced)
+        # extra (unreported) settings the proxy applied for the client it serves
+        self.extras: dict[str, str] = {}
+        self.internal_error: bytes | None = None  # the last one swallowed, for the login
+        self.expires = math.inf  # monotonic time past which it is not pooled again
+        self.idle_since = 0.0  # monotonic time it went idle in its pool
         self.owner: ServerOwner | None = None
         self.closed = False
         self._idle_waiters: list[asyncio.Future[None]] = []
@@ -136,6 +144,8 @@ class ServerConn:
                 buf, frames, out, owner.on_parameter if owner is not None else None
             ):
                 self.internal_errors += 1
+                errors = [buf[s:e] for t, s, e in frames if t == 69]
+                self.internal_error = errors[-1] if errors else None
                 log.warning("proxy_internal_query_failed", extra={"db": self.database})
         except ProtocolViolation as exc:
             log.warning("proxy_server_protocol_violation", extra={"error": str(exc)})
@@ -182,6 +192,15 @@ class ServerConn:
         if self.closed:
             raise UpstreamError("upstream connection closed during an internal query")
         return self.internal_errors == errors
+
+    def internal_failure(self) -> tuple[str, str]:
+        """SQLSTATE and message of the last failed query of the proxy's own."""
+        error = self.internal_error or b""
+        try:
+            fields = m.parse_error_fields(error[5:], ServerProtocolViolation)
+        except ServerProtocolViolation:
+            fields = {}
+        return fields.get("C", "XX000"), fields.get("M", "the server refused a setting")
 
     async def capture(self, sql: str) -> list[list[str | None]] | None:
         """Rows of a query of the proxy's own (``None`` if it failed)."""
@@ -242,7 +261,6 @@ async def connect(
     cfg: UpstreamConfig,
     creds: Credentials,
     database: str,
-    parameters: dict[str, str],
     names: StatementNames,
     message_buffer: int = m.DEFAULT_MESSAGE_BUFFER,
 ) -> ServerConn:
@@ -252,7 +270,7 @@ async def connect(
     """
     try:
         async with asyncio.timeout(cfg.connect_timeout):
-            conn = await _open(cfg, creds, database, parameters, names, message_buffer)
+            conn = await _open(cfg, creds, database, names, message_buffer)
     except (OSError, ProtocolViolation) as exc:  # UpstreamError and TimeoutError included
         error = _failure(exc, cfg)
         if isinstance(exc, TimeoutError):
@@ -271,7 +289,6 @@ async def _open(
     cfg: UpstreamConfig,
     creds: Credentials,
     database: str,
-    parameters: dict[str, str],
     names: StatementNames,
     message_buffer: int,
 ) -> ServerConn:
@@ -279,7 +296,7 @@ async def _open(
     _, link = await loop.create_connection(Link, cfg.host, cfg.port)
     try:
         tls = await _negotiate_tls(link, cfg)
-        proto = await _login(link, cfg, creds, database, parameters, tls, message_buffer)
+        proto = await _login(link, cfg, creds, database, tls, message_buffer)
     except BaseException:
         # a failure, the timeout or a cancellation (the pool closing during a trial
         # connect): the socket goes with it, never left to the garbage collector
@@ -309,12 +326,12 @@ async def _login(
     cfg: UpstreamConfig,
     creds: Credentials,
     database: str,
-    parameters: dict[str, str],
     tls: bool,
     message_buffer: int,
 ) -> ServerConnection:
     proto = ServerConnection(message_buffer)
-    startup = {"user": creds.username, "database": database, **parameters}
+    # no client's settings: the connection is shared; they are applied per client
+    startup = {"user": creds.username, "database": database}
     link.write(proto.send(m.StartupMessage(startup)))
     auth = UpstreamAuthenticator(
         creds.username, creds.password, cleartext_allowed=tls or cfg.allow_cleartext

@@ -37,6 +37,7 @@ from proxy.protocol.errors import (
     ServerProtocolViolation,
     StatementTooLarge,
 )
+from proxy.protocol.parameters import SERVER_OWNED, tracked
 from proxy.protocol.statements import (
     ClientStatements,
     ServerStatements,
@@ -95,17 +96,6 @@ _I32: Final = struct.Struct("!i")
 _DROPS_STATEMENTS: Final = re.compile(rb"\s*(DISCARD\s+ALL|DEALLOCATE\s+(PREPARE\s+)?ALL)\b", re.I)
 _MAYBE_DISCARD: Final = frozenset(b"Dd \n\t\r")  # first byte of such a query: cheap pre-check
 
-# reported parameters a client may change and the proxy carries between connections
-SYNCED_PARAMETERS = (
-    "application_name",
-    "client_encoding",
-    "DateStyle",
-    "IntervalStyle",
-    "TimeZone",
-    "standard_conforming_strings",
-    "search_path",
-)
-
 
 class Entry:
     __slots__ = ("action", "kind", "rows", "stmt")
@@ -161,7 +151,7 @@ class Pipeline:
         self.queue: deque[Entry] = deque()
         self.parameters = parameters  # the server's reported parameters, kept current
         # the subset a client carries between connections: one dict compare per attach
-        self.synced = {k: parameters[k] for k in SYNCED_PARAMETERS if k in parameters}
+        self.synced = tracked(parameters)
         self.fatal_forwarded = False  # the client already got the server's last word
         self.unrequested_error: bytes | None = None  # an error between requests
         self.streaming_forward = True  # a server message streaming through goes to the client
@@ -505,7 +495,7 @@ class Pipeline:
         if t == 83:  # S: ParameterStatus
             name, value = m.parse_parameter_status(msg.body, ServerProtocolViolation)
             self.parameters[name] = value
-            if name in SYNCED_PARAMETERS:
+            if name not in SERVER_OWNED:
                 self.synced[name] = value
             if on_parameter is not None:
                 on_parameter(name, value)

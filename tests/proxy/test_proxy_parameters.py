@@ -1,0 +1,164 @@
+"""Session parameters through the pool (issue 10 findings 1 and 2, issue 9 finding 3):
+a client is told the server's canonical values, gets its own settings on whichever
+server connection it lands, and never another client's."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import psycopg
+import pytest
+from proxyhelpers import ProxyFactory, Role
+
+from proxy.protocol import messages as m
+from proxy.protocol.parameters import client_settings, settings_sql, split_options
+
+MODES = ["transaction", "session"]
+
+
+async def raw_login(port: int, params: dict[str, str]) -> tuple[dict[str, str], bytes]:
+    """Log in with a bare startup packet; (ParameterStatus values, the ErrorResponse
+    body if the login failed, else b"")."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(m.startup_message(params))
+        told: dict[str, str] = {}
+        while True:
+            head = await asyncio.wait_for(reader.readexactly(5), 30)
+            body = await reader.readexactly(int.from_bytes(head[1:], "big") - 4)
+            if head[:1] == b"S":
+                name, value = body[:-1].split(b"\0")
+                told[name.decode()] = value.decode()
+            elif head[:1] == b"E":
+                return told, body
+            elif head[:1] == b"Z":
+                writer.write(m.TERMINATE)
+                return told, b""
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_parameter_status_carries_the_servers_spelling(
+    make_proxy: ProxyFactory, role: Role, mode: str
+) -> None:
+    proxy = await make_proxy(pool_mode=mode, pool_size=1)
+    base = {"user": "app", "database": role.database}
+    for sent, canonical in (("utf-8", "UTF8"), ("euc-jp", "EUC_JP"), ("utf8", "UTF8")):
+        told, error = await raw_login(
+            proxy.port,
+            {**base, "client_encoding": sent, "datestyle": "german", "timezone": "europe/paris"},
+        )
+        assert not error, error
+        assert told["client_encoding"] == canonical
+        assert told["DateStyle"] == "German, DMY"
+        assert told["TimeZone"] == "Europe/Paris"
+    async with await psycopg.AsyncConnection.connect(
+        proxy.dsn(db=role.database), client_encoding="euc-jp", autocommit=True
+    ) as conn:
+        assert conn.info.parameter_status("client_encoding") == "EUC_JP"
+        assert conn.info.encoding == "euc_jp"
+        cur = await conn.execute("SELECT 'é'")
+        assert await cur.fetchone() == ("é",)
+    a = await asyncpg.connect(proxy.dsn(db=role.database))  # sends client_encoding 'utf-8'
+    try:
+        assert a.get_settings().client_encoding == "UTF8"
+    finally:
+        await a.close()
+
+
+async def test_settings_never_leak_to_the_next_client(make_proxy: ProxyFactory, role: Role) -> None:
+    """Transaction mode, one server connection: A's SETs stay A's; B, new, is told and
+    given the defaults, and its string escaping follows standard_conforming_strings=on."""
+    proxy = await make_proxy(pool_mode="transaction", pool_size=1)
+    dsn = proxy.dsn(db=role.database)
+    a = await asyncpg.connect(dsn)
+    try:
+        await a.execute(
+            "SET standard_conforming_strings = off; SET TimeZone = 'Asia/Tokyo';"
+            " SET DateStyle = 'SQL, DMY'; SET IntervalStyle = 'sql_standard'"
+        )
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as b:
+            info = b.info
+            assert info.parameter_status("standard_conforming_strings") == "on"
+            assert info.parameter_status("TimeZone") != "Asia/Tokyo"
+            assert info.parameter_status("DateStyle") == "ISO, MDY"
+            cur = await b.execute("SELECT length('\\x41'), current_setting('TimeZone')")
+            assert await cur.fetchone() == (4, info.parameter_status("TimeZone"))
+            cur = await b.execute("SHOW DateStyle")
+            assert await cur.fetchone() == ("ISO, MDY",)
+            # A's turn on the same server connection, then B's again
+            assert await a.fetchval("SHOW standard_conforming_strings") == "off"
+            assert await a.fetchval("SHOW TimeZone") == "Asia/Tokyo"
+            assert await a.fetchval("SELECT length('\\x41')") == 1
+            assert a.get_settings().DateStyle == "SQL, DMY"
+            cur = await b.execute("SHOW IntervalStyle")
+            assert await cur.fetchone() == ("postgres",)
+            # B's own SET is followed too, and told
+            await b.execute("SET TimeZone = 'America/Lima'")
+            assert info.parameter_status("TimeZone") == "America/Lima"
+            assert await a.fetchval("SHOW TimeZone") == "Asia/Tokyo"
+            cur = await b.execute("SHOW TimeZone")
+            assert await cur.fetchone() == ("America/Lima",)
+    finally:
+        await a.close()
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_extra_startup_parameters_are_the_clients_own(
+    make_proxy: ProxyFactory, role: Role, mode: str
+) -> None:
+    """Startup settings the server does not report (custom ones, search_path on
+    PostgreSQL 15, -c of options) are applied per client, never to the next one."""
+    proxy = await make_proxy(pool_mode=mode, pool_size=1)
+    dsn = proxy.dsn(db=role.database)
+    sql = "SELECT current_setting('app.tag', true), current_setting('statement_timeout')"
+    tagged = await asyncpg.connect(
+        dsn, server_settings={"app.tag": "alpha", "options": "-c statement_timeout=4321"}
+    )
+    try:
+        assert tuple(await tagged.fetchrow(sql)) == ("alpha", "4321ms")
+    finally:
+        await tagged.close()
+    plain = await asyncpg.connect(dsn)
+    try:
+        assert tuple(await plain.fetchrow(sql)) in (("", "0"), (None, "0"))
+    finally:
+        await plain.close()
+
+
+async def test_startup_parameters_refused_or_ignored(make_proxy: ProxyFactory, role: Role) -> None:
+    proxy = await make_proxy(ignore_startup_parameters=["Extra_Float_Digits"])
+    base = {"user": "app", "database": role.database}
+    # listed: dropped, not applied
+    _, error = await raw_login(proxy.port, {**base, "extra_float_digits": "bogus"})
+    assert not error
+    # what the server refuses, it says (as at a direct login)
+    _, error = await raw_login(proxy.port, {**base, "log_connections": "on"})
+    assert b"C55P02\0" in error and b"cannot be set after connection start" in error
+    _, error = await raw_login(proxy.port, {**base, "client_encoding": "bogus"})
+    assert b"C22023\0" in error
+    # what a pool cannot carry: 08P01, PgBouncer's words
+    for params in ({"options": "-d 5"}, {"role": "postgres"}, {"bad name": "x"}):
+        _, error = await raw_login(proxy.port, {**base, **params})
+        assert b"C08P01\0" in error and b"unsupported startup" in error, error
+    # the refused logins left the server connection fit for the next client
+    told, error = await raw_login(proxy.port, base)
+    assert not error and told["client_encoding"] == "UTF8"
+
+
+def test_settings_sql_and_options() -> None:
+    assert split_options(r"-c a=1 --b-c=2 -cd=x\ y") == [("a", "1"), ("b_c", "2"), ("d", "x y")]
+    assert client_settings(
+        {"user": "u", "TIMEZONE": "UTC", "options": "-c X.Y=1"}, frozenset()
+    ) == {
+        "TimeZone": "UTC",
+        "x.y": "1",
+    }
+    assert settings_sql({"a": "1"}, {"a": "1"}) == ""
+    assert settings_sql({"a": "1", "b": "2"}, {"a": "it's\\"}, reset_missing=True) == (
+        "SELECT pg_catalog.set_config(E'a',E'it''s\\\\',false),"
+        "pg_catalog.set_config(E'b',NULL,false);"
+    )
