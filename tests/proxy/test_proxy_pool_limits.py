@@ -5,6 +5,7 @@ ones closed (server_idle_timeout, server_lifetime)."""
 from __future__ import annotations
 
 import asyncio
+import secrets
 from pathlib import Path
 
 import asyncpg
@@ -41,11 +42,23 @@ async def one_client(port: int, role: Role, tag: int) -> None:
         await writer.wait_closed()
 
 
+@pytest.fixture(scope="module")
+def own_login(postgres: PostgresCluster) -> tuple[str, str]:
+    """A role no other test's proxy logs in with: its backends are this test's alone."""
+    name, password = f"plimit_{secrets.token_hex(4)}", "pw-" + secrets.token_hex(12)
+    postgres.psql(f"CREATE ROLE {name} LOGIN PASSWORD '{password}'")
+    return name, password
+
+
 @pytest.mark.parametrize("mode", ["transaction", "session"])
 async def test_distinct_parameters_share_a_bounded_pool(
-    make_proxy: ProxyFactory, postgres: PostgresCluster, role: Role, mode: str
+    make_proxy: ProxyFactory,
+    postgres: PostgresCluster,
+    role: Role,
+    own_login: tuple[str, str],
+    mode: str,
 ) -> None:
-    proxy = await make_proxy(pool_mode=mode, pool_size=5, max_db_connections=3)
+    proxy = await make_proxy(creds=own_login, pool_mode=mode, pool_size=5, max_db_connections=3)
     # another application, logged in directly as another role, watches all along
     other = await asyncpg.connect(
         host="127.0.0.1", port=postgres.port, user=postgres.superuser,
@@ -58,7 +71,7 @@ async def test_distinct_parameters_share_a_bounded_pool(
         while not done.is_set():
             seen.append(
                 await other.fetchval(
-                    "SELECT count(*) FROM pg_stat_activity WHERE usename = $1", role.name
+                    "SELECT count(*) FROM pg_stat_activity WHERE usename = $1", own_login[0]
                 )
             )
             await asyncio.sleep(0.005)
