@@ -39,7 +39,9 @@ class ProxyBridge:
         value = values.get(self.secret) if self.secret is not None else None
         if value is not None and isinstance(self.provider, StaticCredentialProvider):
             self.provider.update(
-                str(value.data.get("username", "")), str(value.data.get("password", ""))
+                str(value.data.get("username", "")),
+                str(value.data.get("password", "")),
+                value.expires_at,  # the lease's end: no server connection outlives it
             )
 
     async def run(self) -> None:

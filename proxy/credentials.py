@@ -7,8 +7,9 @@ generation. A generation number increases only when the username or the password
 actually changes, so server connections can be tagged with the one they used.
 
 * :class:`StaticCredentialProvider` - the agent pushes into it with ``update()``.
-* :class:`FileCredentialProvider` - watches a JSON file ``{"username", "password"}``;
-  a half-written or invalid file is logged and ignored, never used.
+* :class:`FileCredentialProvider` - watches a JSON file ``{"username", "password"}``
+  (optionally ``"expires_at"``, epoch seconds); a half-written or invalid file is
+  logged and ignored, never used.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -31,6 +32,9 @@ class Credentials:
     username: str
     password: str = field(repr=False)
     generation: int
+    # wall clock (epoch seconds) when the credential stops working (a lease's end);
+    # no server connection outlives it. None: no known end.
+    expires_at: float | None = None
 
 
 class CredentialProvider(Protocol):
@@ -59,13 +63,16 @@ class StaticCredentialProvider:
     def current(self) -> Credentials | None:
         return self._current
 
-    def update(self, username: str, password: str) -> bool:
-        """Set new credentials; True when they differ from the current ones."""
+    def update(self, username: str, password: str, expires_at: float | None = None) -> bool:
+        """Set new credentials; True when they differ from the current ones. The same
+        ones with another ``expires_at`` (a renewed lease) keep their generation."""
         cur = self._current
         if cur is not None and cur.username == username and cur.password == password:
+            if cur.expires_at != expires_at:
+                self._current = replace(cur, expires_at=expires_at)
             return False
         generation = (cur.generation if cur else 0) + 1
-        self._current = Credentials(username, password, generation)
+        self._current = Credentials(username, password, generation, expires_at)
         log.info("proxy_credentials_changed", extra={"user": username, "generation": generation})
         # wake every waiter, then arm a fresh event for the next change
         self._changed.set()
@@ -110,6 +117,11 @@ class FileCredentialProvider(StaticCredentialProvider):
             username, password = data["username"], data["password"]
             if not isinstance(username, str) or not isinstance(password, str) or not username:
                 raise TypeError("username and password must be strings")
+            expires_at = data.get("expires_at")  # optional: epoch seconds
+            if expires_at is not None and (
+                isinstance(expires_at, bool) or not isinstance(expires_at, int | float)
+            ):
+                raise TypeError("expires_at must be a number")
         except (ValueError, KeyError, TypeError) as exc:
             # the reason only: the content itself may hold a password
             log.warning(
@@ -117,7 +129,7 @@ class FileCredentialProvider(StaticCredentialProvider):
                 extra={"path": str(self.path), "error": type(exc).__name__, "bytes": len(raw)},
             )
             return False
-        return self.update(username, password)
+        return self.update(username, password, None if expires_at is None else float(expires_at))
 
     async def start(self) -> None:
         self.reload()

@@ -88,7 +88,7 @@ idle_transactions_total = Counter(
 
 server_retired_total = Counter(
     "credsidecar_proxy_server_retired_total",
-    "Server connections closed by the pool, by why (idle_timeout, lifetime).",
+    "Server connections closed by the pool, by why (idle_timeout, lifetime, credential_expired).",
     ["why"],
     registry=REGISTRY,
 )

@@ -148,8 +148,9 @@ class Pool:
             )
             conn.close()
             return
-        if conn.expires <= time.monotonic():
-            self.retire(conn, "lifetime")
+        why = self._past_its_time(conn, time.monotonic(), time.time())
+        if why is not None:
+            self.retire(conn, why)
             return
         while self.waiters:
             waiter = self.waiters.popleft()
@@ -159,8 +160,22 @@ class Pool:
         conn.idle_since = time.monotonic()
         self.idle.append(conn)
 
+    def _past_its_time(self, conn: ServerConn, now: float, wall: float) -> str | None:
+        """Why ``conn`` must not serve again (monotonic ``now``, epoch ``wall``), or None."""
+        creds = self.manager.provider.current()
+        if (
+            creds is not None
+            and creds.generation == conn.generation
+            and creds.expires_at is not None
+            and wall >= creds.expires_at
+        ):
+            return "credential_expired"  # renewals move expires_at, so read the latest
+        if conn.expires <= now:
+            return "lifetime"
+        return None
+
     def retire(self, conn: ServerConn, why: str) -> None:
-        """Close a connection past server_idle_timeout or server_lifetime."""
+        """Close a connection past server_idle_timeout, server_lifetime or its credential."""
         metrics.server_retired_total.labels(why).inc()
         log.info("proxy_server_retired", extra={"db": self.database, "why": why})
         conn.close()
@@ -168,9 +183,10 @@ class Pool:
     def sweep(self, now: float) -> None:
         """Close idle connections past server_idle_timeout or their lifetime."""
         idle_timeout = self.manager.config.server_idle_timeout
+        wall = time.time()
         for conn in list(self.idle):
-            if conn.expires <= now:
-                self.retire(conn, "lifetime")
+            if (why := self._past_its_time(conn, now, wall)) is not None:
+                self.retire(conn, why)
             elif idle_timeout and now - conn.idle_since >= idle_timeout:
                 self.retire(conn, "idle_timeout")
 
@@ -246,18 +262,21 @@ class PoolManager:
         self._serve(self.provider.current())
         self._task = asyncio.create_task(self._follow(), name="proxy-generations")
         timeouts = [t for t in (self.config.server_idle_timeout, self.config.server_lifetime) if t]
-        if timeouts:
-            # a quarter of the shortest timeout, between 50 ms and 1 s: closes come at
-            # most that late, and an idle proxy wakes once a second at most
-            tick = min(1.0, max(0.05, min(timeouts) / 4))
-            self._janitor = asyncio.create_task(self._sweep(tick), name="proxy-pool-janitor")
+        # a quarter of the shortest timeout, between 50 ms and 1 s: closes come at most
+        # that late, and an idle proxy wakes once a second at most. Always running: a
+        # credential's end (expires_at) needs it even with both timeouts off.
+        tick = min(1.0, max(0.05, min(timeouts, default=4.0) / 4))
+        self._janitor = asyncio.create_task(self._sweep(tick), name="proxy-pool-janitor")
 
     async def _sweep(self, tick: float) -> None:
         while True:
             await asyncio.sleep(tick)
             now = time.monotonic()
             for pool in list(self.pools.values()):
-                pool.sweep(now)
+                try:
+                    pool.sweep(now)
+                except Exception as exc:  # one bad sweep must not end the sweeping
+                    log.error("proxy_sweep_failed", extra={"error": type(exc).__name__})
 
     async def close(self) -> None:
         for task in (self._task, self._janitor):

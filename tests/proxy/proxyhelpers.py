@@ -44,10 +44,15 @@ def make_role(pg: PostgresCluster, prefix: str = "papp") -> Role:
     return role
 
 
-def write_credentials(path: Path, username: str, password: str) -> None:
+def write_credentials(
+    path: Path, username: str, password: str, expires_at: float | None = None
+) -> None:
     """Atomic replace, like the agent's renders."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"username": username, "password": password}))
+    record: dict[str, object] = {"username": username, "password": password}
+    if expires_at is not None:
+        record["expires_at"] = expires_at
+    tmp.write_text(json.dumps(record))
     os.replace(tmp, path)
 
 

@@ -1,19 +1,22 @@
 """Server connections are bounded (issue 9 finding 3): one pool per database whatever
 the clients' startup parameters, at most max_db_connections backends, idle and old
-ones closed (server_idle_timeout, server_lifetime)."""
+ones closed (server_idle_timeout, server_lifetime, the credential's end)."""
 
 from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from pathlib import Path
 
 import asyncpg
 import pytest
 from devservers import PostgresCluster
-from proxyhelpers import ProxyFactory, Role, wait_until
+from proxyhelpers import ProxyFactory, Role, wait_until, write_credentials
 
+from proxy import metrics
 from proxy.config import parse_proxy_config
+from proxy.credentials import StaticCredentialProvider
 from proxy.protocol import messages as m
 
 CLIENTS = 500
@@ -132,6 +135,47 @@ async def test_server_lifetime_replaces_busy_connections(
         await wait_until(replaced, what="a new server connection after server_lifetime")
     finally:
         await conn.close()
+
+
+async def test_no_server_connection_outlives_its_credential(
+    make_proxy: ProxyFactory, role: Role
+) -> None:
+    """A connection is not used past its credential's expires_at (a lease's end), busy
+    or idle, with server_lifetime and server_idle_timeout off; a renewal that moves
+    expires_at keeps the connections."""
+    proxy = await make_proxy(server_idle_timeout=0, server_lifetime=0)
+    expired = metrics.server_retired_total.labels("credential_expired")
+    before = expired._value.get()
+    write_credentials(proxy.creds_file, role.name, role.password, time.time() + 1.0)
+    provider = proxy.server.provider
+    await wait_until(lambda: (c := provider.current()) is not None and c.expires_at is not None)
+    conn = await asyncpg.connect(proxy.dsn(db=role.database))
+    try:
+        first = await conn.fetchval("SELECT pg_backend_pid()")
+        pools = proxy.server.manager.pools
+        # idle in the pool past the end: closed by the sweep
+        await wait_until(lambda: not any(p.conns for p in pools.values()), what="retired")
+        assert expired._value.get() > before
+        # renewed (same user and password, a later end): the next connection stays
+        renewed = time.time() + 600
+        write_credentials(proxy.creds_file, role.name, role.password, renewed)
+        await wait_until(lambda: (c := provider.current()) is not None and c.expires_at == renewed)
+        second = await conn.fetchval("SELECT pg_backend_pid()")
+        assert second != first
+        await asyncio.sleep(1.5)  # past the sweep's tick: nothing is retired now
+        assert await conn.fetchval("SELECT pg_backend_pid()") == second
+    finally:
+        await conn.close()
+
+
+def test_a_renewal_keeps_the_generation() -> None:
+    provider = StaticCredentialProvider("u", "p")
+    assert not provider.update("u", "p", 1234.0)
+    current = provider.current()
+    assert current is not None and (current.generation, current.expires_at) == (1, 1234.0)
+    assert provider.update("u", "p2", 99.0)
+    current = provider.current()
+    assert current is not None and (current.generation, current.expires_at) == (2, 99.0)
 
 
 def test_limits_config() -> None:
