@@ -33,11 +33,13 @@ from proxy.credentials import CredentialProvider, Credentials
 from proxy.errors import UpstreamAuthError, UpstreamError
 from proxy.protocol.pipeline import between_transactions
 from proxy.protocol.statements import StatementNames
+from proxy.transport import Link
 from proxy.upstream import ServerConn
 
 log = logging.getLogger("credsidecar.proxy")
 
 LIFETIME_JITTER = 0.1  # a connection lives 90-100% of server_lifetime: not all at once
+SHUTDOWN_GRACE = 1.0  # seconds closed connections get at shutdown to say goodbye (TLS)
 
 
 class Pool:
@@ -199,6 +201,8 @@ class Pool:
         conn.close()
 
     def _closed(self, conn: ServerConn) -> None:
+        if not conn.link.closed:
+            self.manager.let_go(conn.link)
         self.conns.discard(conn)
         with contextlib.suppress(ValueError):
             self.idle.remove(conn)
@@ -251,6 +255,10 @@ class PoolManager:
         self.on_drain_timeout: Any = None  # callable(conn) set by the server: tell the client
         self.rng = random.Random()
         self._janitor: asyncio.Task[None] | None = None
+        # closed connections whose transport has not let go of its socket yet (a TLS
+        # close_notify under way): shutdown waits for them, then cuts what is left
+        self._letting_go: set[Link] = set()
+        self._prune_at = 64
 
     def pool(self, database: str) -> Pool:
         pool = self.pools.get(database)
@@ -288,6 +296,28 @@ class PoolManager:
             timer.cancel()
         for pool in self.pools.values():
             pool.close_all()
+        await self._cut_loose(SHUTDOWN_GRACE)
+
+    def let_go(self, link: Link) -> None:
+        """Keep ``link`` (closed by us or the server) until its transport is gone."""
+        if len(self._letting_go) >= self._prune_at:
+            self._letting_go = {held for held in self._letting_go if not held.closed}
+            self._prune_at = max(64, 2 * len(self._letting_go))
+        self._letting_go.add(link)
+
+    async def _cut_loose(self, grace: float) -> None:
+        """Wait up to ``grace`` for closed connections to end, then abort the rest: none
+        is left to the garbage collector (or the server) after the proxy stops."""
+        pending = [link for link in self._letting_go if not link.closed]
+        if pending:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace):
+                    await asyncio.gather(*(link.wait_lost() for link in pending))
+        for link in pending:
+            if not link.closed:
+                link.abort()
+        self._letting_go.clear()
+        await asyncio.sleep(0)  # an abort's connection_lost runs on the next iteration
 
     async def credentials(self) -> Credentials:
         """The credentials in service, waiting for the first ones if needed."""

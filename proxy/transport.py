@@ -31,6 +31,7 @@ class Link(asyncio.Protocol):
         self.on_made: Callable[[Link], None] | None = None  # accepted connections
         self.closed = False
         self._inbox_full = False  # reading paused until recv() takes the inbox
+        self._lost: asyncio.Future[None] | None = None  # for wait_lost(), made on demand
 
     # --- asyncio.Protocol -----------------------------------------------------------
 
@@ -61,6 +62,8 @@ class Link(asyncio.Protocol):
         self._eof = True
         self._error = exc
         self._wake()
+        if self._lost is not None and not self._lost.done():
+            self._lost.set_result(None)
         if self.on_lost is not None:
             self.on_lost(exc)
 
@@ -71,6 +74,14 @@ class Link(asyncio.Protocol):
     def resume_writing(self) -> None:
         if self.on_pause is not None:
             self.on_pause(False)
+
+    async def wait_lost(self) -> None:
+        """Until the transport has let go of its socket (connection_lost)."""
+        if self.closed:
+            return
+        if self._lost is None:
+            self._lost = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._lost)  # one waiter cancelled leaves the others waiting
 
     # --- setup phase ----------------------------------------------------------------
 

@@ -31,6 +31,9 @@ from proxy.protocol.statements import StatementNames
 from proxy.transport import Link
 
 log = logging.getLogger("credsidecar.proxy")
+# how long a closed TLS connection waits for the server's close_notify (asyncio's default:
+# 30 s of a descriptor held for a server that went away)
+TLS_SHUTDOWN_TIMEOUT = 5.0
 
 
 @lru_cache(maxsize=8)
@@ -74,7 +77,11 @@ async def _negotiate_tls(link: Link, cfg: UpstreamConfig) -> bool:
     loop = asyncio.get_running_loop()
     try:
         transport = await loop.start_tls(
-            link.transport, link, ctx, server_hostname=cfg.server_name or cfg.host
+            link.transport,
+            link,
+            ctx,
+            server_hostname=cfg.server_name or cfg.host,
+            ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT,
         )
     except ssl.SSLCertVerificationError as exc:
         # the reason may quote the server's names: the log's, not the client's

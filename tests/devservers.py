@@ -384,7 +384,8 @@ class FaultRelay:
     ``cut()`` drops every open connection and refuses new ones (connection refused,
     as if the server had gone away); ``restore()`` accepts again. Runs in a thread so
     it works the same for sync and async tests. ``sent`` holds, per connection, every
-    byte clients sent to the server (a tap: what crossed the wire).
+    byte clients sent to the server (a tap: what crossed the wire). ``silence()`` makes
+    the server mute: what it sends from then on, its end of stream included, is dropped.
     """
 
     def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
@@ -397,6 +398,7 @@ class FaultRelay:
         self._conns: set[socket.socket] = set()
         self._listener: socket.socket | None = None
         self._closed = False
+        self._mute = threading.Event()
         self.restore()
 
     @property
@@ -426,6 +428,9 @@ class FaultRelay:
                 conn.shutdown(socket.SHUT_RDWR)
             conn.close()
 
+    def silence(self) -> None:
+        self._mute.set()
+
     def close(self) -> None:
         self.cut()
 
@@ -454,16 +459,19 @@ class FaultRelay:
                 threading.Thread(target=self._pump, args=(a, b, copy), daemon=True).start()
 
     def _pump(self, src: socket.socket, dst: socket.socket, tap: bytearray | None) -> None:
+        from_server = tap is None
         try:
             while data := src.recv(65536):
                 if tap is not None:
                     tap += data
-                dst.sendall(data)
+                if not (from_server and self._mute.is_set()):
+                    dst.sendall(data)
         except OSError:
             pass
         finally:
-            with contextlib.suppress(OSError):
-                dst.shutdown(socket.SHUT_WR)
+            if not (from_server and self._mute.is_set()):
+                with contextlib.suppress(OSError):
+                    dst.shutdown(socket.SHUT_WR)
 
 
 class SecretAudit:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from devservers import PostgresCluster
+from devservers import FaultRelay, PostgresCluster
 from devservers import make_test_pki as make_certs
 from proxyhelpers import ProxyFactory, Role, pg_tool, psql, run, scram_verifier
 
@@ -112,6 +112,28 @@ async def test_upstream_require_fails_without_server_tls(
     proxy = await make_proxy(upstream={"sslmode": "require"})  # the session cluster: no ssl
     with pytest.raises(asyncpg.PostgresError, match="does not accept TLS"):
         await asyncpg.connect(proxy.dsn(db=role.database))
+
+
+async def test_stop_lets_go_of_a_silent_tls_server(
+    make_proxy: ProxyFactory, tls_cluster: tuple[PostgresCluster, dict[str, Path], Role]
+) -> None:
+    """A TLS connection's close waits for the server's close_notify; a server that went
+    silent must not keep the socket open past the proxy's stop (it was left to the
+    garbage collector: a ResourceWarning in whichever test ran next)."""
+    cluster, _, role = tls_cluster
+    relay = FaultRelay(cluster.port)
+    try:
+        proxy = await make_proxy(
+            creds=(role.name, role.password), upstream={"port": relay.port, "sslmode": "require"}
+        )
+        assert await _upstream_ssl(proxy.port) is True
+        links = [c.link for p in proxy.server.manager.pools.values() for c in p.conns]
+        assert links
+        relay.silence()  # no close_notify, no end of stream will come
+        await proxy.server.stop(timeout=0)
+        assert all(link.closed for link in links)
+    finally:
+        relay.close()
 
 
 @pytest.mark.parametrize("user", ["md5app", "clearapp"])
