@@ -150,7 +150,7 @@ class Pool:
             )
             conn.close()
             return
-        why = self._past_its_time(conn, time.monotonic(), time.time())
+        why = self._past_its_time(conn, time.monotonic())
         if why is not None:
             self.retire(conn, why)
             return
@@ -162,14 +162,14 @@ class Pool:
         conn.idle_since = time.monotonic()
         self.idle.append(conn)
 
-    def _past_its_time(self, conn: ServerConn, now: float, wall: float) -> str | None:
-        """Why ``conn`` must not serve again (monotonic ``now``, epoch ``wall``), or None."""
+    def _past_its_time(self, conn: ServerConn, now: float) -> str | None:
+        """Why ``conn`` must not serve again (``now``: monotonic), or None."""
         creds = self.manager.provider.current()
         if (
             creds is not None
-            and creds.generation == conn.generation
             and creds.expires_at is not None
-            and wall >= creds.expires_at
+            and creds.generation == conn.generation
+            and time.time() >= creds.expires_at
         ):
             return "credential_expired"  # renewals move expires_at, so read the latest
         if conn.expires <= now:
@@ -185,9 +185,8 @@ class Pool:
     def sweep(self, now: float) -> None:
         """Close idle connections past server_idle_timeout or their lifetime."""
         idle_timeout = self.manager.config.server_idle_timeout
-        wall = time.time()
         for conn in list(self.idle):
-            if (why := self._past_its_time(conn, now, wall)) is not None:
+            if (why := self._past_its_time(conn, now)) is not None:
                 self.retire(conn, why)
             elif idle_timeout and now - conn.idle_since >= idle_timeout:
                 self.retire(conn, "idle_timeout")

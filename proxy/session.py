@@ -228,7 +228,9 @@ class ClientSession(ServerOwner):
         if sync:
             # one dict compare in the usual case (this runs at every transaction in
             # transaction mode); building SETs only when something differs
-            synced = conn.pipeline.synced == self.params and conn.extras is self.extras
+            synced = conn.pipeline.synced == self.params and (
+                conn.extras is self.extras or conn.extras == self.extras
+            )
             sql = "" if synced else self._set_sql(conn)
             if self.replay:
                 sql += ";".join(self.replay) + ";"
@@ -336,9 +338,9 @@ class ClientSession(ServerOwner):
             if not frames:
                 return
         conn = self.conn
-        if conn is None and self.state is _IDLE and _only_copy_data(frames):
-            return  # COPY data after the server failed the COPY: it would drop it too
         if conn is None and self.state is _IDLE:
+            if frames[0][0] in _COPY_DATA and _only_copy_data(frames):
+                return  # COPY data after the server failed the COPY: it would drop it too
             # fast path: an idle server connection is at hand
             assert self.pool is not None
             conn = self.pool.try_acquire()

@@ -116,8 +116,15 @@ SESSION_MOVES: dict[SessionState, frozenset[SessionState]] = {
 }
 
 
+# The same table keyed by id(): this runs at every attach and release, and Enum's
+# __hash__ is Python code (a tuple's ``in`` compares members by identity, no hash)
+_MOVES_BY_ID: dict[int, tuple[SessionState, ...]] = {
+    id(state): tuple(moves) for state, moves in SESSION_MOVES.items()
+}
+
+
 def session_move(state: SessionState, new: SessionState) -> SessionState:
     """``new`` if a session may go there from ``state``; anything else is a proxy bug."""
-    if new not in SESSION_MOVES[state]:
+    if new not in _MOVES_BY_ID[id(state)]:
         raise RuntimeError(f"proxy bug: session cannot go from {state.value} to {new.value}")
     return new
