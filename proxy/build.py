@@ -33,6 +33,15 @@ COMPILED = (
     "proxy.protocol.statements",
     "proxy.protocol.pipeline",
     "proxy.protocol.auth",
+    "proxy.transport",
+    "proxy.session",
+    "proxy.pool",
+    "proxy.upstream",
+    "proxy.listener",
+    "proxy.login",
+    "proxy.migrate",
+    "proxy.cancel",
+    "proxy.server",
 )
 # mypyc puts the code of all of them in one shared library; the per-module extensions
 # are small shims that load it. A dotted name keeps it inside the package (importable

@@ -14,7 +14,7 @@ import contextlib
 import resource
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from proxy.clientauth import secure_socket
 from proxy.config import ProxyConfig, ProxyConfigError
@@ -77,9 +77,9 @@ class Listeners:
         """Bind every listener; on failure the ones already bound are closed again."""
         try:
             await self._open()
-        except BaseException:
+        except BaseException as exc:  # bound: a bare raise after await breaks under mypyc
             self.close()
-            raise
+            raise exc
 
     async def _open(self) -> None:
         loop = asyncio.get_running_loop()
@@ -89,7 +89,8 @@ class Listeners:
                 lambda: self._link(unix=False), host, port, reuse_address=True, backlog=1024
             )
             self._servers.append(srv)
-            self.addresses += [s.getsockname() for s in srv.sockets]
+            # uvloop's sockets are a list, typeshed's a tuple: Any, or compiled code checks it
+            self.addresses += [s.getsockname() for s in cast(Any, srv).sockets]
         path = self.config.unix_socket_path
         if path is not None and self.config.listen is not None and self.config.listen[1] == 0:
             path = path.with_name(f".s.PGSQL.{self.port}")  # same port number as TCP

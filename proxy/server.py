@@ -84,10 +84,10 @@ class ProxyServer:
         await self.manager.start()
         try:
             await self.listeners.open()
-        except BaseException:
+        except BaseException as exc:  # bound: a bare raise after await breaks under mypyc
             await self.manager.close()
             await self.provider.close()
-            raise
+            raise exc
         self._registry.register(self._collector)
         self.spawn(self.watchdog.run())
         log.info(
