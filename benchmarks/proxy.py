@@ -82,11 +82,12 @@ def wait_port(port: int, timeout: float = 30) -> None:
 
 
 def run_pgbench(
-    port: int, password: str, args: list[str], check: bool = False
+    port: int, password: str, args: list[str], check: bool = False, host: str = "127.0.0.1"
 ) -> subprocess.CompletedProcess[str]:
-    """pgbench ``args`` as the benchmark user against the benchmark database at ``port``."""
+    """pgbench ``args`` as the benchmark user against the benchmark database at ``port``
+    (``host``: an address, or a unix socket's directory)."""
     return subprocess.run(
-        [str(pg_bindir() / "pgbench"), "-h", "127.0.0.1", "-p", str(port), "-U", USER, *args, DB],
+        [str(pg_bindir() / "pgbench"), "-h", host, "-p", str(port), "-U", USER, *args, DB],
         env={**os.environ, "PGPASSWORD": password},
         capture_output=True,
         text=True,
@@ -95,13 +96,19 @@ def run_pgbench(
 
 
 def pgbench(
-    port: int, password: str, args: list[str], seconds: int, clients: int, count: int = 0
+    port: int,
+    password: str,
+    args: list[str],
+    seconds: int,
+    clients: int,
+    count: int = 0,
+    host: str = "127.0.0.1",
 ) -> Result:
     """``seconds`` of load, or ``count`` transactions per client when given."""
     threads = min(clients, 2)
     load = ["-n", "-c", str(clients), "-j", str(threads)]
     load += ["-t", str(count)] if count else ["-T", str(seconds)]
-    out = run_pgbench(port, password, load + args)
+    out = run_pgbench(port, password, load + args, host=host)
     text = out.stdout + out.stderr
     tps = re.search(r"tps = ([\d.]+)", text)
     lat = re.search(r"latency average = ([\d.]+) ms", text)
@@ -123,6 +130,7 @@ class Target:
     # the user the process runs as (PgBouncer as root: postgres); ptrace, and so
     # callgrind_control, works only from the same user
     as_user: dict[str, Any] = {}
+    host = "127.0.0.1"  # what pgbench's -h names: a unix socket's directory for unix rows
 
     def __init__(self, argv: list[str], port: int, wait: float = 30, **popen: Any) -> None:
         self.port = port
@@ -154,16 +162,20 @@ class PgBouncer(Target):
         mode: str,
         label: str = "",
         prefix: tuple[str, ...] = (),
+        unix: bool = False,
     ) -> None:
         port = free_port()
         self.dir = workdir / f"pgbouncer-{label or mode}"
         self.dir.mkdir()
+        if unix:  # the socket .s.PGSQL.<port> in its own directory (TCP still: readiness)
+            self.host = str(self.dir)
         (self.dir / "userlist.txt").write_text(f'"{USER}" "{password}"\n')
         (self.dir / "pgbouncer.ini").write_text(
             "[databases]\n"
             f"{DB} = host=127.0.0.1 port={pg.port} dbname={DB}\n"
             "[pgbouncer]\n"
-            f"listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
+            f"listen_addr = 127.0.0.1\nlisten_port = {port}\n"
+            f"unix_socket_dir = {self.dir if unix else ''}\n"
             f"auth_type = trust\nauth_file = {self.dir / 'userlist.txt'}\n"
             f"pool_mode = {mode}\ndefault_pool_size = 20\nmax_client_conn = 1000\n"
             f"logfile = {self.dir / 'pgbouncer.log'}\n"
@@ -192,15 +204,21 @@ class Proxy(Target):
         root: Path = ROOT,
         pure: bool = False,
         prefix: tuple[str, ...] = (),
+        unix: bool = False,
     ) -> None:
         port = free_port()
         self.dir = workdir / f"proxy-{label or mode}"
         self.dir.mkdir()
         self.creds = self.dir / "db.json"
         self.write_credentials(password)
+        # unix: also listen_unix, the socket .s.PGSQL.<port> in this directory
+        unix_socket = {"listen_unix": str(self.dir)} if unix else {}
+        if unix:
+            self.host = str(self.dir)
         config = {
             "proxy": {
                 "listen": f"127.0.0.1:{port}",
+                **unix_socket,
                 "upstream": {"host": "127.0.0.1", "port": pg.port, "sslmode": "disable"},
                 "credentials": {"file": str(self.creds)},
                 "pool_mode": mode,
@@ -313,8 +331,9 @@ def matrix(
             for name, target in targets.items():
                 port = target if isinstance(target, int) else target.port
                 pid = None if isinstance(target, int) else target.pid
+                host = "127.0.0.1" if isinstance(target, int) else target.host
                 before = cpu_seconds(pid) if pid else 0.0
-                result = pgbench(port, password, wargs, seconds, clients)
+                result = pgbench(port, password, wargs, seconds, clients, host=host)
                 if pid and result.transactions:
                     spent = cpu_seconds(pid) - before
                     result.cpu_us = spent * 1e6 / result.transactions
@@ -336,7 +355,7 @@ def matrix(
         "(direct: PostgreSQL's backends, not measured)\n"
     )
     print(
-        f"{'target':<24}{'workload':<10}{'clients':>8}{'tps':>10}{'tps range':>14}"
+        f"{'target':<28}{'workload':<10}{'clients':>8}{'tps':>10}{'tps range':>14}"
         f"{'lat ms':>9}{'/bouncer':>10}{'/direct':>9}{'cpu us/tx':>11}{'cpu/bncr':>10}"
     )
     for workload, _, clients in rows:
@@ -347,9 +366,10 @@ def matrix(
             ratios = cpu = ""
             bouncer = None
             if name.startswith(("proxy", "relay")):
-                words = name.split()  # "proxy [pure] <mode> [@base]"; the relay: session
+                words = name.split()  # "proxy [pure|unix] <mode> [@base]"; relay: session
                 mode = "transaction" if "transaction" in words else "session"
-                bouncer = results.get((f"pgbouncer {mode}", workload, clients))
+                peer = f"pgbouncer unix {mode}" if "unix" in words else f"pgbouncer {mode}"
+                bouncer = results.get((peer, workload, clients))
                 direct = results[("direct", workload, clients)]
                 ratios = f"{r.tps / bouncer.tps:>10.2f}" if bouncer else f"{'-':>10}"
                 ratios += f"{r.tps / direct.tps:>9.2f}"
@@ -360,7 +380,7 @@ def matrix(
                 if bouncer is not None and bouncer.cpu_us:
                     cpu += f"{r.cpu_us / bouncer.cpu_us:>10.2f}"
             print(
-                f"{name:<24}{workload:<10}{clients:>8}{r.tps:>10.0f}{spread:>14}"
+                f"{name:<28}{workload:<10}{clients:>8}{r.tps:>10.0f}{spread:>14}"
                 f"{r.latency_ms:>9.3f}{ratios}{cpu}"
             )
         print()
@@ -529,6 +549,10 @@ def main() -> int:
         if shutil.which("pgbouncer"):
             for mode in ("session", "transaction"):
                 targets[f"pgbouncer {mode}"] = PgBouncer(workdir, pg, password, mode)
+            # through unix sockets, both: transaction mode, the one most deployments use
+            targets["pgbouncer unix transaction"] = PgBouncer(
+                workdir, pg, password, "transaction", "unix", unix=True
+            )
         else:
             print("note: pgbouncer not installed (apt-get install -y pgbouncer); skipped")
         targets["relay (floor)"] = Relay(pg)
@@ -542,6 +566,10 @@ def main() -> int:
                 targets[f"proxy {mode} @base"] = Proxy(
                     workdir, pg, password, mode, f"{mode}-base", args.compare.resolve()
                 )
+        if "pgbouncer unix transaction" in targets:
+            targets["proxy unix transaction"] = Proxy(
+                workdir, pg, password, "transaction", "unix", unix=True
+            )
 
         if not args.skip_matrix:
             rows = WORKLOADS
