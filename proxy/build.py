@@ -42,6 +42,7 @@ COMPILED = (
     "proxy.migrate",
     "proxy.cancel",
     "proxy.server",
+    "proxy.credentials",
 )
 # mypyc puts the code of all of them in one shared library; the per-module extensions
 # are small shims that load it. A dotted name keeps it inside the package (importable

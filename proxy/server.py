@@ -23,7 +23,7 @@ from proxy.credentials import CredentialProvider
 from proxy.listener import Listeners, raise_open_file_limit
 from proxy.pool import PoolManager
 from proxy.protocol import messages as m
-from proxy.protocol.states import SessionState
+from proxy.protocol.states import CLOSED, SESSION_STATES
 from proxy.session import ClientSession
 from proxy.tls import TLSFiles
 from proxy.transport import Link
@@ -180,9 +180,9 @@ class ProxyServer:
         log.info("proxy_stopped", extra={})
 
     def status(self) -> dict[str, Any]:
-        clients = {s.value: 0 for s in SessionState if s is not SessionState.CLOSED}
+        clients = {s.value: 0 for s in SESSION_STATES if s is not CLOSED}
         for session in self.sessions:
-            if session.state is not SessionState.CLOSED:
+            if session.state is not CLOSED:
                 clients[session.state.value] += 1
         creds = self.manager.creds
         return {

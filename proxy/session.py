@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from proxy import login, metrics, migrate
 from proxy.cancel import running_key, send_cancel
@@ -20,6 +20,7 @@ from proxy.errors import ClientFatal, UpstreamError, client_text
 from proxy.pool import Pool
 from proxy.protocol import events as ev
 from proxy.protocol import messages as m
+from proxy.protocol import states
 from proxy.protocol.errors import AuthenticationFailed, ClientProtocolViolation
 from proxy.protocol.frontend import ClientConnection
 from proxy.protocol.parameters import SERVER_OWNED, resets_settings, settings_sql
@@ -42,12 +43,21 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("credsidecar.proxy")
 
-_LOGIN, _IDLE, _WAITING = SessionState.LOGIN, SessionState.IDLE, SessionState.WAITING
-_ACTIVE, _MIGRATING = SessionState.ACTIVE, SessionState.MIGRATING
-_DRAINING, _CLOSED = SessionState.DRAINING, SessionState.CLOSED
+# Final: compiled, a Final module name is a C variable, any other one a dict lookup
+_LOGIN: Final = states.LOGIN
+_IDLE: Final = states.IDLE
+_WAITING: Final = states.WAITING
+_ACTIVE: Final = states.ACTIVE
+_MIGRATING: Final = states.MIGRATING
+_DRAINING: Final = states.DRAINING
+_CLOSED: Final = states.CLOSED
+
+_COPY_DATA: Final = frozenset(b"dcf")  # CopyData, CopyDone, CopyFail
 
 
-_COPY_DATA = frozenset(b"dcf")  # CopyData, CopyDone, CopyFail
+def _older(a: dict[str, str], b: dict[str, str]) -> dict[str, str]:
+    """Of two equal settings dicts, the one both sides keep (see _same_settings)."""
+    return a if id(a) < id(b) else b
 
 
 def _only_copy_data(frames: list[tuple[int, int, int]]) -> bool:
@@ -56,6 +66,7 @@ def _only_copy_data(frames: list[tuple[int, int, int]]) -> bool:
 
 class ClientSession(ServerOwner):
     def __init__(self, server: ProxyServer, link: Link, unix: bool) -> None:
+        super().__init__()
         self.server = server
         self.link = link
         self.unix = unix
@@ -67,8 +78,10 @@ class ClientSession(ServerOwner):
         self.pool: Pool | None = None
         self.conn: ServerConn | None = None
         self.stmts = ClientStatements()
-        self.params: dict[str, str] = {}  # reported settings, as the server reports them
-        self.extras: dict[str, str] = {}  # other startup settings, as the client gave them
+        # reported settings, as the server reports them, and other startup settings, as
+        # the client gave them; both replaced, never changed in place (_same_settings)
+        self.params: dict[str, str] = {}
+        self.extras: dict[str, str] = {}
         self.pending: list[tuple[bytes, list[tuple[int, int, int]]]] = []
         self.discarding = False  # a failed extended-protocol segment awaits its Sync
         self.client_paused = False  # the client's socket is full: its server waits
@@ -190,8 +203,8 @@ class ClientSession(ServerOwner):
         else:
             sql += settings_sql(conn.extras, extras, reset_missing=True)
             conn.extras = extras
-            conn.pipeline.synced.update(conn.defaults)  # what that SQL gives it
-        self.params = dict(conn.pipeline.synced)
+            conn.pipeline.synced = {**conn.pipeline.synced, **conn.defaults}  # that SQL's
+        self.params = conn.pipeline.synced  # shared: neither is changed in place
         self.extras = conn.extras
         return sql
 
@@ -217,6 +230,26 @@ class ClientSession(ServerOwner):
             conn.extras = self.extras  # never changed in place: shared, compared by identity
         return sql
 
+    def _same_settings(self, conn: ServerConn) -> bool:
+        """Whether ``conn`` has this client's settings already.
+
+        This runs at every transaction in transaction mode. The settings dicts are
+        never changed in place (a change makes a new one), so equal ones can be shared:
+        once compared equal, both sides keep the same one, and the next time the answer
+        is one identity check, not a compare of a dozen strings. Both keep the one at
+        the lower address: a rule every pair follows, so all clients and connections
+        with equal settings end up sharing a single dict."""
+        pipeline = conn.pipeline
+        if pipeline.synced is not self.params:
+            if pipeline.synced != self.params:
+                return False
+            pipeline.synced = self.params = _older(pipeline.synced, self.params)
+        if conn.extras is not self.extras:
+            if conn.extras != self.extras:
+                return False
+            conn.extras = self.extras = _older(conn.extras, self.extras)
+        return True
+
     def _attach(self, conn: ServerConn, sync: bool = True) -> None:
         self._move(_ACTIVE)
         conn.owner = self
@@ -226,12 +259,7 @@ class ClientSession(ServerOwner):
         if conn.write_paused:
             self.link.pause_reading(True)
         if sync:
-            # one dict compare in the usual case (this runs at every transaction in
-            # transaction mode); building SETs only when something differs
-            synced = conn.pipeline.synced == self.params and (
-                conn.extras is self.extras or conn.extras == self.extras
-            )
-            sql = "" if synced else self._set_sql(conn)
+            sql = "" if self._same_settings(conn) else self._set_sql(conn)
             if self.replay:
                 sql += ";".join(self.replay) + ";"
                 self.replay = []
@@ -435,8 +463,8 @@ class ClientSession(ServerOwner):
 
     def on_parameter(self, name: str, value: str) -> None:
         # the client's own SET (or ours for it): what it was told is what it carries
-        if name not in SERVER_OWNED:
-            self.params[name] = value
+        if name not in SERVER_OWNED and self.params.get(name) != value:
+            self.params = {**self.params, name: value}  # a new dict: it may be shared
 
     def _client_paused(self, paused: bool) -> None:
         # the client reads slower than the server answers: stop reading the server

@@ -30,6 +30,7 @@ class Link(asyncio.Protocol):
         self.on_pause: Callable[[bool], None] | None = None  # peer write buffer full/drained
         self.on_made: Callable[[Link], None] | None = None  # accepted connections
         self.closed = False
+        self.closing = False  # closed or closing: writes are dropped
         self._inbox_full = False  # reading paused until recv() takes the inbox
         self._lost: asyncio.Future[None] | None = None  # for wait_lost(), made on demand
 
@@ -58,7 +59,7 @@ class Link(asyncio.Protocol):
         return None  # close the transport
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
+        self.closed = self.closing = True
         self._eof = True
         self._error = exc
         self._wake()
@@ -129,12 +130,21 @@ class Link(asyncio.Protocol):
             on_lost(self._error)
 
     def write(self, data: bytes) -> None:
+        # our own flag, not transport.is_closing(): that is a method call more on every
+        # write, and this runs twice a transaction
         transport = self.transport
-        if transport is not None and not transport.is_closing():
+        if transport is None or self.closing:
+            return
+        try:
             transport.write(data)
+        except RuntimeError:
+            # uvloop: the transport closed itself (a socket error), connection_lost is
+            # on the way; asyncio's transports drop such writes themselves
+            self.closing = True
 
     def close(self) -> None:
         if self.transport is not None:
+            self.closing = True
             self.transport.close()
 
     def pause_reading(self, paused: bool) -> None:
@@ -148,4 +158,5 @@ class Link(asyncio.Protocol):
 
     def abort(self) -> None:
         if self.transport is not None:
+            self.closing = True
             self.transport.abort()

@@ -148,7 +148,7 @@ class ServerConn:
         try:
             buf, frames = self.proto.receive_frames(data)
             if frames and pipeline.server_frames(
-                buf, frames, out, owner.on_parameter if owner is not None else None
+                buf, frames, out, owner.parameter_sink if owner is not None else None
             ):
                 self.internal_errors += 1
                 errors = [buf[s:e] for t, s, e in frames if t == 69]
@@ -242,6 +242,11 @@ class ServerConn:
 
 class ServerOwner:
     """What a server connection talks to while a client holds it (the client session)."""
+
+    def __init__(self) -> None:
+        # made once: a bound method is a new object each time it is read, and the
+        # server connection hands it to the pipeline at every answer
+        self.parameter_sink: Callable[[str, str], None] = self.on_parameter
 
     def to_client(self, data: bytes) -> None:
         raise NotImplementedError

@@ -30,7 +30,7 @@ class ServerConnection:
 
     def __init__(self, limit: int = m.DEFAULT_MESSAGE_BUFFER) -> None:
         self.state = ServerState.IDLE
-        self._reader = m.FrameReader(_V, limit, BACKEND_STREAMABLE)
+        self._reader = m.FrameReader(_V, BACKEND_TYPES, limit, BACKEND_STREAMABLE)
         self.parameters: dict[str, str] = {}
         self.backend_key: ev.BackendKeyData | None = None
         self.transaction_status = b"I"
@@ -67,7 +67,7 @@ class ServerConnection:
         if self.state is not _READY:
             raise RuntimeError("receive_frames before the connection is ready")
         reader = self._reader
-        buf, frames = reader.frames(data, BACKEND_TYPES)
+        buf, frames = reader.frames(data)
         if reader.ready_at >= 0:
             self.transaction_status = buf[reader.ready_at + 5 : reader.ready_at + 6]
         return buf, frames

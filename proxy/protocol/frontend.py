@@ -38,7 +38,9 @@ class ClientConnection:
 
     def __init__(self, limit: int = m.DEFAULT_MESSAGE_BUFFER) -> None:
         self.state = ClientState.STARTUP
-        self._reader = m.FrameReader(ClientProtocolViolation, limit, FRONTEND_STREAMABLE)
+        self._reader = m.FrameReader(
+            ClientProtocolViolation, FRONTEND_TYPES, limit, FRONTEND_STREAMABLE
+        )
         self.negotiated: set[str] = set()  # SSLRequest / GSSENCRequest already answered
 
     def receive_data(self, data: bytes) -> None:
@@ -96,7 +98,7 @@ class ClientConnection:
         """
         if self.state is not _READY:
             raise RuntimeError("receive_frames before the client is logged in")
-        buf, frames = self._reader.frames(data, FRONTEND_TYPES)
+        buf, frames = self._reader.frames(data)
         if frames and frames[-1][0] == 88:  # 'X'
             self.state = ClientState.CLOSED
             del frames[-1]

@@ -36,7 +36,22 @@ _I32: Final = struct.Struct("!i")
 _I16: Final = struct.Struct("!h")
 _HDR: Final = struct.Struct("!ci")
 _unpack_i32: Final = _I32.unpack_from
-_TRANSACTION_STATUSES: Final = frozenset(b"ITE")  # idle, in a transaction, in a failed one
+
+
+def type_table(types: frozenset[int]) -> bytes:
+    """256 bytes, non-zero where a message type is in ``types``: checking a type is then
+    one index, not a set lookup of a boxed int (this runs for every message)."""
+    return bytes([1 if t in types else 0 for t in range(256)])
+
+
+_TRANSACTION_STATUSES: Final = type_table(frozenset(b"ITE"))  # idle, in one, in a failed one
+
+
+def _i32(buf: bytes, pos: int) -> int:
+    """The big-endian signed 32-bit integer at ``pos``: struct's job, done in the loop
+    itself because compiled it is a few machine instructions, not a call into Python."""
+    n = buf[pos] << 24 | buf[pos + 1] << 16 | buf[pos + 2] << 8 | buf[pos + 3]
+    return n - 0x100000000 if n & 0x80000000 else n
 
 
 # --- startup-phase packets (client -> server) -------------------------------------
@@ -131,17 +146,28 @@ class FrameReader:
     arrives until it is complete); any other type of that size is a violation.
     """
 
-    __slots__ = ("_buf", "_left", "_pos", "_violation", "limit", "ready_at", "streamable")
+    __slots__ = (
+        "_buf",
+        "_left",
+        "_pos",
+        "_types",
+        "_violation",
+        "limit",
+        "ready_at",
+        "streamable",
+    )
 
     def __init__(
         self,
         violation: type[ProtocolViolation],
+        types: frozenset[int],
         limit: int = DEFAULT_MESSAGE_BUFFER,
         streamable: frozenset[int] = frozenset(),
     ) -> None:
         self._buf = bytearray()
         self._pos = 0
         self._violation = violation
+        self._types = type_table(types)  # those :meth:`frames` accepts
         self.ready_at = -1
         self.limit = max(limit, STREAM_HEAD + 5)
         self.streamable = streamable
@@ -167,15 +193,13 @@ class FrameReader:
         """The last frame returned was the start or a piece of an unfinished message."""
         return self._left > 0
 
-    def frames(
-        self, data: bytes, types: frozenset[int]
-    ) -> tuple[bytes, list[tuple[int, int, int]]]:
+    def frames(self, data: bytes) -> tuple[bytes, list[tuple[int, int, int]]]:
         """Bulk path: ``data`` plus what was pending, cut into ``(type, start, end)`` frames.
 
         Returns the bytes holding the frames (``data`` itself, uncopied, when nothing
         was pending and it ends on a frame boundary) and their offsets; an incomplete
         tail stays buffered (at most ``limit`` bytes: bigger messages stream, see the
-        class). A type outside ``types`` or a malformed ReadyForQuery raises; a
+        class). A type the reader was not given or a malformed ReadyForQuery raises; a
         Terminate ends the list (what follows it is left unread). ``ready_at`` is the
         start of the last ReadyForQuery, or -1.
 
@@ -206,17 +230,17 @@ class FrameReader:
         else:
             buf = data
         size = len(buf)
-        unpack = _unpack_i32
+        types = self._types
         limit = self.limit
         ready_at = -1
         while size - pos >= 5:
-            (length,) = unpack(buf, pos + 1)
+            length = _i32(buf, pos + 1)
             end = pos + 1 + length
             if length < 4 or length >= limit:
                 t = buf[pos]
                 if length < 4 or length > MAX_MESSAGE_LENGTH:
                     raise self._violation(f"invalid message length {length}")
-                if t not in types:
+                if not types[t]:
                     raise self._violation(f"unexpected message type {bytes([t])!r}")
                 if t not in self.streamable:
                     raise self._violation(
@@ -231,11 +255,11 @@ class FrameReader:
             if end > size:
                 break
             t = buf[pos]
-            if t not in types:
+            if not types[t]:
                 raise self._violation(f"unexpected message type {bytes([t])!r}")
             frames.append((t, pos, end))
             if t == 90:  # 'Z': exactly one status byte
-                if length != 5 or buf[pos + 5] not in _TRANSACTION_STATUSES:
+                if length != 5 or not _TRANSACTION_STATUSES[buf[pos + 5]]:
                     raise self._violation("malformed ReadyForQuery")
                 ready_at = pos
             elif t == 88:  # 'X': nothing after a Terminate counts

@@ -150,7 +150,8 @@ class Pipeline:
         self.prepared = ServerStatements(names.limit)
         self.queue: deque[Entry] = deque()
         self.parameters = parameters  # the server's reported parameters, kept current
-        # the subset a client carries between connections: one dict compare per attach
+        # the subset a client carries between connections; replaced, never changed in
+        # place, so that a client can share it (proxy/session.py, _same_settings)
         self.synced = tracked(parameters)
         self.fatal_forwarded = False  # the client already got the server's last word
         self.unrequested_error: bytes | None = None  # an error between requests
@@ -408,11 +409,16 @@ class Pipeline:
             # The commonest case by far: the whole answer to the client's one simple
             # Query. All of it goes to the client; only an error, a ParameterStatus
             # or an early ReadyForQuery on the way needs a closer look.
-            for frame in frames:
-                t = frame[0]
+            # by index: compiled, a tuple taken from the list is a new object each time
+            # (``frame is frames[-1]`` never held, and every answer took the long way)
+            last = len(frames) - 1
+            i = 0
+            while i < last:
+                t = frames[i][0]
                 if t == 69 or t == 83 or t == 90:
                     break
-            if frame is frames[-1]:
+                i += 1
+            if i == last:
                 queue.popleft()
                 out.append(buf)
                 return False
@@ -495,8 +501,8 @@ class Pipeline:
         if t == 83:  # S: ParameterStatus
             name, value = m.parse_parameter_status(msg.body, ServerProtocolViolation)
             self.parameters[name] = value
-            if name not in SERVER_OWNED:
-                self.synced[name] = value
+            if name not in SERVER_OWNED and self.synced.get(name) != value:
+                self.synced = {**self.synced, name: value}  # a new dict: it may be shared
             if on_parameter is not None:
                 on_parameter(name, value)
             out.append(msg.data)

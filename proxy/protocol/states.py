@@ -9,7 +9,7 @@ of the side that caused it.
 from __future__ import annotations
 
 from enum import Enum
-from typing import Final
+from typing import Final, final
 
 
 class ClientState(Enum):
@@ -92,39 +92,49 @@ BACKEND_STREAMABLE: Final = frozenset(b"DdTNEAVt")
 
 
 # --- the client session of the I/O shell (proxy/session.py) -------------------------
-class SessionState(Enum):
-    """Where a client session is; one value instead of flags (PgBouncer's client lists)."""
+@final
+class SessionState:
+    """Where a client session is; one value instead of flags (PgBouncer's client lists).
 
-    LOGIN = "login"  # startup, TLS, client auth, the first server connection
-    IDLE = "idle"  # logged in, no server connection attached
-    WAITING = "waiting"  # requests queued until the pool hands over a server connection
-    ACTIVE = "active"  # a server connection is attached
-    MIGRATING = "migrating"  # session mode: reading its session state to move generations
-    DRAINING = "draining"  # the proxy is stopping: ends at its transaction boundary
-    CLOSED = "closed"
+    The states are the constants below. A class of its own rather than an Enum: a
+    session moves twice a transaction, and compiled, checking a move is then two
+    field reads (an Enum member's hash and attributes are Python code)."""
+
+    __slots__ = ("bit", "moves", "value")
+
+    def __init__(self, value: str, index: int) -> None:
+        self.value = value
+        self.bit = 1 << index
+        self.moves = 0  # the bits of the states it may go to (from SESSION_MOVES)
+
+    def __repr__(self) -> str:
+        return f"SessionState({self.value!r})"
 
 
-_S = SessionState
-SESSION_MOVES: dict[SessionState, frozenset[SessionState]] = {
-    _S.LOGIN: frozenset({_S.ACTIVE, _S.CLOSED}),  # login attaches a server connection
-    _S.IDLE: frozenset({_S.WAITING, _S.ACTIVE, _S.CLOSED}),
-    _S.WAITING: frozenset({_S.ACTIVE, _S.IDLE, _S.CLOSED}),  # IDLE: no server, refused
-    _S.ACTIVE: frozenset({_S.IDLE, _S.MIGRATING, _S.DRAINING, _S.CLOSED}),
-    _S.MIGRATING: frozenset({_S.ACTIVE, _S.IDLE, _S.DRAINING, _S.CLOSED}),
-    _S.DRAINING: frozenset({_S.CLOSED}),
-    _S.CLOSED: frozenset(),
+LOGIN: Final = SessionState("login", 0)  # startup, TLS, client auth, the first server connection
+IDLE: Final = SessionState("idle", 1)  # logged in, no server connection attached
+WAITING: Final = SessionState("waiting", 2)  # requests queued until the pool hands over one
+ACTIVE: Final = SessionState("active", 3)  # a server connection is attached
+MIGRATING: Final = SessionState("migrating", 4)  # session mode: reading its state to move on
+DRAINING: Final = SessionState("draining", 5)  # the proxy is stopping: ends at its boundary
+CLOSED: Final = SessionState("closed", 6)
+SESSION_STATES: Final = (LOGIN, IDLE, WAITING, ACTIVE, MIGRATING, DRAINING, CLOSED)
+
+SESSION_MOVES: Final[dict[SessionState, frozenset[SessionState]]] = {
+    LOGIN: frozenset({ACTIVE, CLOSED}),  # login attaches a server connection
+    IDLE: frozenset({WAITING, ACTIVE, CLOSED}),
+    WAITING: frozenset({ACTIVE, IDLE, CLOSED}),  # IDLE: no server, refused
+    ACTIVE: frozenset({IDLE, MIGRATING, DRAINING, CLOSED}),
+    MIGRATING: frozenset({ACTIVE, IDLE, DRAINING, CLOSED}),
+    DRAINING: frozenset({CLOSED}),
+    CLOSED: frozenset(),
 }
-
-
-# The same table keyed by id(): this runs at every attach and release, and Enum's
-# __hash__ is Python code (a tuple's ``in`` compares members by identity, no hash)
-_MOVES_BY_ID: dict[int, tuple[SessionState, ...]] = {
-    id(state): tuple(moves) for state, moves in SESSION_MOVES.items()
-}
+for _state, _targets in SESSION_MOVES.items():
+    _state.moves = sum(target.bit for target in _targets)
 
 
 def session_move(state: SessionState, new: SessionState) -> SessionState:
     """``new`` if a session may go there from ``state``; anything else is a proxy bug."""
-    if new not in _MOVES_BY_ID[id(state)]:
+    if not state.moves & new.bit:
         raise RuntimeError(f"proxy bug: session cannot go from {state.value} to {new.value}")
     return new
