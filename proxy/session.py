@@ -185,6 +185,12 @@ class ClientSession(ServerOwner):
         refuse them, and it tells their canonical spelling: ``utf-8`` is ``UTF8``).
         Going back to the defaults cannot fail: that SQL is returned, to be pipelined
         ahead of the client's first request."""
+        last = conn.last_login
+        if last is not None and last == (settings, conn.pipeline.synced, conn.extras):
+            # its last client logged in with these settings and nothing changed them
+            # since (one application's pool): no round trip to set them again
+            self.params, self.extras = conn.pipeline.synced, conn.extras
+            return ""
         known = conn.parameters
         reported = {k: v for k, v in settings.items() if k in known and conn.defaults.get(k) != v}
         extras = {k: v for k, v in settings.items() if k not in known}
@@ -206,10 +212,15 @@ class ClientSession(ServerOwner):
             conn.pipeline.synced = {**conn.pipeline.synced, **conn.defaults}  # that SQL's
         self.params = conn.pipeline.synced  # shared: neither is changed in place
         self.extras = conn.extras
+        if not sql:
+            conn.last_login = (settings, conn.pipeline.synced, conn.extras)
         return sql
 
     async def _acquire_now(self) -> ServerConn:
         assert self.pool is not None
+        conn = self.pool.try_acquire()
+        if conn is not None:
+            return conn  # at hand: no timer to arm (asyncio.timeout is Python code)
         try:
             async with asyncio.timeout(self.server.config.pool_timeout):
                 return await self.pool.acquire()

@@ -116,6 +116,9 @@ class ServerConn:
         self.defaults = dict(self.pipeline.synced)
         # extra (unreported) settings the proxy applied for the client it serves
         self.extras: dict[str, str] = {}
+        # the startup settings its last client logged in with, and the settings (reported
+        # and extra) that gave it: a client asking for the same ones again needs no SQL (session.py)
+        self.last_login: tuple[dict[str, str], dict[str, str], dict[str, str]] | None = None
         self.internal_error: bytes | None = None  # the last one swallowed, for the login
         self.expires = math.inf  # monotonic time past which it is not pooled again
         self.idle_since = 0.0  # monotonic time it went idle in its pool

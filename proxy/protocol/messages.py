@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Final
 
 from proxy.protocol.errors import ProtocolViolation
@@ -38,9 +39,11 @@ _HDR: Final = struct.Struct("!ci")
 _unpack_i32: Final = _I32.unpack_from
 
 
+@lru_cache(maxsize=16)
 def type_table(types: frozenset[int]) -> bytes:
     """256 bytes, non-zero where a message type is in ``types``: checking a type is then
-    one index, not a set lookup of a boxed int (this runs for every message)."""
+    one index, not a set lookup of a boxed int (this runs for every message). Cached:
+    every connection's reader asks for one of the same few."""
     return bytes([1 if t in types else 0 for t in range(256)])
 
 
@@ -340,7 +343,9 @@ AUTH_SASL_CONTINUE: Final = 11
 AUTH_SASL_FINAL: Final = 12
 
 
+@lru_cache(maxsize=256)
 def parameter_status(name: str, value: str) -> bytes:
+    # cached: every login sends a dozen, nearly always the same ones
     return message(b"S", cstr(name) + cstr(value))
 
 

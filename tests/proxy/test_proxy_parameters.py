@@ -9,6 +9,7 @@ import asyncio
 import asyncpg
 import psycopg
 import pytest
+from devservers import FaultRelay, PostgresCluster
 from proxyhelpers import ProxyFactory, Role
 
 from proxy.protocol import messages as m
@@ -147,6 +148,55 @@ async def test_startup_parameters_refused_or_ignored(make_proxy: ProxyFactory, r
     # the refused logins left the server connection fit for the next client
     told, error = await raw_login(proxy.port, base)
     assert not error and told["client_encoding"] == "UTF8"
+
+
+async def test_the_same_settings_again_are_not_sent_again(
+    make_proxy: ProxyFactory, role: Role, postgres: PostgresCluster
+) -> None:
+    """Transaction mode: a client that logs in with the settings the server connection's
+    last client had, unchanged since, is served with no SQL to set them (what reached
+    the server is tapped); a change since (that client's SET, other settings) sends them
+    again. (Session mode's reset query changes them at every client's end.)"""
+    relay = FaultRelay(postgres.port)
+    try:
+        proxy = await make_proxy(
+            pool_mode="transaction", pool_size=1, upstream={"port": relay.port}
+        )
+        dsn = proxy.dsn(db=role.database)
+        settings = {"application_name": "same-app", "app.tag": "t1"}
+        show = "SELECT current_setting('application_name'), current_setting('app.tag', true)"
+
+        async def session(asked: dict[str, str], sql: str = "") -> tuple[str, str]:
+            conn = await asyncpg.connect(dsn, server_settings=asked)
+            try:
+                if sql:
+                    await conn.execute(sql)
+                row = await conn.fetchrow(show)
+                return row[0], row[1]
+            finally:
+                await conn.close()
+
+        def sent_since(mark: int) -> bytes:
+            assert len(relay.sent) == 1  # one server connection throughout
+            return bytes(relay.sent[0][mark:])
+
+        assert await session(settings) == ("same-app", "t1")
+        mark = len(relay.sent[0])
+        assert await session(settings) == ("same-app", "t1")
+        assert b"set_config" not in sent_since(mark)  # nothing to set: no round trip
+        # that client changes one (told by the server): the next gets its own again
+        mark = len(relay.sent[0])
+        assert await session(settings, "SET application_name = 'changed'") == ("changed", "t1")
+        assert await session(settings) == ("same-app", "t1")
+        assert b"set_config" in sent_since(mark)
+        # other settings, then the first ones again
+        mark = len(relay.sent[0])
+        name, tag = await session({"application_name": "other"})
+        assert name == "other" and tag in ("", None)
+        assert await session(settings) == ("same-app", "t1")
+        assert sent_since(mark).count(b"set_config") >= 2
+    finally:
+        relay.close()
 
 
 def test_settings_sql_and_options() -> None:
