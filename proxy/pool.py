@@ -41,6 +41,7 @@ log = logging.getLogger("credsidecar.proxy")
 LIFETIME_JITTER = 0.1  # a connection lives 90-100% of server_lifetime: not all at once
 # read at every release: Final makes it a C variable when compiled, not two lookups
 _monotonic: Final = time.monotonic
+ACCEPTED_SETTINGS = 1024  # remembered per pool (Pool.accept)
 SHUTDOWN_GRACE = 1.0  # seconds closed connections get at shutdown to say goodbye (TLS)
 
 
@@ -54,6 +55,16 @@ class Pool:
         self.conns: set[ServerConn] = set()
         self.opening = 0
         self.waiters: deque[asyncio.Future[ServerConn | None]] = deque()
+        # reported settings (name, value) the server has accepted, spelled as it spells
+        # them: setting one again cannot fail, so a login need not wait for it
+        self.accepted: set[tuple[str, str]] = set()
+
+    def accept(self, settings: dict[str, str]) -> None:
+        """Remember settings the server took as they are (bounded: any client can make
+        up values, so the set starts over when full)."""
+        if len(self.accepted) + len(settings) > ACCEPTED_SETTINGS:
+            self.accepted.clear()
+        self.accepted.update(settings.items())
 
     def _current(self) -> int:
         gen = self.manager.generation

@@ -182,8 +182,9 @@ class ClientSession(ServerOwner):
         then carries the server's values. Raises ClientFatal with the server's error.
 
         Values of the client's are applied before the login completes (the server may
-        refuse them, and it tells their canonical spelling: ``utf-8`` is ``UTF8``).
-        Going back to the defaults cannot fail: that SQL is returned, to be pipelined
+        refuse them, and it tells their canonical spelling: ``utf-8`` is ``UTF8``),
+        unless the server accepted each of them before, spelled the same. That, and
+        going back to the defaults, cannot fail: such SQL is returned, to be pipelined
         ahead of the client's first request."""
         last = conn.last_login
         if last is not None and last == (settings, conn.pipeline.synced, conn.extras):
@@ -197,19 +198,22 @@ class ClientSession(ServerOwner):
         # first back to the defaults, then the client's (DateStyle 'ISO' keeps the order
         # part it finds), then the unreported ones
         sql = settings_sql(conn.pipeline.synced, conn.defaults)
-        if reported or any(conn.extras.get(k) != v for k, v in extras.items()):
-            sql += settings_sql(conn.defaults, reported)
-            sql += settings_sql(conn.extras, extras, reset_missing=True)
+        sql += settings_sql(conn.defaults, reported)
+        sql += settings_sql(conn.extras, extras, reset_missing=True)
+        assert self.pool is not None
+        known_good = all(item in self.pool.accepted for item in reported.items())
+        if not known_good or any(conn.extras.get(k) != v for k, v in extras.items()):
             async with asyncio.timeout(self.server.config.pool_timeout):
                 ok = await conn.internal(sql)
             if not ok:
                 raise ClientFatal(*conn.internal_failure())
-            conn.extras = extras
+            synced = conn.pipeline.synced
+            self.pool.accept({k: v for k, v in reported.items() if synced.get(k) == v})
             sql = ""
         else:
-            sql += settings_sql(conn.extras, extras, reset_missing=True)
-            conn.extras = extras
-            conn.pipeline.synced = {**conn.pipeline.synced, **conn.defaults}  # that SQL's
+            # what that SQL gives it, once the server runs it
+            conn.pipeline.synced = {**conn.pipeline.synced, **conn.defaults, **reported}
+        conn.extras = extras
         self.params = conn.pipeline.synced  # shared: neither is changed in place
         self.extras = conn.extras
         if not sql:

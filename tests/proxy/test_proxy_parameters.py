@@ -199,6 +199,32 @@ async def test_the_same_settings_again_are_not_sent_again(
         relay.close()
 
 
+async def test_settings_the_server_took_before_need_no_answer_at_login(
+    make_proxy: ProxyFactory, role: Role, postgres: PostgresCluster
+) -> None:
+    """Session mode, one server connection: after a client's end (the reset query put
+    its settings back), the next client asking for settings the server accepted before,
+    spelled its way, logs in without waiting for the server: the relay mutes the server
+    and the login completes, told its value."""
+    relay = FaultRelay(postgres.port)
+    try:
+        proxy = await make_proxy(pool_mode="session", pool_size=1, upstream={"port": relay.port})
+        login = {"user": "app", "database": role.database, "application_name": "seen-before"}
+        told, error = await raw_login(proxy.port, login)
+        assert not error and told["application_name"] == "seen-before"
+        pool = proxy.server.manager.pools[role.database]
+        for _ in range(200):  # the reset runs before the connection is idle again
+            if pool.idle:
+                break
+            await asyncio.sleep(0.05)
+        assert pool.idle
+        relay.silence()
+        told, error = await asyncio.wait_for(raw_login(proxy.port, login), 10)
+        assert not error and told["application_name"] == "seen-before"
+    finally:
+        relay.close()
+
+
 def test_settings_sql_and_options() -> None:
     assert split_options(r"-c a=1 --b-c=2 -cd=x\ y") == [("a", "1"), ("b_c", "2"), ("d", "x y")]
     assert client_settings(
