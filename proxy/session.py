@@ -223,8 +223,9 @@ class ClientSession(ServerOwner):
     async def _acquire_now(self) -> ServerConn:
         assert self.pool is not None
         conn = self.pool.try_acquire()
-        if conn is not None:
-            return conn  # at hand: no timer to arm (asyncio.timeout is Python code)
+        if conn is not None:  # at hand: no timer to arm (asyncio.timeout is Python code)
+            metrics.wait_seconds.observe(0.0)  # still a login that got its connection
+            return conn
         try:
             async with asyncio.timeout(self.server.config.pool_timeout):
                 return await self.pool.acquire()
