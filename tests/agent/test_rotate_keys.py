@@ -164,6 +164,10 @@ PROVIDER = textwrap.dedent(
     action, db = sys.argv[1], sys.argv[2]
     request = json.load(sys.stdin)
     keys = json.load(open(db)) if os.path.exists(db) else {"live": [], "calls": []}
+    def save():  # whole or not at all: the test reads the file while this runs
+        with open(db + ".tmp", "w") as f:
+            json.dump(keys, f)
+        os.replace(db + ".tmp", db)
     keys["calls"].append({"action": action, "argv": sys.argv[1:], "stdin_keys": sorted(request)})
     if action == "create":
         if os.environ.get("SLOW"):
@@ -173,13 +177,13 @@ PROVIDER = textwrap.dedent(
         print(json.dumps({"api_key": key, "id": len(keys["live"])}))
     elif action == "verify":
         ok = request["new"]["api_key"] in keys["live"] and not os.path.exists(db + ".reject")
-        json.dump(keys, open(db, "w"))
+        save()
         sys.exit(0 if ok else 3)
     elif action == "revoke":
         if os.path.exists(db + ".norevoke"):
             sys.exit(4)
         keys["live"].remove(request["old"]["api_key"])
-    json.dump(keys, open(db, "w"))
+    save()
     """
 )
 
