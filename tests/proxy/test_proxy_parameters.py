@@ -12,6 +12,7 @@ import pytest
 from devservers import FaultRelay, PostgresCluster
 from proxyhelpers import ProxyFactory, Role
 
+from proxy.pool import ACCEPTED_SETTINGS
 from proxy.protocol import messages as m
 from proxy.protocol.parameters import client_settings, settings_sql, split_options
 
@@ -221,6 +222,11 @@ async def test_settings_the_server_took_before_need_no_answer_at_login(
         relay.silence()
         told, error = await asyncio.wait_for(raw_login(proxy.port, login), 10)
         assert not error and told["application_name"] == "seen-before"
+        assert ("application_name", "seen-before") in pool.accepted  # learnt at the login
+        # what is remembered is bounded: clients can make up values without end
+        for n in range(3 * ACCEPTED_SETTINGS):
+            pool.accept({"application_name": f"made-up-{n}"})
+            assert len(pool.accepted) <= ACCEPTED_SETTINGS
     finally:
         relay.close()
 
