@@ -268,6 +268,9 @@ class StandaloneProxy:
             self.proc.send_signal(signal.SIGTERM)
         _, self.stderr = await asyncio.wait_for(self.proc.communicate(), 30)
         self.returncode = self.proc.returncode
+        if exc and exc[0] is not None:
+            # the test failed inside: its report shows what the proxy logged meanwhile
+            print(self.stderr.decode(errors="replace")[-4000:], file=sys.stderr)
 
 
 class WireClient:
