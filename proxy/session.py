@@ -358,6 +358,8 @@ class ClientSession(ServerOwner):
     def _data(self, data: bytes) -> None:
         self.reads += 1
         try:
+            if self.proto.receive_query(data) and self._query(data):
+                return
             buf, frames = self.proto.receive_frames(data)
             if frames:
                 self._requests(buf, frames)
@@ -396,11 +398,33 @@ class ClientSession(ServerOwner):
                 self._start_acquire()
             return
         out: list[bytes] = []
-        pipeline = conn.pipeline
-        pipeline.client_frames(buf, frames, self.stmts, out)
+        conn.pipeline.client_frames(buf, frames, self.stmts, out)
         if out:
             conn.link.write(out[0] if len(out) == 1 else b"".join(out))
-        queue = pipeline.queue
+        self._sent(conn)
+
+    def _query(self, query: bytes) -> bool:
+        """The commonest read, one whole simple Query, straight to the server when a
+        connection is at hand and nothing waits before it; False: the general path."""
+        if self.discarding or self.pending:
+            return False
+        conn = self.conn
+        if conn is None:
+            if self.state is not _IDLE:
+                return False
+            assert self.pool is not None
+            conn = self.pool.try_acquire()
+            if conn is None:
+                return False
+            self._attach(conn)
+        if not conn.pipeline.simple_query(query):
+            return False
+        conn.link.write(query)
+        self._sent(conn)
+        return True
+
+    def _sent(self, conn: ServerConn) -> None:
+        queue = conn.pipeline.queue
         if queue:
             if queue[0].action == FAKE:
                 self._emit_fakes(conn)

@@ -145,25 +145,21 @@ class ServerConn:
 
     def _data(self, data: bytes) -> None:
         self.reads += 1
-        out: list[bytes] = []
         owner = self.owner
         pipeline = self.pipeline
         try:
-            buf, frames = self.proto.receive_frames(data)
-            if frames and pipeline.server_frames(
-                buf, frames, out, owner.parameter_sink if owner is not None else None
-            ):
-                self.internal_errors += 1
-                errors = [buf[s:e] for t, s, e in frames if t == 69]
-                self.internal_error = errors[-1] if errors else None
-                log.warning("proxy_internal_query_failed", extra={"db": self.database})
+            if pipeline.awaits_one_answer() and self.proto.receive_answer(data):
+                pipeline.answered()
+                reply = data
+            else:
+                reply = self._frames(data)
         except ProtocolViolation as exc:
             log.warning("proxy_server_protocol_violation", extra={"error": str(exc)})
             self.close()
             return
         if owner is not None:
-            if out:
-                owner.to_client(out[0] if len(out) == 1 else b"".join(out))
+            if reply:
+                owner.to_client(reply)
             if not pipeline.queue and pipeline.unrequested_error is None:
                 owner.server_idle(self)
                 if not self._idle_waiters:
@@ -181,6 +177,20 @@ class ServerConn:
                 if not waiter.done():
                     waiter.set_result(None)
             self._idle_waiters.clear()
+
+    def _frames(self, data: bytes) -> bytes:
+        """What of ``data`` goes to the client, read message by message."""
+        owner = self.owner
+        out: list[bytes] = []
+        buf, frames = self.proto.receive_frames(data)
+        if frames and self.pipeline.server_frames(
+            buf, frames, out, owner.parameter_sink if owner is not None else None
+        ):
+            self.internal_errors += 1
+            errors = [buf[s:e] for t, s, e in frames if t == 69]
+            self.internal_error = errors[-1] if errors else None
+            log.warning("proxy_internal_query_failed", extra={"db": self.database})
+        return out[0] if len(out) == 1 else b"".join(out)
 
     def _paused(self, paused: bool) -> None:
         self.write_paused = paused

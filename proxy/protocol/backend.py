@@ -23,6 +23,9 @@ from proxy.protocol.states import (
 
 _V = ServerProtocolViolation
 _READY: Final = ServerState.READY
+# in the answer to a simple Query, the messages that need more than forwarding: an
+# error, a ParameterStatus, and a ReadyForQuery that does not end the read
+_ANSWER_ENDS: Final = m.type_table(frozenset(b"ESZ"))
 
 
 class ServerConnection:
@@ -71,6 +74,18 @@ class ServerConnection:
         if reader.ready_at >= 0:
             self.transaction_status = buf[reader.ready_at + 5 : reader.ready_at + 6]
         return buf, frames
+
+    def receive_answer(self, data: bytes) -> bool:
+        """:meth:`receive_frames` for a read that is the whole plain answer to one simple
+        Query (no error, ParameterStatus or ReadyForQuery before its end): True, and all
+        of ``data`` goes to the client as it is. False: nothing was read; use
+        :meth:`receive_frames`."""
+        if self.state is not _READY:
+            raise RuntimeError("receive_answer before the connection is ready")
+        if not self._reader.whole_answer(data, _ANSWER_ENDS):
+            return False
+        self.transaction_status = data[-1:]
+        return True
 
     def _decode_startup(self, msg: m.Message) -> ev.ServerEvent:
         body = msg.body

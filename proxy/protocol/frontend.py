@@ -104,6 +104,13 @@ class ClientConnection:
             del frames[-1]
         return buf, frames
 
+    def receive_query(self, data: bytes) -> bool:
+        """True when ``data`` is one whole simple Query and nothing else: it can go to
+        the server as it is. False: nothing was read; use :meth:`receive_frames`."""
+        if self.state is not _READY:
+            raise RuntimeError("receive_query before the client is logged in")
+        return self._reader.single(data, 81)  # 'Q'
+
     def send(self, event: _Outgoing) -> bytes:
         """Bytes for ``event``; advances the state (raises on an illegal send)."""
         if type(event) is m.Message and self.state is _READY:

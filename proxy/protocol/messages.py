@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Final
 
+from mypy_extensions import i64
+
 from proxy.protocol.errors import ProtocolViolation
 
 # Final: compiled by mypyc, a Final constant is a C static; any other module-level
@@ -50,10 +52,11 @@ def type_table(types: frozenset[int]) -> bytes:
 _TRANSACTION_STATUSES: Final = type_table(frozenset(b"ITE"))  # idle, in one, in a failed one
 
 
-def _i32(buf: bytes, pos: int) -> int:
+def _i32(buf: bytes, pos: i64) -> i64:
     """The big-endian signed 32-bit integer at ``pos``: struct's job, done in the loop
-    itself because compiled it is a few machine instructions, not a call into Python."""
-    n = buf[pos] << 24 | buf[pos + 1] << 16 | buf[pos + 2] << 8 | buf[pos + 3]
+    itself because compiled it is a few machine instructions, not a call into Python
+    (i64: a machine integer when compiled, an int otherwise)."""
+    n = i64(buf[pos]) << 24 | i64(buf[pos + 1]) << 16 | i64(buf[pos + 2]) << 8 | buf[pos + 3]
     return n - 0x100000000 if n & 0x80000000 else n
 
 
@@ -209,7 +212,7 @@ class FrameReader:
         This is the proxy's hot path, hence one loop that frames and checks together.
         """
         frames: list[tuple[int, int, int]] = []
-        pos = 0
+        pos: i64 = 0
         if self._left:
             # the middle of a streamed message: nothing is pending while one streams
             pos = min(self._left, len(data))
@@ -232,10 +235,10 @@ class FrameReader:
             self._pos = 0
         else:
             buf = data
-        size = len(buf)
+        size: i64 = len(buf)
         types = self._types
-        limit = self.limit
-        ready_at = -1
+        limit: i64 = self.limit
+        ready_at: i64 = -1
         while size - pos >= 5:
             length = _i32(buf, pos + 1)
             end = pos + 1 + length
@@ -274,6 +277,47 @@ class FrameReader:
             self._buf += buf[pos:]
             return buf[:pos], frames
         return buf, frames
+
+    def single(self, data: bytes, type_: int) -> bool:
+        """True when nothing is pending or streaming and ``data`` is exactly one whole
+        message of type ``type_`` under ``limit``: the commonest read of a client. Nothing
+        is consumed either way (False: :meth:`frames` takes the read)."""
+        if self._left or len(self._buf) > self._pos or len(data) < 5 or data[0] != type_:
+            return False
+        length = _i32(data, 1)
+        return 4 <= length < self.limit and len(data) == 1 + length
+
+    def whole_answer(self, data: bytes, notable: bytes) -> bool:
+        """:meth:`frames` for the commonest read, with no list built: True when nothing
+        is pending or streaming and ``data`` is whole messages, each under ``limit``,
+        checked as :meth:`frames` checks them, the last a ReadyForQuery and the only one
+        of a type that ``notable`` (a :func:`type_table`) marks. ``ready_at`` is set.
+
+        False: nothing was consumed or changed, and :meth:`frames` takes the read (and
+        raises what it finds wrong)."""
+        if self._left or len(self._buf) > self._pos:
+            return False
+        size: i64 = len(data)
+        types = self._types
+        limit: i64 = self.limit
+        pos: i64 = 0
+        while size - pos >= 5:
+            length = _i32(data, pos + 1)
+            end = pos + 1 + length
+            if length < 4 or length >= limit or end > size:
+                return False
+            t = data[pos]
+            if not types[t]:
+                return False
+            if notable[t]:
+                if t != 90 or end != size or length != 5:
+                    return False
+                if not _TRANSACTION_STATUSES[data[pos + 5]]:
+                    return False  # malformed: frames() says so
+                self.ready_at = pos
+                return True
+            pos = end
+        return False
 
     def next_startup(self) -> bytes | None:
         buf, pos = self._buf, self._pos

@@ -268,12 +268,7 @@ class Pipeline:
         run_start = run_end = -1
         for t, start, end in frames:
             if t == 81:  # Q
-                self.segment = CLOSED
-                queue.append(_FWD_QUERY)
-                if buf[start + 5] in _MAYBE_DISCARD and _DROPS_STATEMENTS.match(
-                    buf, start + 5, min(end, start + 64)
-                ):
-                    self.prepared.clear()  # DISCARD ALL / DEALLOCATE ALL from the client
+                self._query(buf, start, end)
             elif t == 70:  # F
                 self.segment = CLOSED
                 queue.append(_FWD_QUERY)
@@ -297,6 +292,23 @@ class Pipeline:
             run_end = end
         if run_start >= 0:
             out.append(buf if run_start == 0 and run_end == len(buf) else buf[run_start:run_end])
+
+    def simple_query(self, query: bytes) -> bool:
+        """Queue the client's Query ``query`` (one whole message) that goes to the
+        server as it is; False, with nothing done, while a failed segment is skipped
+        (:meth:`client_frames` knows what to do then)."""
+        if self.segment == FAILED:
+            return False
+        self._query(query, 0, len(query))
+        return True
+
+    def _query(self, buf: bytes, start: int, end: int) -> None:
+        self.segment = CLOSED
+        self.queue.append(_FWD_QUERY)
+        if buf[start + 5] in _MAYBE_DISCARD and _DROPS_STATEMENTS.match(
+            buf, start + 5, min(end, start + 64)
+        ):
+            self.prepared.clear()  # DISCARD ALL / DEALLOCATE ALL from the client
 
     def _skip_ignored(
         self, buf: bytes, frames: list[tuple[int, int, int]], out: list[bytes]
@@ -383,6 +395,16 @@ class Pipeline:
 
     # --- server -> client ---------------------------------------------------------
 
+    def awaits_one_answer(self) -> bool:
+        """The commonest case by far: only the client's one simple Query is waiting.
+        Its whole answer in one read (``ServerConnection.receive_answer``) then goes to
+        the client as it came, and :meth:`answered` is all the bookkeeping."""
+        queue = self.queue
+        return len(queue) == 1 and queue[0] is _FWD_QUERY
+
+    def answered(self) -> None:
+        self.queue.popleft()
+
     def server_frames(
         self,
         buf: bytes,
@@ -405,23 +427,6 @@ class Pipeline:
             # rare (a streamed message ends in this read): the rest as if it came alone
             buf = buf[end:]
             frames = [(t, start - end, stop - end) for t, start, stop in frames[1:]]
-        if frames and queue and queue[0] is _FWD_QUERY and len(queue) == 1 and frames[-1][0] == 90:
-            # The commonest case by far: the whole answer to the client's one simple
-            # Query. All of it goes to the client; only an error, a ParameterStatus
-            # or an early ReadyForQuery on the way needs a closer look.
-            # by index: compiled, a tuple taken from the list is a new object each time
-            # (``frame is frames[-1]`` never held, and every answer took the long way)
-            last = len(frames) - 1
-            i = 0
-            while i < last:
-                t = frames[i][0]
-                if t == 69 or t == 83 or t == 90:
-                    break
-                i += 1
-            if i == last:
-                queue.popleft()
-                out.append(buf)
-                return False
         run_start = run_end = -1
         swallowed_error = False
         forward = True

@@ -392,8 +392,9 @@ _ANSWERS = {
 def test_bulk_answer_to_simple_queries_matches_message_path(
     body: list[str], ending: str, queries: int
 ) -> None:
-    """The bulk path (with its shortcut for a whole simple-query answer) forwards the
-    same bytes and leaves the same state as routing the messages one by one."""
+    """The bulk path, with the shortcut for a whole simple-query answer that
+    proxy/upstream.py takes first, forwards the same bytes and leaves the same state as
+    routing the messages one by one."""
     kinds = body + list(ending)
     if not kinds:
         return
@@ -409,8 +410,16 @@ def test_bulk_answer_to_simple_queries_matches_message_path(
     seen: list[tuple[str, str]] = []
     bulk_out: list[bytes] = []
     single_out: list[bytes] = []
+    server = _ready_server()
     try:
-        bulk.server_frames(data, frames, bulk_out, lambda k, v: seen.append((k, v)))
+        if bulk.awaits_one_answer() and server.receive_answer(data):
+            bulk.answered()
+            bulk_out.append(data)
+            assert kinds.count("Z") == 1 and not {"E", "F", "S"} & set(kinds)
+        else:
+            buf, cut = server.receive_frames(data)
+            assert (buf, cut) == (data, frames)
+            bulk.server_frames(data, frames, bulk_out, lambda k, v: seen.append((k, v)))
     except ProtocolViolation as exc:
         with pytest.raises(type(exc)):
             for start_end in frames:
@@ -423,6 +432,88 @@ def test_bulk_answer_to_simple_queries_matches_message_path(
     assert bulk.parameters == single.parameters
     assert bulk.fatal_forwarded == single.fatal_forwarded
     assert seen == [("application_name", "moved")] * kinds.count("S")
+
+
+def _ready_server() -> ServerConnection:
+    server = ServerConnection()
+    server.send(m.StartupMessage({"user": "u"}))
+    events_of(server, m.authentication(0) + m.ready_for_query(b"I"))
+    return server
+
+
+def _ready_client() -> ClientConnection:
+    client = ClientConnection()
+    events_of(client, m.startup_message({"user": "u"}))
+    client.send(ev.AuthenticationOk())
+    return client
+
+
+_PIECES = [
+    *_ANSWERS.values(),
+    m.query("SELECT 1"),
+    b"Z\x00\x00\x00\x05Q",
+    b"Z\x00\x00\x00\x06I\x00",
+]
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.lists(st.sampled_from(_PIECES), max_size=6),
+    st.binary(max_size=7),
+    st.sampled_from([None, m.query("SELECT 2")[:7]]),
+)
+def test_whole_answer_shortcut_agrees_with_frames(
+    pieces: list[bytes], tail: bytes, pending: bytes | None
+) -> None:
+    """FrameReader.whole_answer says yes exactly when frames() would find whole, valid
+    messages ending in the read's only ReadyForQuery and no error or ParameterStatus,
+    with nothing buffered; it consumes nothing, so frames() can always follow it."""
+    data = b"".join(pieces) + (tail if not pieces or tail[:1] != b"Z" else b"")
+    shortcut, reference = _ready_server(), _ready_server()
+    if pending is not None:  # a message already half read: never the shortcut
+        for conn in (shortcut, reference):
+            conn.receive_frames(pending)
+    took = shortcut.receive_answer(data)
+    try:
+        buf, frames = reference.receive_frames(data)
+    except ProtocolViolation:
+        assert not took
+        with pytest.raises(ProtocolViolation):
+            shortcut.receive_frames(data)  # the reader was left as it was
+        return
+    whole = (
+        pending is None
+        and buf == data
+        and bool(frames)
+        and frames[-1][0] == ord("Z")
+        and not any(t in b"ESZ" for t, _, _ in frames[:-1])
+        and not reference.receive_frames(b"")[1]  # nothing left behind
+    )
+    assert took == whole
+    if took:
+        assert shortcut.transaction_status == reference.transaction_status
+    else:
+        assert shortcut.receive_frames(data) == (buf, frames)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.sampled_from([*_PIECES, m.SYNC, m.TERMINATE]), max_size=3), st.binary(max_size=6)
+)
+def test_single_query_shortcut_agrees_with_frames(pieces: list[bytes], tail: bytes) -> None:
+    """ClientConnection.receive_query: yes exactly for a read that frames() cuts into one
+    whole Query; nothing consumed, so frames() can follow."""
+    data = b"".join(pieces) + tail
+    shortcut, reference = _ready_client(), _ready_client()
+    took = shortcut.receive_query(data)
+    try:
+        buf, frames = reference.receive_frames(data)
+    except ProtocolViolation:
+        assert not took
+        return
+    one_query = buf == data and len(frames) == 1 and frames[0] == (ord("Q"), 0, len(data))
+    assert took == (one_query and reference.state is ClientState.READY)
+    assert shortcut.receive_frames(data) == (buf, frames)
 
 
 # --- fuzzing: parse it or raise ProtocolViolation, nothing else --------------------
