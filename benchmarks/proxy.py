@@ -10,7 +10,8 @@ prints the median TPS and latency, the TPS range, the ratios to PgBouncer (same 
 mode; session for the relay) and to direct, and the CPU time (user + system, from
 /proc) each target process spent per transaction, and its ratio to PgBouncer's.
 Then instructions per transaction (valgrind's callgrind, repeatable where time is
-not) for PgBouncer and both proxy builds, with the proxy's top functions; then a
+not) for PgBouncer and both proxy builds, ``-S`` and ``-S -C`` (what a login costs),
+with the proxy's top functions; then a
 rotation soak: pgbench -S through the proxy while the role's
 password changes every 5 s (``ALTER ROLE`` + rewritten credentials file); it must end
 with 0 failed transactions.
@@ -431,68 +432,78 @@ def callgrind_costs(path: Path) -> tuple[int, dict[str, int], dict[str, int]]:
     return total, by_fn, by_ob
 
 
+CALLGRIND_WORKLOADS = [
+    # (label, pgbench arguments, share of --callgrind transactions): a login costs
+    # ~20x a transaction, and valgrind runs everything ~50x slower
+    ("-S", ["-S"], 1.0),
+    ("-S -C", ["-S", "-C"], 0.2),
+]
+
+
 def instructions(
     pg: PostgresCluster, workdir: Path, password: str, transactions: int, top: int, both: bool
 ) -> None:
-    """Instructions per ``pgbench -S`` transaction (transaction pooling) under callgrind.
+    """Instructions per ``pgbench -S`` transaction (transaction pooling) under callgrind,
+    and per ``-S -C`` one (a login, a transaction, a goodbye).
 
     Each target starts under valgrind; after a warm-up, ``callgrind_control --dump``
-    zeroes the counters, ``transactions`` run (4 clients), and a second dump holds
+    zeroes the counters, the transactions run (4 clients), and a second dump holds
     exactly their instructions: start-up and import costs are not counted.
     """
     if not shutil.which("valgrind"):
         print("note: valgrind not installed (apt-get install -y valgrind); instructions skipped")
         return
     clients = 4
-    per_client = max(transactions // clients, 1)
     made: list[tuple[str, Any]] = []
     if shutil.which("pgbouncer"):
         made.append(("pgbouncer transaction", "pgbouncer"))
     made.append(("proxy transaction", False))
     if both:
         made.append(("proxy pure transaction", True))
-    print(
-        f"\ninstructions (callgrind Ir) per pgbench -S transaction, transaction pooling, "
-        f"{clients} clients x {per_client} transactions, after a warm-up"
-    )
-    for name, kind in made:
-        label = "cg-" + name.replace(" ", "-")
-        cgdir = workdir / label
-        cgdir.mkdir()
-        if os.geteuid() == 0:  # PgBouncer runs as postgres and writes its profile here
-            pw = pwd.getpwnam("postgres")
-            os.chown(cgdir, pw.pw_uid, pw.pw_gid)
-        prefix = (
-            "valgrind",
-            "--tool=callgrind",
-            "--compress-strings=no",  # each dump file names its own functions
-            f"--callgrind-out-file={cgdir}/callgrind.out",
+    for workload, wargs, share in CALLGRIND_WORKLOADS:
+        per_client = max(int(transactions * share) // clients, 1)
+        print(
+            f"\ninstructions (callgrind Ir) per pgbench {workload} transaction, transaction "
+            f"pooling, {clients} clients x {per_client} transactions, after a warm-up"
         )
-        target: PgBouncer | Proxy
-        if kind == "pgbouncer":
-            target = PgBouncer(workdir, pg, password, "transaction", label, prefix)
-        else:
-            target = Proxy(
-                workdir, pg, password, "transaction", label, pure=bool(kind), prefix=prefix
+        for name, kind in made:
+            label = "cg-" + name.replace(" ", "-") + workload.replace(" ", "").replace("-", "_")
+            cgdir = workdir / label
+            cgdir.mkdir()
+            if os.geteuid() == 0:  # PgBouncer runs as postgres and writes its profile here
+                pw = pwd.getpwnam("postgres")
+                os.chown(cgdir, pw.pw_uid, pw.pw_gid)
+            prefix = (
+                "valgrind",
+                "--tool=callgrind",
+                "--compress-strings=no",  # each dump file names its own functions
+                f"--callgrind-out-file={cgdir}/callgrind.out",
             )
-        try:
-            pgbench(target.port, password, ["-S"], 0, clients, count=25)  # warm-up
-            control = ["callgrind_control", "--dump", str(target.pid)]
-            dump = {"check": True, "capture_output": True, "timeout": 120, **target.as_user}
-            subprocess.run(control, **dump)  # .1
-            result = pgbench(target.port, password, ["-S"], 0, clients, count=per_client)
-            subprocess.run(control, **dump)  # .2
-        finally:
-            target.stop()
-        measured = cgdir / "callgrind.out.2"  # what the counted transactions cost
-        total, by_fn, by_ob = callgrind_costs(measured)
-        print(f"  {name:<24} {total / result.transactions:>10,.0f} Ir/transaction")
-        if top and kind != "pgbouncer":
-            tops = sorted(by_ob.items(), key=lambda kv: -kv[1])[:5]
-            share = ", ".join(f"{ob} {cost / total:.0%}" for ob, cost in tops)
-            print(f"      by object: {share}")
-            for where, cost in sorted(by_fn.items(), key=lambda kv: -kv[1])[:top]:
-                print(f"      {cost / result.transactions:>8,.0f}  {where[:100]}")
+            target: PgBouncer | Proxy
+            if kind == "pgbouncer":
+                target = PgBouncer(workdir, pg, password, "transaction", label, prefix)
+            else:
+                target = Proxy(
+                    workdir, pg, password, "transaction", label, pure=bool(kind), prefix=prefix
+                )
+            try:
+                pgbench(target.port, password, wargs, 0, clients, count=25)  # warm-up
+                control = ["callgrind_control", "--dump", str(target.pid)]
+                dump = {"check": True, "capture_output": True, "timeout": 120, **target.as_user}
+                subprocess.run(control, **dump)  # .1
+                result = pgbench(target.port, password, wargs, 0, clients, count=per_client)
+                subprocess.run(control, **dump)  # .2
+            finally:
+                target.stop()
+            measured = cgdir / "callgrind.out.2"  # what the counted transactions cost
+            total, by_fn, by_ob = callgrind_costs(measured)
+            print(f"  {name:<24} {total / result.transactions:>10,.0f} Ir/transaction")
+            if top and kind != "pgbouncer":
+                tops = sorted(by_ob.items(), key=lambda kv: -kv[1])[:5]
+                share_of = ", ".join(f"{ob} {cost / total:.0%}" for ob, cost in tops)
+                print(f"      by object: {share_of}")
+                for where, cost in sorted(by_fn.items(), key=lambda kv: -kv[1])[:top]:
+                    print(f"      {cost / result.transactions:>8,.0f}  {where[:100]}")
 
 
 def main() -> int:

@@ -90,6 +90,7 @@ class ClientSession(ServerOwner):
         self.peer = self._peer()
         self.transaction_mode = server.config.pool_mode == "transaction"
         self.reads = 0  # chunks received: the watchdog's sign of life (proxy/watchdog.py)
+        self.login_expired = False  # client_login_timeout passed (see login)
 
     def _peer(self) -> str:
         if self.unix or self.link.transport is None:
@@ -107,17 +108,31 @@ class ClientSession(ServerOwner):
     # --- login ---------------------------------------------------------------------
 
     async def login(self) -> None:
+        # The client's part is bounded by client_login_timeout, the server connection
+        # that follows by pool_timeout and connect_timeout. The timer does what
+        # asyncio.timeout does (cancel the task, tell that cancel from others) in two C
+        # calls, not a context manager's Python code: this runs for every connection.
+        task = asyncio.current_task()
+        assert task is not None
+        deadline = task.get_loop().call_later(
+            self.server.config.client_login_timeout, self._login_too_slow, task
+        )
         try:
-            # the client's part is bounded by client_login_timeout; the server
-            # connection that follows by pool_timeout and connect_timeout
-            async with asyncio.timeout(self.server.config.client_login_timeout):
+            try:
                 event = await login.startup(self)
                 if event is None:  # a CancelRequest: nothing else on this connection
                     self.close()
                     return
                 database, settings = login.parameters(self, event)
                 await login.authenticate(self)
+            finally:
+                deadline.cancel()
             await self._start(database, settings)
+        except asyncio.CancelledError:
+            if not self.login_expired:
+                raise  # the proxy stopping
+            task.uncancel()
+            self.fatal("08006", "login did not complete in time")
         except ClientFatal as exc:
             self.fatal(exc.sqlstate, str(exc))
         except ClientProtocolViolation as exc:
@@ -139,10 +154,12 @@ class ClientSession(ServerOwner):
         except UpstreamError as exc:
             log.warning("proxy_upstream_failed", extra={"peer": self.peer, "error": str(exc)})
             self.fatal(exc.sqlstate, client_text(exc))  # the detail is for the log only
-        except TimeoutError:
-            self.fatal("08006", "login did not complete in time")
         except ConnectionError:
             self.close()
+
+    def _login_too_slow(self, task: asyncio.Task[None]) -> None:
+        self.login_expired = True
+        task.cancel()
 
     async def _start(self, database: str, settings: dict[str, str]) -> None:
         """Logged in: a server connection takes the client's settings and tells the
@@ -168,7 +185,7 @@ class ClientSession(ServerOwner):
         out.append(m.backend_key_data(self.process_id, self.secret_key))
         out.append(m.ready_for_query(b"I"))
         self.link.write(b"".join(out))
-        metrics.clients_total.labels("ok").inc()
+        metrics.clients_ok.inc()
         self.link.on_pause = self._client_paused
         self._attach(conn, sync=False)
         if sql:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import pwd
 import secrets
@@ -13,9 +15,10 @@ import asyncpg
 import pytest
 from devservers import FaultRelay, PostgresCluster
 from devservers import make_test_pki as make_certs
-from proxyhelpers import ProxyFactory, Role, pg_tool, psql, run, scram_verifier
+from proxyhelpers import ProxyFactory, Role, pg_tool, psql, run, scram_verifier, wait_until
 
 from proxy.config import ProxyConfigError, parse_proxy_config
+from proxy.protocol import messages as m
 
 
 @pytest.fixture(scope="module")
@@ -203,6 +206,39 @@ async def test_client_tls_when_configured(
         sql,
     )
     assert plain.returncode == 0, plain.stderr
+
+
+async def test_client_stalling_in_the_tls_handshake_is_ended_by_the_login_timeout(
+    make_proxy: ProxyFactory, role: Role, tmp_path: Path
+) -> None:
+    """SSLRequest, 'S', then silence (or half a ClientHello): client_login_timeout ends
+    the connection there too, and a real client gets in meanwhile."""
+    certs = make_certs(tmp_path / "client-side")
+    proxy = await make_proxy(
+        tls={"cert": str(certs["cert"]), "key": str(certs["key"])}, client_login_timeout="1s"
+    )
+    stalled = []
+    for hello in (b"", b"\x16\x03\x01\x02\x00\x01"):  # nothing; a ClientHello's head
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(m.ssl_request())
+        assert await reader.readexactly(1) == b"S"
+        writer.write(hello)
+        stalled.append((reader, writer))
+    try:
+        ok = await asyncpg.connect(proxy.dsn(db=role.database), ssl=False)
+        assert await ok.fetchval("SELECT 1") == 1
+        await ok.close()
+        for reader, _ in stalled:
+            # mid-handshake there is no error to tell: the proxy just closes
+            async with asyncio.timeout(10):
+                with contextlib.suppress(ConnectionError):
+                    assert await reader.read() == b""
+        await wait_until(lambda: not proxy.server.sessions, what="the stalled sessions gone")
+    finally:
+        for _, writer in stalled:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
 
 
 async def test_client_scram_users_file(
