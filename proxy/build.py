@@ -31,6 +31,7 @@ COMPILED = (
     "proxy.protocol.frontend",
     "proxy.protocol.backend",
     "proxy.protocol.statements",
+    "proxy.protocol.parameters",
     "proxy.protocol.pipeline",
     "proxy.protocol.auth",
     "proxy.transport",
@@ -43,6 +44,7 @@ COMPILED = (
     "proxy.cancel",
     "proxy.server",
     "proxy.credentials",
+    "proxy.counts",
 )
 # mypyc puts the code of all of them in one shared library; the per-module extensions
 # are small shims that load it. A dotted name keeps it inside the package (importable

@@ -14,9 +14,13 @@ from proxy.errors import ClientFatal
 from proxy.protocol import events as ev
 from proxy.protocol import messages as m
 from proxy.protocol.auth import ScramVerifier
-from proxy.protocol.errors import AuthenticationFailed, ClientProtocolViolation
+from proxy.protocol.errors import (
+    AuthenticationFailed,
+    ClientProtocolViolation,
+    UnsupportedParameter,
+)
 from proxy.protocol.frontend import ClientConnection
-from proxy.protocol.parameters import UnsupportedParameter, client_settings
+from proxy.protocol.parameters import client_settings
 from proxy.transport import Link
 
 if TYPE_CHECKING:
@@ -41,7 +45,7 @@ async def startup(session: ClientSession) -> m.StartupMessage | None:
         if isinstance(event, m.SSLRequest):
             await _answer_ssl(session)
         elif isinstance(event, m.GSSENCRequest):
-            session.link.write(session.proto.send(ev.SSLResponse(False)))
+            session.link.write(session.proto.send(ev.SSL_REFUSED))
         elif isinstance(event, m.CancelRequest):
             session.server.cancel(event)
             return None
@@ -77,12 +81,12 @@ async def _answer_ssl(session: ClientSession) -> None:
     link = session.link
     ctx = tls.context() if tls is not None else None
     if ctx is None or session.unix:
-        link.write(session.proto.send(ev.SSLResponse(False)))
+        link.write(session.proto.send(ev.SSL_REFUSED))
         return
     if session.proto.buffered:
         # bytes after SSLRequest, before the handshake: plaintext injection (CVE-2021-23214)
         raise ClientProtocolViolation("data received before the TLS handshake")
-    link.write(session.proto.send(ev.SSLResponse(True)))
+    link.write(session.proto.send(ev.SSL_ACCEPTED))
     assert link.transport is not None
     transport = await asyncio.get_running_loop().start_tls(
         link.transport, link, ctx, server_side=True
@@ -130,7 +134,7 @@ async def refuse_too_many(server: ProxyServer, link: Link) -> None:
                 if event is None:
                     proto.receive_data(await link.recv())
                 elif isinstance(event, m.SSLRequest | m.GSSENCRequest):
-                    link.write(proto.send(ev.SSLResponse(False)))
+                    link.write(proto.send(ev.SSL_REFUSED))
                 elif isinstance(event, m.CancelRequest):
                     server.cancel(event)
                     return

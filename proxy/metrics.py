@@ -1,10 +1,11 @@
 """Prometheus metrics of the proxy, all prefixed ``credsidecar_proxy_``.
 
 Counters and histograms live on the module :data:`REGISTRY` (the agent merges it
-into ``/metrics``). Gauges of live state (clients, server connections per state and
-generation) are computed from the running server by :class:`StateCollector`, which
-:class:`proxy.server.ProxyServer` registers while it runs. Labels carry states and
-reasons, never user names or secrets.
+into ``/metrics``); the two that every login updates are kept by :mod:`proxy.counts`
+and exposed by :class:`CountsCollector`. Gauges of live state (clients, server
+connections per state and generation) are computed from the running server by
+:class:`StateCollector`, which :class:`proxy.server.ProxyServer` registers while it
+runs. Labels carry states and reasons, never user names or secrets.
 """
 
 from __future__ import annotations
@@ -12,18 +13,20 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+
+from proxy.counts import Buckets, LabelledCount
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
-clients_total = Counter(
-    "credsidecar_proxy_clients_total",
-    "Client connections accepted, by result (ok, auth_failed, refused, protocol_error).",
-    ["result"],
-    registry=REGISTRY,
-)
+# counted on every login: kept by proxy.counts, exposed by CountsCollector below
+CLIENT_RESULTS = ("ok", "auth_failed", "refused", "protocol_error")
+WAIT_BOUNDS = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30)
+clients_total = LabelledCount(CLIENT_RESULTS)
+wait_seconds = Buckets(WAIT_BOUNDS)
+
 server_connects_total = Counter(
     "credsidecar_proxy_server_connects_total",
     "Upstream connections opened, by result (ok, auth_failed, error, timeout).",
@@ -50,12 +53,6 @@ generation_switches_total = Counter(
 generation_rejections_total = Counter(
     "credsidecar_proxy_generation_rejections_total",
     "New credentials that failed the trial login; the old generation kept serving.",
-    registry=REGISTRY,
-)
-wait_seconds = Histogram(
-    "credsidecar_proxy_wait_seconds",
-    "Time clients waited for a server connection.",
-    buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30),
     registry=REGISTRY,
 )
 cancel_requests_total = Counter(
@@ -93,8 +90,35 @@ server_retired_total = Counter(
     registry=REGISTRY,
 )
 
-# what every login counts, looked up once: labels() takes a lock and a dict lookup
-clients_ok = clients_total.labels("ok")
+
+class CountsCollector(Collector):
+    """:data:`clients_total` and :data:`wait_seconds` as the Counter and Histogram
+    they stand for."""
+
+    def __init__(self, clients: LabelledCount, wait: Buckets) -> None:
+        self._clients = clients
+        self._wait = wait
+
+    def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
+        clients = CounterMetricFamily(
+            "credsidecar_proxy_clients",
+            "Client connections accepted, by result (ok, auth_failed, refused, protocol_error).",
+            labels=["result"],
+        )
+        for result, count in self._clients.counts.items():
+            clients.add_metric([result], count)
+        bounds = [repr(float(b)) for b in self._wait.bounds] + ["+Inf"]  # as Histogram's
+        wait = HistogramMetricFamily(
+            "credsidecar_proxy_wait_seconds",
+            "Time clients waited for a server connection.",
+            buckets=list(zip(bounds, self._wait.cumulative(), strict=True)),
+            sum_value=self._wait.total,
+        )
+        yield clients
+        yield wait
+
+
+REGISTRY.register(CountsCollector(clients_total, wait_seconds))
 
 
 class StateCollector(Collector):

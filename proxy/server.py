@@ -57,7 +57,9 @@ class ProxyServer:
             UsersFile(config.client_auth.users_file) if config.client_auth.users_file else None
         )
         self.stopping = False
-        self._empty = asyncio.Event()
+        # made by stop(), done when the last session is gone (not an Event to clear on
+        # every accepted connection: its methods are Python code)
+        self._all_gone: asyncio.Future[None] | None = None
         self._registry = registry if registry is not None else metrics.REGISTRY
         self._collector = metrics.StateCollector(self.status)
         self.watchdog = Watchdog(self)
@@ -107,7 +109,7 @@ class ProxyServer:
         if len(self.sessions) >= self.config.max_client_conn:
             # counted from accept, logged in or not; a few refusals read the startup
             # packet first (so that clients show the error), the rest are cut at once
-            metrics.clients_total.labels("refused").inc()
+            metrics.clients_total.inc("refused")
             if len(self._refusing) < MAX_REFUSING:
                 self._refusing.add(link)
                 self.spawn(self._refuse(link))
@@ -117,7 +119,6 @@ class ProxyServer:
             return
         session = ClientSession(self, link, unix)
         self.sessions.add(session)
-        self._empty.clear()
         self.spawn(session.login())
 
     async def _refuse(self, link: Link) -> None:
@@ -138,8 +139,8 @@ class ProxyServer:
     def unregister(self, session: ClientSession) -> None:
         self.sessions.discard(session)
         self.keys.unregister(session)
-        if not self.sessions:
-            self._empty.set()
+        if not self.sessions and self._all_gone is not None and not self._all_gone.done():
+            self._all_gone.set_result(None)
 
     def cancel(self, request: m.CancelRequest) -> None:
         target = self.keys.target(request)
@@ -165,8 +166,9 @@ class ProxyServer:
         for session in list(self.sessions):
             session.shutdown()
         if self.sessions:
+            self._all_gone = asyncio.get_running_loop().create_future()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._empty.wait(), timeout)
+                await asyncio.wait_for(self._all_gone, timeout)
         for session in list(self.sessions):
             session.fatal("57P01", "terminating connection: the proxy is shutting down")
         for task in list(self._tasks):

@@ -136,13 +136,13 @@ class ClientSession(ServerOwner):
         except ClientFatal as exc:
             self.fatal(exc.sqlstate, str(exc))
         except ClientProtocolViolation as exc:
-            metrics.clients_total.labels("protocol_error").inc()
+            metrics.clients_total.inc("protocol_error")
             log.warning(
                 "proxy_client_protocol_violation", extra={"peer": self.peer, "error": str(exc)}
             )
             self.fatal(exc.sqlstate, f"protocol violation: {exc}")
         except AuthenticationFailed as exc:
-            metrics.clients_total.labels("auth_failed").inc()
+            metrics.clients_total.inc("auth_failed")
             metrics.auth_failures_total.labels("client").inc()
             log.warning(
                 "proxy_client_auth_failed",
@@ -179,13 +179,13 @@ class ClientSession(ServerOwner):
                 raise ClientFatal("08006", text) from None
             raise exc
         self.process_id, self.secret_key = self.server.register(self)
-        out = [self.proto.send(ev.AuthenticationOk())]
+        out = [self.proto.send(ev.AUTHENTICATION_OK)]
         shown = {**conn.parameters, **self.params}
         out += [m.parameter_status(k, v) for k, v in shown.items()]
         out.append(m.backend_key_data(self.process_id, self.secret_key))
         out.append(m.ready_for_query(b"I"))
         self.link.write(b"".join(out))
-        metrics.clients_ok.inc()
+        metrics.clients_total.inc("ok")
         self.link.on_pause = self._client_paused
         self._attach(conn, sync=False)
         if sql:
@@ -212,22 +212,28 @@ class ClientSession(ServerOwner):
         known = conn.parameters
         reported = {k: v for k, v in settings.items() if k in known and conn.defaults.get(k) != v}
         extras = {k: v for k, v in settings.items() if k not in known}
-        # first back to the defaults, then the client's (DateStyle 'ISO' keeps the order
-        # part it finds), then the unreported ones
-        sql = settings_sql(conn.pipeline.synced, conn.defaults)
-        sql += settings_sql(conn.defaults, reported)
+        # Only what differs from a fresh login's values with the client's on top (often
+        # nothing: the last client, or a transaction's, had the same). Each of those
+        # first back to its default, then the client's (DateStyle 'ISO' keeps the order
+        # part it finds); then the unreported ones.
+        synced = conn.pipeline.synced
+        want = {**conn.defaults, **reported}
+        stale = [k for k, v in want.items() if synced.get(k) != v]
+        sql = settings_sql(synced, {k: conn.defaults[k] for k in stale if k in conn.defaults})
+        sql += settings_sql(conn.defaults, {k: reported[k] for k in stale if k in reported})
         sql += settings_sql(conn.extras, extras, reset_missing=True)
         assert self.pool is not None
         known_good = all(item in self.pool.accepted for item in reported.items())
-        if not known_good or any(conn.extras.get(k) != v for k, v in extras.items()):
+        new_extras = any(conn.extras.get(k) != v for k, v in extras.items())
+        if sql and (not known_good or new_extras):
             async with asyncio.timeout(self.server.config.pool_timeout):
                 ok = await conn.internal(sql)
             if not ok:
                 raise ClientFatal(*conn.internal_failure())
-            synced = conn.pipeline.synced
+            synced = conn.pipeline.synced  # as the server reported it after the SQL
             self.pool.accept({k: v for k, v in reported.items() if synced.get(k) == v})
             sql = ""
-        else:
+        elif sql:
             # what that SQL gives it, once the server runs it
             conn.pipeline.synced = {**conn.pipeline.synced, **conn.defaults, **reported}
         conn.extras = extras

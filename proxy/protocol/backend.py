@@ -95,7 +95,7 @@ class ServerConnection:
             if code == m.AUTH_OK:
                 if len(body) != 4:
                     raise _V("AuthenticationOk with a payload")
-                return ev.AuthenticationOk()
+                return ev.AUTHENTICATION_OK
             return ev.AuthenticationRequest(code, body[4:])
         if t == b"E":
             return ev.ErrorResponse(m.parse_error_fields(body, _V))

@@ -33,6 +33,12 @@ class ServerProtocolViolation(ProtocolViolation):
     """The upstream server broke the protocol."""
 
 
+class UnsupportedParameter(ValueError):
+    """A startup parameter the proxy cannot carry (the client gets 08P01)."""
+
+    sqlstate = "08P01"
+
+
 class AuthenticationFailed(ValueError):
     """A login did not succeed; ``sqlstate`` is what the client is told (no secrets)."""
 

@@ -7,6 +7,7 @@ raw frame) so the hot path forwards bytes without decoding them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Final
 
 from proxy.protocol import messages as m
 
@@ -16,6 +17,12 @@ class SSLResponse:
     """The proxy's one-byte answer to SSLRequest/GSSENCRequest: 'S' (accept) or 'N'."""
 
     accept: bool
+
+
+# Events without a payload are made once: building a frozen dataclass runs its
+# generated __init__ (Python code, even compiled), and these come with every login.
+SSL_ACCEPTED: Final = SSLResponse(True)
+SSL_REFUSED: Final = SSLResponse(False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +36,9 @@ class AuthenticationRequest:
 @dataclass(frozen=True, slots=True)
 class AuthenticationOk:
     pass
+
+
+AUTHENTICATION_OK: Final = AuthenticationOk()
 
 
 @dataclass(frozen=True, slots=True)

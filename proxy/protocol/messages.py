@@ -73,6 +73,10 @@ class GSSENCRequest:
     pass
 
 
+SSL_REQUEST: Final = SSLRequest()  # made once, as proxy.protocol.events' SSL_REFUSED
+GSSENC_REQUEST: Final = GSSENCRequest()
+
+
 @dataclass(frozen=True, slots=True)
 class CancelRequest:
     process_id: int
@@ -120,7 +124,7 @@ def parse_startup(packet: bytes, violation: type[ProtocolViolation]) -> StartupP
     if code in (SSL_REQUEST_CODE, GSSENC_REQUEST_CODE):
         if len(packet) != 8:
             raise violation("SSLRequest/GSSENCRequest with a payload")
-        return SSLRequest() if code == SSL_REQUEST_CODE else GSSENCRequest()
+        return SSL_REQUEST if code == SSL_REQUEST_CODE else GSSENC_REQUEST
     if code == CANCEL_REQUEST_CODE:
         if len(packet) != 16:
             raise violation(f"CancelRequest of {len(packet)} bytes")

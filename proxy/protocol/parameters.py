@@ -21,6 +21,8 @@ from __future__ import annotations
 import re
 from typing import Final
 
+from proxy.protocol.errors import UnsupportedParameter
+
 # Reported (GUC_REPORT) by PostgreSQL 12-18; the names the server reports them under
 REPORTED: Final = (
     "application_name",
@@ -58,12 +60,6 @@ _CANONICAL: Final = {name.lower(): name for name in REPORTED}
 # what a configuration parameter's name looks like (custom ones have a dot)
 _NAME: Final = re.compile(r"[a-z_][a-z0-9_$]*(\.[a-z_][a-z0-9_$]*)*")
 _RESETS: Final = re.compile(r"\b(DISCARD|RESET)\s+ALL\b", re.I)
-
-
-class UnsupportedParameter(ValueError):
-    """A startup parameter the proxy cannot carry (the client gets 08P01)."""
-
-    sqlstate = "08P01"
 
 
 def canonical_name(name: str) -> str:

@@ -20,6 +20,10 @@ class ClientState(Enum):
     READY = "ready"  # logged in: regular messages
     CLOSED = "closed"
 
+    # The tables below are keyed by state: Enum's own hash is Python code, which
+    # compiled lookups would call on every message of a login. Members are singletons.
+    __hash__ = object.__hash__
+
 
 class ServerState(Enum):
     IDLE = "idle"  # nothing sent yet
@@ -28,6 +32,8 @@ class ServerState(Enum):
     READY = "ready"  # first ReadyForQuery seen: regular messages
     FAILED = "failed"  # ErrorResponse during startup
     CLOSED = "closed"
+
+    __hash__ = object.__hash__  # as ClientState's
 
 
 # --- client: what the client may send (event kind -> next state) ---------------------

@@ -12,14 +12,75 @@ from pathlib import Path
 import asyncpg
 import pytest
 from devservers import PostgresCluster, free_port
-from prometheus_client import generate_latest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 from proxyhelpers import ProxyFactory, Role, make_role, wait_until, write_credentials
 
 from proxy import metrics
+from proxy.counts import Buckets, LabelledCount
+
+
+def samples(registry: CollectorRegistry, family: str) -> dict[tuple[str, tuple[str, ...]], float]:
+    """A family's samples from the text exposition, as a scraper reads them."""
+    text = generate_latest(registry).decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value  # type: ignore[misc]
+        for fam in text_string_to_metric_families(text)
+        if fam.name == family
+        for sample in fam.samples
+    }
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.sampled_from([0.0, 0.0005, 0.001, 0.0010001, 1.0, 30.0, 30.5]),
+            st.floats(min_value=0, max_value=100, allow_nan=False),
+        ),
+        max_size=40,
+    ),
+    st.lists(st.sampled_from(metrics.CLIENT_RESULTS), max_size=20),
+)
+def test_counts_expose_what_prometheus_client_would(waits: list[float], logins: list[str]) -> None:
+    """The login counts are ours, not prometheus_client's (proxy/counts.py): a scraper
+    must see what a Counter and a Histogram fed the same would show."""
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    clients, wait = LabelledCount(metrics.CLIENT_RESULTS), Buckets(metrics.WAIT_BOUNDS)
+    ours.register(metrics.CountsCollector(clients, wait))
+    counter = Counter("credsidecar_proxy_clients_total", "c", ["result"], registry=theirs)
+    histogram = Histogram(
+        "credsidecar_proxy_wait_seconds", "h", buckets=metrics.WAIT_BOUNDS, registry=theirs
+    )
+    for result in metrics.CLIENT_RESULTS:
+        counter.labels(result)  # a Counter shows a label once used; ours shows all
+    for value in waits:
+        wait.observe(value)
+        histogram.observe(value)
+    for result in logins:
+        clients.inc(result)
+        counter.labels(result).inc()
+    for family in ("credsidecar_proxy_clients", "credsidecar_proxy_wait_seconds"):
+        mine, real = samples(ours, family), samples(theirs, family)
+        real = {key: v for key, v in real.items() if not key[0].endswith("_created")}
+        assert mine.keys() == real.keys()
+        for key, value in real.items():
+            assert mine[key] == pytest.approx(value), key
+
+
+def test_counts_refuse_labels_and_bounds_they_do_not_have() -> None:
+    with pytest.raises(KeyError):
+        LabelledCount(("ok",)).inc("made_up")
+    with pytest.raises(ValueError, match="increase"):
+        Buckets((1.0, 0.5))
 
 
 async def test_status_and_metrics(make_proxy: ProxyFactory, role: Role) -> None:
     proxy = await make_proxy(pool_size=2)
+    logins_before = samples(metrics.REGISTRY, "credsidecar_proxy_clients")
+    waits_before = samples(metrics.REGISTRY, "credsidecar_proxy_wait_seconds")
     a = await asyncpg.connect(proxy.dsn(db=role.database))
     b = await asyncpg.connect(proxy.dsn(db=role.database))
     try:
@@ -47,9 +108,13 @@ async def test_status_and_metrics(make_proxy: ProxyFactory, role: Role) -> None:
     finally:
         await a.close()
         await b.close()
-    counters = generate_latest(metrics.REGISTRY).decode()
-    assert "credsidecar_proxy_wait_seconds_count" in counters
-    assert 'credsidecar_proxy_clients_total{result="ok"}' in counters
+    ok = ("credsidecar_proxy_clients_total", (("result", "ok"),))
+    assert samples(metrics.REGISTRY, "credsidecar_proxy_clients")[ok] == logins_before[ok] + 2
+    waits = samples(metrics.REGISTRY, "credsidecar_proxy_wait_seconds")
+    count = ("credsidecar_proxy_wait_seconds_count", ())
+    infinite = ("credsidecar_proxy_wait_seconds_bucket", (("le", "+Inf"),))
+    assert waits[count] == waits_before[count] + 2
+    assert waits[infinite] == waits[count]
 
 
 async def test_graceful_stop_lets_transactions_finish(make_proxy: ProxyFactory, role: Role) -> None:

@@ -196,6 +196,14 @@ async def test_the_same_settings_again_are_not_sent_again(
         assert name == "other" and tag in ("", None)
         assert await session(settings) == ("same-app", "t1")
         assert sent_since(mark).count(b"set_config") >= 2
+        # only what differs is set: here app.tag (back to its default), not the
+        # application_name the connection already has
+        mark = len(relay.sent[0])
+        name, tag = await session({"application_name": "same-app"})
+        assert name == "same-app" and tag in ("", None)
+        sent = sent_since(mark)
+        assert b"set_config(E'app.tag'" in sent
+        assert b"set_config(E'application_name'" not in sent
     finally:
         relay.close()
 
