@@ -52,6 +52,7 @@ from devservers import PostgresCluster, free_port, pg_bindir  # noqa: E402
 
 USER = "bench"
 DB = "bench"
+POOL_SIZE = 20  # server connections per pool, PgBouncer's and the proxy's
 PURE_ENV = "CREDSIDECAR_PURE_PYTHON"  # proxy/build.py: the pure-Python build
 
 
@@ -178,7 +179,7 @@ class PgBouncer(Target):
             f"listen_addr = 127.0.0.1\nlisten_port = {port}\n"
             f"unix_socket_dir = {self.dir if unix else ''}\n"
             f"auth_type = trust\nauth_file = {self.dir / 'userlist.txt'}\n"
-            f"pool_mode = {mode}\ndefault_pool_size = 20\nmax_client_conn = 1000\n"
+            f"pool_mode = {mode}\ndefault_pool_size = {POOL_SIZE}\nmax_client_conn = 1000\n"
             f"logfile = {self.dir / 'pgbouncer.log'}\n"
         )
         kwargs: dict[str, Any] = {}
@@ -223,7 +224,7 @@ class Proxy(Target):
                 "upstream": {"host": "127.0.0.1", "port": pg.port, "sslmode": "disable"},
                 "credentials": {"file": str(self.creds)},
                 "pool_mode": mode,
-                "pool_size": 20,
+                "pool_size": POOL_SIZE,
                 "drain_timeout": "10s",
             }
         }
@@ -487,10 +488,10 @@ def instructions(
                     workdir, pg, password, "transaction", label, pure=bool(kind), prefix=prefix
                 )
             try:
-                # warm-up, with more clients than are counted: the pool then holds enough
-                # server connections that no server login (SCRAM: about a million
+                # warm-up, with as many clients as the pool has server connections: the
+                # pool is then full, and no server login (SCRAM: millions of
                 # instructions) falls into the counted transactions
-                pgbench(target.port, password, wargs, 0, 2 * clients, count=25)
+                pgbench(target.port, password, wargs, 0, POOL_SIZE, count=25)
                 control = ["callgrind_control", "--dump", str(target.pid)]
                 dump = {"check": True, "capture_output": True, "timeout": 120, **target.as_user}
                 subprocess.run(control, **dump)  # .1

@@ -7,7 +7,7 @@ reading through its setup-phase link; the session decides what happens next.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 from proxy.clientauth import peer_allowed, peer_uid
 from proxy.errors import ClientFatal
@@ -91,7 +91,7 @@ async def _answer_ssl(session: ClientSession) -> None:
     transport = await asyncio.get_running_loop().start_tls(
         link.transport, link, ctx, server_side=True
     )
-    link.transport = cast(asyncio.Transport, transport)
+    link.use(transport)
 
 
 async def authenticate(session: ClientSession) -> None:

@@ -21,6 +21,8 @@ SETUP_INBOX = 65536  # what a connection may have unread while it logs in
 class Link(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
+        # transport.write, looked up once per transport: write() runs twice a transaction
+        self._send: Callable[[bytes], object] | None = None
         self._inbox = bytearray()
         self._waiter: asyncio.Future[None] | None = None
         self._eof = False
@@ -37,8 +39,7 @@ class Link(asyncio.Protocol):
     # --- asyncio.Protocol -----------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports implement the interface without subclassing it
-        self.transport = cast(asyncio.Transport, transport)
+        self.use(transport)
         if self.on_made is not None:
             self.on_made(self)
 
@@ -129,14 +130,23 @@ class Link(asyncio.Protocol):
         if self.closed:
             on_lost(self._error)
 
+    def use(self, transport: asyncio.BaseTransport | None) -> None:
+        """Talk through ``transport``: the accepted one, or the TLS one of start_tls
+        (None if the connection closed during the handshake)."""
+        if transport is None:
+            raise ConnectionResetError("connection closed during the TLS handshake")
+        # uvloop's transports implement the interface without subclassing it
+        self.transport = cast(asyncio.Transport, transport)
+        self._send = self.transport.write
+
     def write(self, data: bytes) -> None:
         # our own flag, not transport.is_closing(): that is a method call more on every
         # write, and this runs twice a transaction
-        transport = self.transport
-        if transport is None or self.closing:
+        send = self._send
+        if send is None or self.closing:
             return
         try:
-            transport.write(data)
+            send(data)
         except RuntimeError:
             # uvloop: the transport closed itself (a socket error), connection_lost is
             # on the way; asyncio's transports drop such writes themselves

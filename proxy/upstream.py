@@ -15,7 +15,6 @@ import os
 import ssl
 from collections.abc import Callable
 from functools import lru_cache
-from typing import cast
 
 from proxy import metrics
 from proxy.config import UpstreamConfig
@@ -90,7 +89,7 @@ async def _negotiate_tls(link: Link, cfg: UpstreamConfig) -> bool:
     except (ssl.SSLError, ConnectionError) as exc:
         text = "TLS handshake with the database server failed"
         raise UpstreamError(f"{text}: {exc}", client_text=text) from None
-    link.transport = cast(asyncio.Transport, transport)
+    link.use(transport)
     return True
 
 

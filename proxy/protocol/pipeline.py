@@ -132,6 +132,8 @@ class Pipeline:
     """Rewrites client requests for this server connection and routes its responses."""
 
     __slots__ = (
+        "_dequeue",
+        "_enqueue",
         "fatal_forwarded",
         "names",
         "parameters",
@@ -149,6 +151,10 @@ class Pipeline:
         self.renaming = names.limit > 0  # else statement names pass through
         self.prepared = ServerStatements(names.limit)
         self.queue: deque[Entry] = deque()
+        # the simple-Query path's two calls, looked up once (compiled code calls a
+        # deque's methods by name, a lookup each time); the queue is never replaced
+        self._enqueue = self.queue.append
+        self._dequeue = self.queue.popleft
         self.parameters = parameters  # the server's reported parameters, kept current
         # the subset a client carries between connections; replaced, never changed in
         # place, so that a client can share it (proxy/session.py, _same_settings)
@@ -304,7 +310,7 @@ class Pipeline:
 
     def _query(self, buf: bytes, start: int, end: int) -> None:
         self.segment = CLOSED
-        self.queue.append(_FWD_QUERY)
+        self._enqueue(_FWD_QUERY)
         if buf[start + 5] in _MAYBE_DISCARD and _DROPS_STATEMENTS.match(
             buf, start + 5, min(end, start + 64)
         ):
@@ -403,7 +409,7 @@ class Pipeline:
         return len(queue) == 1 and queue[0] is _FWD_QUERY
 
     def answered(self) -> None:
-        self.queue.popleft()
+        self._dequeue()
 
     def server_frames(
         self,
