@@ -519,7 +519,7 @@ def main() -> int:
     parser.add_argument(
         "--only", default="", help='comma-separated "workload:clients" rows, e.g. "-S:16"'
     )
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved runs per row")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved runs per row")
     parser.add_argument(
         "--compare",
         type=Path,
