@@ -120,7 +120,7 @@ def parse_startup(packet: bytes, violation: type[ProtocolViolation]) -> StartupP
     """Decode one complete startup-phase packet (length prefix included)."""
     if len(packet) < 8:
         raise violation(f"startup packet of {len(packet)} bytes is too short")
-    (code,) = _unpack_i32(packet, 4)
+    code = _i32(packet, 4)
     if code in (SSL_REQUEST_CODE, GSSENC_REQUEST_CODE):
         if len(packet) != 8:
             raise violation("SSLRequest/GSSENCRequest with a payload")
@@ -140,10 +140,10 @@ def parse_startup(packet: bytes, violation: type[ProtocolViolation]) -> StartupP
     if len(parts) % 2:
         raise violation("startup parameter without a value")
     params: dict[str, str] = {}
-    for name, value in zip(parts[::2], parts[1::2], strict=True):
-        if not name:
+    for i in range(0, len(parts), 2):
+        if not parts[i]:
             raise violation("empty startup parameter name")
-        params[name] = value
+        params[parts[i]] = parts[i + 1]
     return StartupMessage(params, code)
 
 
@@ -391,10 +391,20 @@ AUTH_SASL_CONTINUE: Final = 11
 AUTH_SASL_FINAL: Final = 12
 
 
-@lru_cache(maxsize=256)
+_PARAMETER_STATUS: Final[dict[tuple[str, str], bytes]] = {}
+_PARAMETER_STATUS_KEPT: Final = 256
+
+
 def parameter_status(name: str, value: str) -> bytes:
-    # cached: every login sends a dozen, nearly always the same ones
-    return message(b"S", cstr(name) + cstr(value))
+    # Kept: every login sends a dozen, nearly always the same ones. A dict of our own,
+    # not lru_cache: compiled code can only call that through a generic Python call.
+    key = (name, value)
+    out = _PARAMETER_STATUS.get(key)
+    if out is None:
+        if len(_PARAMETER_STATUS) >= _PARAMETER_STATUS_KEPT:
+            _PARAMETER_STATUS.clear()  # values clients make up cannot grow it
+        out = _PARAMETER_STATUS[key] = message(b"S", cstr(name) + cstr(value))
+    return out
 
 
 def backend_key_data(process_id: int, secret_key: int) -> bytes:

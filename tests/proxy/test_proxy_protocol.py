@@ -130,7 +130,32 @@ CLIENT_VIOLATIONS = [
     b"\x00\x00\x00\x0c\x04\xd2\x16\x2f\x00\x00\x00\x00",  # SSLRequest with payload
     b"\x00\x00\x00\x0d\x00\x03\x00\x00user\x00",  # parameters not terminated
     b"\x00\x00\x00\x0e\x00\x03\x00\x00user\x00\x00",  # name without value
+    b"\x00\x00\x00\x0c\x00\x03\x00\x00\x00v\x00\x00",  # empty name
 ]
+
+
+_PARAM_TEXT = st.text(
+    st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"), max_size=12
+)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.dictionaries(_PARAM_TEXT.filter(bool), _PARAM_TEXT, max_size=8))
+def test_startup_parameters_come_back_as_sent(params: dict[str, str]) -> None:
+    packet = m.startup_message(params)
+    assert m.parse_startup(packet, ClientProtocolViolation) == m.StartupMessage(params)
+
+
+def test_parameter_status_messages_are_kept_within_their_bound() -> None:
+    """Every login sends a dozen, so they are kept; values a client makes up must not
+    grow what is kept, and every message must still be right."""
+    for n in range(3 * m._PARAMETER_STATUS_KEPT):
+        value = f"made-up-{n}"
+        assert m.parameter_status("application_name", value) == m.message(
+            b"S", b"application_name\0" + value.encode() + b"\0"
+        )
+        assert len(m._PARAMETER_STATUS) <= m._PARAMETER_STATUS_KEPT
+    assert m.parameter_status("TimeZone", "UTC") is m.parameter_status("TimeZone", "UTC")
 
 
 @pytest.mark.parametrize("data", CLIENT_VIOLATIONS)
