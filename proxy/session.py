@@ -180,8 +180,7 @@ class ClientSession(ServerOwner):
             raise exc
         self.process_id, self.secret_key = self.server.register(self)
         out = [self.proto.send(ev.AUTHENTICATION_OK)]
-        shown = {**conn.parameters, **self.params}
-        out += [m.parameter_status(k, v) for k, v in shown.items()]
+        out.append(conn.parameter_statuses(self.params))
         out.append(m.backend_key_data(self.process_id, self.secret_key))
         out.append(m.ready_for_query(b"I"))
         self.link.write(b"".join(out))

@@ -632,3 +632,37 @@ def test_refuse_answers_like_a_failing_server(
     assert all(x == error for x in out if x[:1] == b"E")
     assert all(x == m.ready_for_query(b"I") for x in out if x[:1] == b"Z")
     assert discarding is after
+
+
+def test_login_parameter_statuses_follow_the_server_and_the_client() -> None:
+    """A server connection keeps its last login's ParameterStatus block: a login with
+    the same values gets it again, a change of the server's (reported in place) or of
+    the client's values gets a new one."""
+    from proxy.transport import Link
+    from proxy.upstream import ServerConn
+
+    proto = ServerConnection()
+    proto.send(m.StartupMessage({"user": "u"}))
+    startup = m.parameter_status("TimeZone", "UTC") + m.parameter_status("server_version", "15")
+    events_of(proto, m.authentication(0) + startup + m.ready_for_query(b"I"))
+    conn = ServerConn(Link(), proto, 1, "db", False, StatementNames())
+
+    def told(block: bytes) -> dict[str, str]:
+        out: dict[str, str] = {}
+        while block:
+            size = int.from_bytes(block[1:5], "big")
+            name, value = block[5 : size + 1].split(b"\0")[:2]
+            out[name.decode()] = value.decode()
+            block = block[size + 1 :]
+        return out
+
+    carried = {"TimeZone": "Asia/Tokyo"}
+    first = conn.parameter_statuses(carried)
+    assert told(first) == {"TimeZone": "Asia/Tokyo", "server_version": "15"}
+    assert conn.parameter_statuses(dict(carried)) is first  # equal values: kept
+    conn.pipeline.parameters["server_version"] = "15.1"  # in place, as a ParameterStatus does
+    assert told(conn.parameter_statuses(carried)) == {
+        "TimeZone": "Asia/Tokyo",
+        "server_version": "15.1",
+    }
+    assert told(conn.parameter_statuses({})) == {"TimeZone": "UTC", "server_version": "15.1"}
