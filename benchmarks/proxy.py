@@ -8,7 +8,8 @@ Workloads: ``pgbench -S`` and TPC-B at 1 and 16 clients, each also with ``-C`` (
 connection per transaction). Each row runs the targets in turn, ``--rounds`` times, and
 prints the median TPS and latency, the TPS range, the ratios to PgBouncer (same pool
 mode; session for the relay) and to direct, and the CPU time (user + system, from
-/proc) each target process spent per transaction, and its ratio to PgBouncer's.
+/proc) each target process spent per transaction, and its ratio to PgBouncer's; each
+ratio is the median of the ratios within a round (see :func:`paired`).
 Then instructions per transaction (valgrind's callgrind, repeatable where time is
 not) for PgBouncer and both proxy builds, ``-S`` and ``-S -C`` (what a login costs),
 with the proxy's top functions; then a
@@ -41,6 +42,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -314,6 +316,29 @@ def median(values: list[float]) -> float:
     return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
+def paired(
+    runs: list[Result], peers: list[Result], value: Callable[[Result], float | None]
+) -> float | None:
+    """The median over rounds of a run's value over its peer's in the same round. This
+    machine's speed drifts from one round to the next (a shared VM: the same target
+    varies by 20% or more); a ratio within a round cancels the drift, a ratio of the
+    two medians does not."""
+    ratios = []
+    for run, peer in zip(runs, peers, strict=True):
+        mine, theirs = value(run), value(peer)
+        if mine and theirs:
+            ratios.append(mine / theirs)
+    return median(ratios) if ratios else None
+
+
+def tps_of(result: Result) -> float:
+    return result.tps
+
+
+def cpu_of(result: Result) -> float | None:
+    return result.cpu_us
+
+
 def matrix(
     targets: dict[str, Any],
     password: str,
@@ -355,6 +380,7 @@ def matrix(
         f"pgbench scale {scale}, {seconds}s per run, median of {rounds} interleaved rounds\n"
         "cpu us/tx: user + system time of the target process per transaction "
         "(direct: PostgreSQL's backends, not measured)\n"
+        "/bouncer, /direct, cpu/bncr: the median of the ratios within each round\n"
     )
     print(
         f"{'target':<28}{'workload':<10}{'clients':>8}{'tps':>10}{'tps range':>14}"
@@ -365,32 +391,37 @@ def matrix(
             r = results[(name, workload, clients)]
             tps = [x.tps for x in runs[(name, workload, clients)]]
             spread = f"{min(tps):.0f}-{max(tps):.0f}"
+            mine = runs[(name, workload, clients)]
             ratios = cpu = ""
             bouncer = None
             if name.startswith(("proxy", "relay")):
                 words = name.split()  # "proxy [pure|unix] <mode> [@base]"; relay: session
                 mode = "transaction" if "transaction" in words else "session"
                 peer = f"pgbouncer unix {mode}" if "unix" in words else f"pgbouncer {mode}"
-                bouncer = results.get((peer, workload, clients))
-                direct = results[("direct", workload, clients)]
-                ratios = f"{r.tps / bouncer.tps:>10.2f}" if bouncer else f"{'-':>10}"
-                ratios += f"{r.tps / direct.tps:>9.2f}"
+                bouncer = runs.get((peer, workload, clients))
+                to_bouncer = paired(mine, bouncer, tps_of) if bouncer else None
+                to_direct = paired(mine, runs[("direct", workload, clients)], tps_of)
+                ratios = f"{to_bouncer:>10.2f}" if to_bouncer else f"{'-':>10}"
+                ratios += f"{to_direct:>9.2f}" if to_direct else f"{'-':>9}"
             else:
                 ratios = " " * 19
             if r.cpu_us is not None:
                 cpu = f"{r.cpu_us:>11.1f}"
-                if bouncer is not None and bouncer.cpu_us:
-                    cpu += f"{r.cpu_us / bouncer.cpu_us:>10.2f}"
+                cpu_ratio = paired(mine, bouncer, cpu_of) if bouncer else None
+                if cpu_ratio:
+                    cpu += f"{cpu_ratio:>10.2f}"
             print(
                 f"{name:<28}{workload:<10}{clients:>8}{r.tps:>10.0f}{spread:>14}"
                 f"{r.latency_ms:>9.3f}{ratios}{cpu}"
             )
         print()
     if ("direct", "-S", 1) in results:
-        direct_ms = results[("direct", "-S", 1)].latency_ms
+        direct = runs[("direct", "-S", 1)]
         for name in targets:
             if name != "direct":
-                added = (results[(name, "-S", 1)].latency_ms - direct_ms) * 1000
+                # paired by round, as the ratios are
+                gaps = zip(runs[(name, "-S", 1)], direct, strict=True)
+                added = median([(run.latency_ms - peer.latency_ms) * 1000 for run, peer in gaps])
                 print(f"added latency at 1 client (-S), {name}: {added:.0f} us")
     builds = [(f"proxy {m}", f"proxy pure {m}") for m in ("session", "transaction")]
     pairs = [(c, p) for c, p in builds if c in targets and p in targets]
@@ -399,9 +430,11 @@ def matrix(
         for workload, _, clients in rows:
             cells = []
             for compiled, pure in pairs:
-                c, p = results[(compiled, workload, clients)], results[(pure, workload, clients)]
-                cpu = f"{c.cpu_us / p.cpu_us:.2f}" if c.cpu_us and p.cpu_us else "-"
-                cells.append(f"{compiled.split()[-1]} {c.tps / p.tps:.2f} tps, {cpu} cpu")
+                c, p = runs[(compiled, workload, clients)], runs[(pure, workload, clients)]
+                tps, cpu = paired(c, p, tps_of), paired(c, p, cpu_of)
+                tps_text = f"{tps:.2f}" if tps else "-"
+                cpu_text = f"{cpu:.2f}" if cpu else "-"
+                cells.append(f"{compiled.split()[-1]} {tps_text} tps, {cpu_text} cpu")
             print(f"  {workload:<8} {clients:>2} clients: " + "; ".join(cells))
 
 
