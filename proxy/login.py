@@ -38,18 +38,36 @@ async def next_event(session: ClientSession) -> ev.ClientEvent:
     return event
 
 
-async def startup(session: ClientSession) -> m.StartupMessage | None:
-    """The StartupMessage after any SSL/GSSENC negotiation; None for a CancelRequest."""
-    while True:
-        event = await next_event(session)
+def startup_now(session: ClientSession) -> m.StartupMessage | m.CancelRequest | m.SSLRequest | None:
+    """The startup packets received so far, answered where that needs no wait: SSLRequest
+    refused (no TLS configured, or a unix socket) and GSSENCRequest refused, a
+    CancelRequest served. Returns the StartupMessage, the CancelRequest, an SSLRequest to
+    accept (a handshake to await: :func:`accept_tls`), or None when more bytes are needed."""
+    proto = session.proto
+    while (event := proto.next_event()) is not None:
         if isinstance(event, m.SSLRequest):
-            await _answer_ssl(session)
+            if _offers_tls(session):
+                return event
+            session.link.write(proto.send(ev.SSL_REFUSED))
         elif isinstance(event, m.GSSENCRequest):
-            session.link.write(session.proto.send(ev.SSL_REFUSED))
+            session.link.write(proto.send(ev.SSL_REFUSED))
         elif isinstance(event, m.CancelRequest):
             session.server.cancel(event)
-            return None
+            return event
         elif isinstance(event, m.StartupMessage):
+            return event
+    return None
+
+
+async def startup(session: ClientSession) -> m.StartupMessage | m.CancelRequest:
+    """The StartupMessage after any SSL/GSSENC negotiation, or a served CancelRequest."""
+    while True:
+        event = startup_now(session)
+        if event is None:
+            session.proto.receive_data(await session.link.recv())
+        elif isinstance(event, m.SSLRequest):
+            await accept_tls(session)
+        else:
             return event
 
 
@@ -76,13 +94,16 @@ def parameters(session: ClientSession, event: m.StartupMessage) -> tuple[str, di
     return params.get("database") or session.user, settings
 
 
-async def _answer_ssl(session: ClientSession) -> None:
-    tls = session.server.tls
+def _offers_tls(session: ClientSession) -> bool:
+    return session.server.tls is not None and not session.unix
+
+
+async def accept_tls(session: ClientSession) -> None:
+    """'S' to an SSLRequest, then the handshake; the link talks TLS from then on."""
     link = session.link
-    ctx = tls.context() if tls is not None else None
-    if ctx is None or session.unix:
-        link.write(session.proto.send(ev.SSL_REFUSED))
-        return
+    tls = session.server.tls
+    assert tls is not None  # startup_now returns an SSLRequest only when there is TLS
+    ctx = tls.context()
     if session.proto.buffered:
         # bytes after SSLRequest, before the handshake: plaintext injection (CVE-2021-23214)
         raise ClientProtocolViolation("data received before the TLS handshake")
@@ -94,19 +115,29 @@ async def _answer_ssl(session: ClientSession) -> None:
     link.use(transport)
 
 
-async def authenticate(session: ClientSession) -> None:
-    """Client auth per ``client_auth.method``; raises AuthenticationFailed."""
+def authenticated_now(session: ClientSession) -> bool:
+    """Client auth that needs no message from the client (trust, peer): True when it
+    passed, raises AuthenticationFailed when not; False when the client must answer
+    (SCRAM: :func:`authenticate`)."""
     cfg = session.server.config.client_auth
-    link = session.link
     if cfg.method == "trust":
-        return
+        return True
     if cfg.method == "peer":
+        link = session.link
         sock = link.transport.get_extra_info("socket") if link.transport else None
         if not session.unix or sock is None:
             raise AuthenticationFailed("peer authentication (unix socket only) failed", "28000")
         if not peer_allowed(peer_uid(sock), cfg.peer_uids()):
             raise AuthenticationFailed("peer authentication failed", "28000")
+        return True
+    return False
+
+
+async def authenticate(session: ClientSession) -> None:
+    """Client auth per ``client_auth.method``; raises AuthenticationFailed."""
+    if authenticated_now(session):
         return
+    link = session.link
     users = session.server.users
     assert users is not None
     proto = session.proto

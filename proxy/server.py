@@ -57,6 +57,8 @@ class ProxyServer:
             UsersFile(config.client_auth.users_file) if config.client_auth.users_file else None
         )
         self.stopping = False
+        # the loop start() ran in: asyncio.get_running_loop() makes a syscall (getpid)
+        self.loop: asyncio.AbstractEventLoop | None = None
         # made by stop(), done when the last session is gone (not an Event to clear on
         # every accepted connection: its methods are Python code)
         self._all_gone: asyncio.Future[None] | None = None
@@ -82,6 +84,7 @@ class ProxyServer:
         if self.tls is not None:
             self.tls.context()  # a certificate that does not load is a startup error
         raise_open_file_limit(self.config, self.config.max_db_connections or self.config.pool_size)
+        self.loop = asyncio.get_running_loop()
         await self.provider.start()
         await self.manager.start()
         try:
@@ -119,7 +122,7 @@ class ProxyServer:
             return
         session = ClientSession(self, link, unix)
         self.sessions.add(session)
-        self.spawn(session.login())
+        session.begin()
 
     async def _refuse(self, link: Link) -> None:
         try:
@@ -127,10 +130,12 @@ class ProxyServer:
         finally:
             self._refusing.discard(link)
 
-    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """A task of the proxy's: cancelled and awaited by stop()."""
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     def register(self, session: ClientSession) -> tuple[int, int]:
         """A BackendKeyData of the proxy's own for this client."""

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Final
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, Final
 
 from proxy import login, metrics, migrate
 from proxy.cancel import running_key, send_cancel
@@ -87,16 +88,27 @@ class ClientSession(ServerOwner):
         self.client_paused = False  # the client's socket is full: its server waits
         self.pinned: ServerConn | None = None  # old connection whose state cannot move
         self.replay: list[str] = []  # session state to re-create on the next connection
-        self.peer = self._peer()
+        # the client's address for the logs, formatted only when one is written
+        self._address = self._peer_address()
         self.transaction_mode = server.config.pool_mode == "transaction"
         self.reads = 0  # chunks received: the watchdog's sign of life (proxy/watchdog.py)
-        self.login_expired = False  # client_login_timeout passed (see login)
+        self.login_expired = False  # client_login_timeout passed (see begin)
+        self._deadline: asyncio.TimerHandle | None = None  # client_login_timeout's timer
+        self._login_task: asyncio.Task[None] | None = None  # a login that has to wait
 
-    def _peer(self) -> str:
+    def _peer_address(self) -> tuple[Any, ...] | None:
+        """(host, port, ...) as the socket tells it; None for a unix socket."""
         if self.unix or self.link.transport is None:
-            return "unix"
+            return None
         addr = self.link.transport.get_extra_info("peername")
-        return f"{addr[0]}:{addr[1]}" if addr else "?"
+        return tuple(addr) if addr else ("?", 0)
+
+    @property
+    def peer(self) -> str:
+        addr = self._address
+        if addr is None:
+            return "unix"
+        return f"{addr[0]}:{addr[1]}" if addr[1] else addr[0]
 
     def _move(self, new: SessionState) -> None:
         self.state = session_move(self.state, new)
@@ -107,41 +119,114 @@ class ClientSession(ServerOwner):
 
     # --- login ---------------------------------------------------------------------
 
-    async def login(self) -> None:
-        # The client's part is bounded by client_login_timeout, the server connection
-        # that follows by pool_timeout and connect_timeout. The timer does what
-        # asyncio.timeout does (cancel the task, tell that cancel from others) in two C
-        # calls, not a context manager's Python code: this runs for every connection.
-        task = asyncio.current_task()
-        assert task is not None
-        deadline = task.get_loop().call_later(
-            self.server.config.client_login_timeout, self._login_too_slow, task
+    def begin(self) -> None:
+        """Log the client in: from callbacks while nothing has to be awaited (the startup
+        packets arrive, trust or peer auth, a pooled connection at hand that needs no
+        round trip for the client's settings: most logins), in a task from the first
+        point that has to wait (a TLS handshake, SCRAM, a pool wait, a settings round
+        trip). A task per connection costs more than the rest of such a login.
+
+        The client's part is bounded by client_login_timeout (one loop timer: it fatals
+        the session, or cancels the task, see _login_failed), the server connection
+        that follows by pool_timeout and connect_timeout."""
+        loop = self.server.loop
+        assert loop is not None  # set by ProxyServer.start(), before any accept
+        self._deadline = loop.call_later(
+            self.server.config.client_login_timeout, self._login_too_slow
         )
+        self.link.on_data = self._login_data
+        self.link.on_lost = self._lost
+
+    def _login_data(self, data: bytes) -> None:
+        try:
+            self.proto.receive_data(data)
+            event = login.startup_now(self)
+            if event is None:
+                return  # more to come
+            if isinstance(event, m.CancelRequest):  # nothing else on this connection
+                self.close()
+                return
+            if isinstance(event, m.SSLRequest):  # a TLS handshake to await
+                self._login_async(self._client_part(None))
+                return
+            database, settings = login.parameters(self, event)
+            if not login.authenticated_now(self):  # SCRAM: the client answers
+                self._login_async(self._client_part((database, settings)))
+                return
+            self._end_client_part()
+            self.pool = self.server.manager.pool(database)
+            conn = self._conn_at_hand()
+            sql = self._startup_sql(conn, settings) if conn is not None else None
+            if sql is None:  # a pool wait, or the settings to check with the server
+                self._login_async(self._server_part(settings, conn))
+                return
+            assert conn is not None
+            self._logged_in(conn, sql)
+        except Exception as exc:
+            self._login_failed(exc)
+
+    def _login_async(self, coro: Coroutine[Any, Any, None]) -> None:
+        # the task reads through the link's inbox (Link.recv) and owns the session
+        # until it runs or closes
+        self.link.on_data = None
+        self.link.on_lost = None
+        self._login_task = self.server.spawn(coro)
+
+    async def _client_part(self, parsed: tuple[str, dict[str, str]] | None) -> None:
+        """The rest of the client's part when it waits for the client: from the
+        SSLRequest (``parsed`` None) or from its SCRAM exchange; then the server part."""
         try:
             try:
-                event = await login.startup(self)
-                if event is None:  # a CancelRequest: nothing else on this connection
-                    self.close()
-                    return
-                database, settings = login.parameters(self, event)
+                if parsed is None:  # startup_now's SSLRequest, to accept
+                    await login.accept_tls(self)
+                    event = await login.startup(self)
+                    if isinstance(event, m.CancelRequest):
+                        self.close()
+                        return
+                    parsed = login.parameters(self, event)
                 await login.authenticate(self)
             finally:
-                deadline.cancel()
-            await self._start(database, settings)
-        except asyncio.CancelledError:
-            if not self.login_expired:
-                raise  # the proxy stopping
-            task.uncancel()
+                self._end_client_part()
+            database, settings = parsed
+            self.pool = self.server.manager.pool(database)
+            await self._connect(settings, None)
+        except BaseException as exc:  # bound: a bare raise after await breaks under mypyc
+            self._login_failed(exc)
+
+    async def _server_part(self, settings: dict[str, str], conn: ServerConn | None) -> None:
+        try:
+            await self._connect(settings, conn)
+        except BaseException as exc:
+            self._login_failed(exc)
+
+    def _end_client_part(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _login_too_slow(self) -> None:
+        self._deadline = None
+        self.login_expired = True
+        if self._login_task is None:
             self.fatal("08006", "login did not complete in time")
-        except ClientFatal as exc:
+        else:
+            self._login_task.cancel()  # _login_failed tells this cancel from others
+
+    def _login_failed(self, exc: BaseException) -> None:
+        if isinstance(exc, asyncio.CancelledError):
+            if not self.login_expired or self._login_task is None:
+                raise exc  # the proxy stopping
+            self._login_task.uncancel()
+            self.fatal("08006", "login did not complete in time")
+        elif isinstance(exc, ClientFatal):
             self.fatal(exc.sqlstate, str(exc))
-        except ClientProtocolViolation as exc:
+        elif isinstance(exc, ClientProtocolViolation):
             metrics.clients_total.inc("protocol_error")
             log.warning(
                 "proxy_client_protocol_violation", extra={"peer": self.peer, "error": str(exc)}
             )
             self.fatal(exc.sqlstate, f"protocol violation: {exc}")
-        except AuthenticationFailed as exc:
+        elif isinstance(exc, AuthenticationFailed):
             metrics.clients_total.inc("auth_failed")
             metrics.auth_failures_total.labels("client").inc()
             log.warning(
@@ -151,25 +236,23 @@ class ClientSession(ServerOwner):
             # the client learns no more than PostgreSQL would tell it
             text = "password authentication failed" if exc.sqlstate == "28P01" else str(exc)
             self.fatal(exc.sqlstate, f'{text} for user "{self.user}"')
-        except UpstreamError as exc:
+        elif isinstance(exc, UpstreamError):
             log.warning("proxy_upstream_failed", extra={"peer": self.peer, "error": str(exc)})
             self.fatal(exc.sqlstate, client_text(exc))  # the detail is for the log only
-        except ConnectionError:
+        elif isinstance(exc, ConnectionError):
             self.close()
+        else:
+            raise exc
 
-    def _login_too_slow(self, task: asyncio.Task[None]) -> None:
-        self.login_expired = True
-        task.cancel()
-
-    async def _start(self, database: str, settings: dict[str, str]) -> None:
-        """Logged in: a server connection takes the client's settings and tells the
-        parameters (the server's canonical values, as PostgreSQL's login does), then the
-        session runs."""
-        self.pool = self.server.manager.pool(database)
-        conn = await self._acquire_now()
+    async def _connect(self, settings: dict[str, str], conn: ServerConn | None) -> None:
+        """Logged in: a server connection (``conn``, or one from the pool) takes the
+        client's settings and tells the parameters, then the session runs."""
+        if conn is None:
+            conn = await self._acquire_now()
         try:
             sql = await self._apply_startup(conn, settings)
         except ClientFatal as exc:
+            assert self.pool is not None
             self.pool.release(conn)  # the failed batch changed nothing on it
             raise exc
         except BaseException as exc:  # no answer in pool_timeout, lost, cancelled
@@ -178,6 +261,12 @@ class ClientSession(ServerOwner):
                 text = "the database server did not apply the settings in time"
                 raise ClientFatal("08006", text) from None
             raise exc
+        self._logged_in(conn, sql)
+
+    def _logged_in(self, conn: ServerConn, sql: str) -> None:
+        """As PostgreSQL's login ends: AuthenticationOk, the parameters (the server's
+        canonical values), BackendKeyData, ReadyForQuery; ``sql`` (the client's settings,
+        known to be accepted) goes ahead of the client's first request."""
         self.process_id, self.secret_key = self.server.register(self)
         out = [self.proto.send(ev.AUTHENTICATION_OK)]
         out.append(conn.parameter_statuses(self.params))
@@ -193,61 +282,86 @@ class ClientSession(ServerOwner):
             self._release()
         self.link.run(self._data, self._lost)
 
-    async def _apply_startup(self, conn: ServerConn, settings: dict[str, str]) -> str:
-        """Give ``conn`` a fresh login's settings with the client's on top; the client
-        then carries the server's values. Raises ClientFatal with the server's error.
-
-        Values of the client's are applied before the login completes (the server may
-        refuse them, and it tells their canonical spelling: ``utf-8`` is ``UTF8``),
-        unless the server accepted each of them before, spelled the same. That, and
-        going back to the defaults, cannot fail: such SQL is returned, to be pipelined
-        ahead of the client's first request."""
+    def _startup_sql(self, conn: ServerConn, settings: dict[str, str]) -> str | None:
+        """Give ``conn`` a fresh login's settings with the client's on top, when that
+        cannot fail: the SQL, to be pipelined ahead of the client's first request (often
+        none: the last client, or a transaction's, had the same); None when the server
+        must first accept the client's values (see _apply_startup)."""
         last = conn.last_login
         if last is not None and last == (settings, conn.pipeline.synced, conn.extras):
             # its last client logged in with these settings and nothing changed them
             # since (one application's pool): no round trip to set them again
             self.params, self.extras = conn.pipeline.synced, conn.extras
             return ""
+        sql, reported, extras = self._settings_change(conn, settings)
+        assert self.pool is not None
+        known_good = all(item in self.pool.accepted for item in reported.items())
+        new_extras = any(conn.extras.get(k) != v for k, v in extras.items())
+        if sql and (not known_good or new_extras):
+            return None
+        if sql:  # what that SQL gives it, once the server runs it
+            conn.pipeline.synced = {**conn.pipeline.synced, **conn.defaults, **reported}
+        self._take_settings(conn, settings, extras, sql)
+        return sql
+
+    async def _apply_startup(self, conn: ServerConn, settings: dict[str, str]) -> str:
+        """:meth:`_startup_sql`, or when the server must see the client's values first
+        (it may refuse them, and it tells their canonical spelling: ``utf-8`` is
+        ``UTF8``) a round trip to apply them. Raises ClientFatal with the server's error."""
+        sql = self._startup_sql(conn, settings)
+        if sql is not None:
+            return sql
+        sql, reported, extras = self._settings_change(conn, settings)
+        async with asyncio.timeout(self.server.config.pool_timeout):
+            ok = await conn.internal(sql)
+        if not ok:
+            raise ClientFatal(*conn.internal_failure())
+        synced = conn.pipeline.synced  # as the server reported it after the SQL
+        assert self.pool is not None
+        self.pool.accept({k: v for k, v in reported.items() if synced.get(k) == v})
+        self._take_settings(conn, settings, extras, "")
+        return ""
+
+    def _settings_change(
+        self, conn: ServerConn, settings: dict[str, str]
+    ) -> tuple[str, dict[str, str], dict[str, str]]:
+        """The SQL that takes ``conn`` to a fresh login's values with the client's on
+        top, the client's reported settings that differ from the defaults, its others."""
         known = conn.parameters
         reported = {k: v for k, v in settings.items() if k in known and conn.defaults.get(k) != v}
         extras = {k: v for k, v in settings.items() if k not in known}
-        # Only what differs from a fresh login's values with the client's on top (often
-        # nothing: the last client, or a transaction's, had the same). Each of those
-        # first back to its default, then the client's (DateStyle 'ISO' keeps the order
-        # part it finds); then the unreported ones.
+        # Only what differs from that. Each of those first back to its default, then
+        # the client's (DateStyle 'ISO' keeps the order part it finds); then the
+        # unreported ones.
         synced = conn.pipeline.synced
         want = {**conn.defaults, **reported}
         stale = [k for k, v in want.items() if synced.get(k) != v]
         sql = settings_sql(synced, {k: conn.defaults[k] for k in stale if k in conn.defaults})
         sql += settings_sql(conn.defaults, {k: reported[k] for k in stale if k in reported})
         sql += settings_sql(conn.extras, extras, reset_missing=True)
-        assert self.pool is not None
-        known_good = all(item in self.pool.accepted for item in reported.items())
-        new_extras = any(conn.extras.get(k) != v for k, v in extras.items())
-        if sql and (not known_good or new_extras):
-            async with asyncio.timeout(self.server.config.pool_timeout):
-                ok = await conn.internal(sql)
-            if not ok:
-                raise ClientFatal(*conn.internal_failure())
-            synced = conn.pipeline.synced  # as the server reported it after the SQL
-            self.pool.accept({k: v for k, v in reported.items() if synced.get(k) == v})
-            sql = ""
-        elif sql:
-            # what that SQL gives it, once the server runs it
-            conn.pipeline.synced = {**conn.pipeline.synced, **conn.defaults, **reported}
+        return sql, reported, extras
+
+    def _take_settings(
+        self, conn: ServerConn, settings: dict[str, str], extras: dict[str, str], sql: str
+    ) -> None:
         conn.extras = extras
         self.params = conn.pipeline.synced  # shared: neither is changed in place
         self.extras = conn.extras
         if not sql:
             conn.last_login = (settings, conn.pipeline.synced, conn.extras)
-        return sql
 
-    async def _acquire_now(self) -> ServerConn:
+    def _conn_at_hand(self) -> ServerConn | None:
         assert self.pool is not None
         conn = self.pool.try_acquire()
-        if conn is not None:  # at hand: no timer to arm (asyncio.timeout is Python code)
+        if conn is not None:
             metrics.wait_seconds.observe(0.0)  # still a login that got its connection
+        return conn
+
+    async def _acquire_now(self) -> ServerConn:
+        conn = self._conn_at_hand()
+        if conn is not None:  # no timer to arm (asyncio.timeout is Python code)
             return conn
+        assert self.pool is not None
         try:
             async with asyncio.timeout(self.server.config.pool_timeout):
                 return await self.pool.acquire()
@@ -565,6 +679,7 @@ class ClientSession(ServerOwner):
         if self.state is _CLOSED:
             return
         self._move(_CLOSED)
+        self._end_client_part()
         self.link.close()
         self.server.unregister(self)
         conn, self.conn = self.conn, None

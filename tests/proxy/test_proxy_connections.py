@@ -10,11 +10,19 @@ from pathlib import Path
 import asyncpg
 import pytest
 from devservers import PostgresCluster, free_port
-from proxyhelpers import ProxyFactory, Role, psql, wait_until, write_credentials
+from proxyhelpers import (
+    ProxyFactory,
+    Role,
+    RunningProxy,
+    psql,
+    wait_until,
+    write_credentials,
+)
 
 from proxy import metrics
 from proxy.config import ProxyConfigError, parse_proxy_config
 from proxy.listener import RESERVED_FILES, open_file_budget, raise_open_file_limit
+from proxy.session import ClientSession
 
 
 async def _silent(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -59,6 +67,42 @@ async def test_max_client_conn_gives_53300(make_proxy: ProxyFactory, role: Role)
     finally:
         for conn in held:
             await conn.close()
+
+
+async def _login(proxy: RunningProxy, role: Role) -> tuple[asyncpg.Connection, ClientSession]:
+    before = set(proxy.server.sessions)
+    conn = await asyncpg.connect(proxy.dsn(db=role.database))
+    (session,) = proxy.server.sessions - before
+    return conn, session
+
+
+async def test_logins_wait_in_a_task_only_when_they_must(
+    make_proxy: ProxyFactory, role: Role
+) -> None:
+    """A login with nothing to wait for (trust, a pooled connection at hand that has the
+    client's settings) runs in the connection's callbacks: a task per connection costs
+    more than the rest of it. One that must wait, for the server to accept settings it
+    has not seen or for a connection, goes on in a task; all end logged in."""
+    proxy = await make_proxy(pool_size=1)
+    # asyncpg's client_encoding 'utf-8': the server must accept it once (a round trip)
+    first, session = await _login(proxy, role)
+    assert session._login_task is not None
+    await first.close()
+    again, session = await _login(proxy, role)
+    assert session._login_task is None, "a login with nothing to wait for ran a task"
+    assert await again.fetchval("SHOW client_encoding") == "UTF8"
+    # the only server connection is in a transaction: the next login waits for it
+    tx = again.transaction()
+    await tx.start()
+    waiting = asyncio.create_task(_login(proxy, role))
+    await wait_until(lambda: len(proxy.server.sessions) == 2, what="the second login")
+    assert not waiting.done()
+    await tx.commit()
+    third, session = await asyncio.wait_for(waiting, 10)
+    assert session._login_task is not None
+    assert await third.fetchval("SELECT 1") == 1
+    await third.close()
+    await again.close()
 
 
 def test_open_file_budget_refuses_what_cannot_fit(tmp_path: Path) -> None:
