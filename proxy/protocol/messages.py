@@ -83,10 +83,27 @@ class CancelRequest:
     secret_key: int = field(repr=False)
 
 
-@dataclass(frozen=True, slots=True)
 class StartupMessage:
-    parameters: dict[str, str]
-    protocol: int = PROTOCOL_3_0
+    """The client's startup parameters and protocol version.
+
+    A plain class where the other packets are dataclasses: one is made at every login,
+    and compiled, a dataclass's generated ``__init__`` stays Python code."""
+
+    __slots__ = ("parameters", "protocol")
+
+    def __init__(self, parameters: dict[str, str], protocol: int = PROTOCOL_3_0) -> None:
+        self.parameters: Final = parameters
+        self.protocol: Final = protocol
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, StartupMessage):
+            return NotImplemented
+        return self.parameters == other.parameters and self.protocol == other.protocol
+
+    __hash__ = None  # type: ignore[assignment]  # its parameters are a dict
+
+    def __repr__(self) -> str:
+        return f"StartupMessage(parameters={self.parameters!r}, protocol={self.protocol!r})"
 
 
 StartupPacket = SSLRequest | GSSENCRequest | CancelRequest | StartupMessage
@@ -111,9 +128,12 @@ def cstrings(body: bytes, violation: type[ProtocolViolation]) -> list[str]:
     if not body:
         return []
     try:
-        return [part.decode() for part in body[:-1].split(b"\0")]
+        # decoded whole, then split: a NUL byte is a NUL character in UTF-8 and in
+        # nothing else, and one decode is far cheaper than one per string
+        text = body.decode()
     except UnicodeDecodeError as exc:
         raise violation("string is not valid UTF-8") from exc
+    return text[:-1].split("\0")
 
 
 def parse_startup(packet: bytes, violation: type[ProtocolViolation]) -> StartupPacket:

@@ -136,6 +136,7 @@ class Pipeline:
         "_enqueue",
         "fatal_forwarded",
         "names",
+        "parameter_changes",
         "parameters",
         "prepared",
         "queue",
@@ -156,6 +157,7 @@ class Pipeline:
         self._enqueue = self.queue.append
         self._dequeue = self.queue.popleft
         self.parameters = parameters  # the server's reported parameters, kept current
+        self.parameter_changes = 0  # ParameterStatus messages since the login
         # the subset a client carries between connections; replaced, never changed in
         # place, so that a client can share it (proxy/session.py, _same_settings)
         self.synced = tracked(parameters)
@@ -512,6 +514,7 @@ class Pipeline:
         if t == 83:  # S: ParameterStatus
             name, value = m.parse_parameter_status(msg.body, ServerProtocolViolation)
             self.parameters[name] = value
+            self.parameter_changes += 1
             if name not in SERVER_OWNED and self.synced.get(name) != value:
                 self.synced = {**self.synced, name: value}  # a new dict: it may be shared
             if on_parameter is not None:

@@ -636,8 +636,8 @@ def test_refuse_answers_like_a_failing_server(
 
 def test_login_parameter_statuses_follow_the_server_and_the_client() -> None:
     """A server connection keeps its last login's ParameterStatus block: a login with
-    the same values gets it again, a change of the server's (reported in place) or of
-    the client's values gets a new one."""
+    the same values gets it again (also when the server's changed and changed back), a
+    change of the server's (reported in place) or of the client's values gets a new one."""
     from proxy.transport import Link
     from proxy.upstream import ServerConn
 
@@ -660,9 +660,16 @@ def test_login_parameter_statuses_follow_the_server_and_the_client() -> None:
     first = conn.parameter_statuses(carried)
     assert told(first) == {"TimeZone": "Asia/Tokyo", "server_version": "15"}
     assert conn.parameter_statuses(dict(carried)) is first  # equal values: kept
-    conn.pipeline.parameters["server_version"] = "15.1"  # in place, as a ParameterStatus does
-    assert told(conn.parameter_statuses(carried)) == {
-        "TimeZone": "Asia/Tokyo",
-        "server_version": "15.1",
-    }
+
+    # the server reports a change after the login (the pipeline routes it)
+    def report(value: str) -> None:
+        status = m.parameter_status("server_version", value)
+        conn.pipeline.server_message(m.Message(b"S", status), [])
+
+    report("15.1")
+    second = conn.parameter_statuses(carried)
+    assert told(second) == {"TimeZone": "Asia/Tokyo", "server_version": "15.1"}
+    report("16")
+    report("15.1")  # changed and back (a reset, then a SET): the same block again
+    assert conn.parameter_statuses(carried) is second
     assert told(conn.parameter_statuses({})) == {"TimeZone": "UTC", "server_version": "15.1"}
