@@ -707,27 +707,36 @@ class ClientSession(ServerOwner):
             self.pool.release(conn)
         else:
             # our own SET still running (a quick connect-disconnect), or a reset to do
-            self.server.spawn(self._finish_and_release(conn, self.pool, reset))
+            pool = self.pool
+            conn.when_idle(lambda: self._reset_and_release(conn, pool, reset))
 
-    async def _finish_and_release(self, conn: ServerConn, pool: Pool, reset: str) -> None:
-        try:
-            await conn.wait_idle()
-            idle = not conn.closed and between_transactions(
-                conn.pipeline, conn.proto.transaction_status
-            )
-            if idle and reset and not await conn.internal(reset):
-                # a failed reset may have reset nothing: the next client would inherit
-                # this one's session state (SET, temp tables)
-                metrics.server_reset_failures_total.inc()
-                log.warning("proxy_server_reset_failed", extra={"db": conn.database})
-                conn.close()
-                return
-            if idle and resets_settings(reset):
-                conn.extras = {}  # DISCARD ALL / RESET ALL took the client's settings away
-        except UpstreamError:
+    def _reset_and_release(self, conn: ServerConn, pool: Pool, reset: str) -> None:
+        """The client gone and ``conn`` idle: the reset query if there is one, then back
+        to the pool (callbacks: a task for every session that ends costs more)."""
+        if (
+            reset
+            and not conn.closed
+            and between_transactions(conn.pipeline, conn.proto.transaction_status)
+        ):
+            conn.internal_then(reset, lambda ok: self._reset_done(conn, pool, reset, ok))
+        else:
+            self._release_if_clean(conn, pool)
+
+    def _reset_done(self, conn: ServerConn, pool: Pool, reset: str, ok: bool | None) -> None:
+        if ok is False:
+            # a failed reset may have reset nothing: the next client would inherit
+            # this one's session state (SET, temp tables)
+            metrics.server_reset_failures_total.inc()
+            log.warning("proxy_server_reset_failed", extra={"db": conn.database})
             conn.close()
             return
+        if ok and resets_settings(reset):
+            conn.extras = {}  # DISCARD ALL / RESET ALL took the client's settings away
+        self._release_if_clean(conn, pool)
+
+    @staticmethod
+    def _release_if_clean(conn: ServerConn, pool: Pool) -> None:
         if conn.closed or not between_transactions(conn.pipeline, conn.proto.transaction_status):
             conn.close()
-            return
-        pool.release(conn)
+        else:
+            pool.release(conn)

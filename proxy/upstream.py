@@ -14,7 +14,8 @@ import math
 import os
 import ssl
 from collections.abc import Callable
-from functools import lru_cache
+from functools import lru_cache, partial
+from typing import TypeVar
 
 from proxy import metrics
 from proxy.config import UpstreamConfig
@@ -93,6 +94,14 @@ async def _negotiate_tls(link: Link, cfg: UpstreamConfig) -> bool:
     return True
 
 
+_T = TypeVar("_T")
+
+
+def _resolve(waiter: asyncio.Future[_T], value: _T) -> None:
+    if not waiter.done():  # cancelled meanwhile (a timeout)
+        waiter.set_result(value)
+
+
 class ServerConn:
     """A logged-in upstream connection; the pool's unit, tagged with its generation."""
 
@@ -126,7 +135,8 @@ class ServerConn:
         self.idle_since = 0.0  # monotonic time it went idle in its pool
         self.owner: ServerOwner | None = None
         self.closed = False
-        self._idle_waiters: list[asyncio.Future[None]] = []
+        # called once no request is outstanding, or the connection is lost
+        self._idle_waiters: list[Callable[[], None]] = []
         self.on_close: Callable[[ServerConn], None] | None = None
         self.write_paused = False  # the server reads slower than its client sends
         self.internal_errors = 0  # ErrorResponses to the proxy's own queries, swallowed
@@ -194,10 +204,7 @@ class ServerConn:
             self.close(terminate=False)
             return
         if self._idle_waiters and not pipeline.queue:
-            for waiter in self._idle_waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
-            self._idle_waiters.clear()
+            self._wake_idle_waiters()
 
     def _frames(self, data: bytes) -> bytes:
         """What of ``data`` goes to the client, read message by message."""
@@ -218,21 +225,41 @@ class ServerConn:
         if self.owner is not None:
             self.owner.server_paused(paused)
 
+    def when_idle(self, then: Callable[[], None]) -> None:
+        """``then()`` once no request is outstanding (now, if none is) or the connection
+        is lost: a continuation without a task (a client leaving, session pooling)."""
+        if self.pipeline.idle or self.closed:
+            then()
+        else:
+            self._idle_waiters.append(then)
+
+    def _wake_idle_waiters(self) -> None:
+        waiters, self._idle_waiters = self._idle_waiters, []
+        for then in waiters:
+            then()
+
     async def wait_idle(self) -> None:
-        if self.pipeline.idle:
+        if self.pipeline.idle or self.closed:
             return
-        waiter = asyncio.get_running_loop().create_future()
-        self._idle_waiters.append(waiter)
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._idle_waiters.append(partial(_resolve, waiter, None))
         await waiter
 
-    async def internal(self, sql: str) -> bool:
-        """Run a query of the proxy's own and wait for it to finish; False if it failed."""
+    def internal_then(self, sql: str, then: Callable[[bool | None], None]) -> None:
+        """Run a query of the proxy's own; ``then(True)`` when it succeeded, ``False``
+        when it failed, ``None`` when the connection was lost first."""
         errors = self.internal_errors
         self.send(self.pipeline.internal_query(sql))
-        await self.wait_idle()
-        if self.closed:
+        self.when_idle(lambda: then(None if self.closed else self.internal_errors == errors))
+
+    async def internal(self, sql: str) -> bool:
+        """:meth:`internal_then`, awaited; False if it failed."""
+        waiter: asyncio.Future[bool | None] = asyncio.get_running_loop().create_future()
+        self.internal_then(sql, partial(_resolve, waiter))
+        ok = await waiter
+        if ok is None:
             raise UpstreamError("upstream connection closed during an internal query")
-        return self.internal_errors == errors
+        return ok
 
     def internal_failure(self) -> tuple[str, str]:
         """SQLSTATE and message of the last failed query of the proxy's own."""
@@ -253,10 +280,7 @@ class ServerConn:
     def _lost(self, exc: Exception | None) -> None:
         was_closed = self.closed
         self.closed = True
-        for waiter in self._idle_waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-        self._idle_waiters.clear()
+        self._wake_idle_waiters()
         owner = self.owner
         if owner is not None:
             owner.server_lost(self)
