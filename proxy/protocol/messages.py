@@ -109,12 +109,28 @@ class StartupMessage:
 StartupPacket = SSLRequest | GSSENCRequest | CancelRequest | StartupMessage
 
 
-@dataclass(frozen=True, slots=True)
 class Message:
-    """A regular message: ``type`` is the one-byte code, ``data`` the whole frame."""
+    """A regular message: ``type`` is the one-byte code, ``data`` the whole frame.
 
-    type: bytes
-    data: bytes
+    A plain class, as StartupMessage: one is made for each message the pipeline reads
+    one by one (the extended protocol's), and a dataclass's ``__init__`` is Python code."""
+
+    __slots__ = ("data", "type")
+
+    def __init__(self, type: bytes, data: bytes) -> None:
+        self.type: Final = type
+        self.data: Final = data
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Message):
+            return NotImplemented
+        return self.type == other.type and self.data == other.data
+
+    def __hash__(self) -> int:
+        return hash((self.type, self.data))
+
+    def __repr__(self) -> str:
+        return f"Message(type={self.type!r}, data={self.data!r})"
 
     @property
     def body(self) -> bytes:
