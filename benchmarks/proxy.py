@@ -488,6 +488,9 @@ def instructions(
         print("note: valgrind not installed (apt-get install -y valgrind); instructions skipped")
         return
     clients = 4
+    hold = workdir / "hold-a-connection.sql"
+    hold.write_text("SELECT pg_sleep(0.2);\n")
+    hold.chmod(0o644)  # pgbench runs as postgres when root
     made: list[tuple[str, Any]] = []
     if shutil.which("pgbouncer"):
         made.append(("pgbouncer transaction", "pgbouncer"))
@@ -521,9 +524,12 @@ def instructions(
                     workdir, pg, password, "transaction", label, pure=bool(kind), prefix=prefix
                 )
             try:
-                # warm-up, with as many clients as the pool has server connections: the
-                # pool is then full, and no server login (SCRAM: millions of
-                # instructions) falls into the counted transactions
+                # warm-up: first as many clients as the pool has server connections,
+                # each holding one for a while, so that the pool is full and no server
+                # login (SCRAM: millions of instructions) falls into the counted
+                # transactions (short transactions reuse a few connections, and the
+                # counted ones then sometimes needed one more); then the workload
+                pgbench(target.port, password, ["-f", str(hold)], 0, POOL_SIZE, count=2)
                 pgbench(target.port, password, wargs, 0, POOL_SIZE, count=25)
                 control = ["callgrind_control", "--dump", str(target.pid)]
                 dump = {"check": True, "capture_output": True, "timeout": 120, **target.as_user}

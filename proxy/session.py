@@ -682,6 +682,7 @@ class ClientSession(ServerOwner):
         self._end_client_part()
         self.link.close()
         self.server.unregister(self)
+        self.let_go()
         conn, self.conn = self.conn, None
         if conn is None or self.pool is None:
             return

@@ -68,6 +68,14 @@ class Link(asyncio.Protocol):
             self._lost.set_result(None)
         if self.on_lost is not None:
             self.on_lost(exc)
+        self._let_go()
+
+    def _let_go(self) -> None:
+        """Drop the handlers: they are bound methods of this link's owner, which holds
+        the link, a cycle. Broken here, reference counting frees both at once; left,
+        only the cycle collector would, after a few hundred logins' worth of them."""
+        self.on_data = self.on_lost = self.on_pause = self.on_made = None
+        self.__dict__.pop("data_received", None)  # run()'s shortcut
 
     def pause_writing(self) -> None:
         if self.on_pause is not None:
@@ -129,6 +137,7 @@ class Link(asyncio.Protocol):
             on_data(data)
         if self.closed:
             on_lost(self._error)
+            self._let_go()
 
     def use(self, transport: asyncio.BaseTransport | None) -> None:
         """Talk through ``transport``: the accepted one, or the TLS one of start_tls

@@ -298,6 +298,10 @@ class ServerConn:
             self.on_close(self)
 
 
+def _ignore_parameter(name: str, value: str) -> None:
+    return None
+
+
 class ServerOwner:
     """What a server connection talks to while a client holds it (the client session)."""
 
@@ -305,6 +309,11 @@ class ServerOwner:
         # made once: a bound method is a new object each time it is read, and the
         # server connection hands it to the pipeline at every answer
         self.parameter_sink: Callable[[str, str], None] = self.on_parameter
+
+    def let_go(self) -> None:
+        """Done with server connections: drop parameter_sink, a bound method of this
+        owner held by itself (a cycle that only the cycle collector would free)."""
+        self.parameter_sink = _ignore_parameter
 
     def to_client(self, data: bytes) -> None:
         raise NotImplementedError
