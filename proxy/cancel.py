@@ -39,6 +39,8 @@ class CancelKeys:
 
     def __init__(self) -> None:
         self.by_pid: dict[int, Cancellable] = {}
+        self._random = b""  # os.urandom bytes for the secrets, used from _random_at on
+        self._random_at = 0
         self._next_pid = _PID_LOW + secrets.randbelow(_PID_HIGH - _PID_LOW + 1)
 
     def _advance(self) -> None:
@@ -50,8 +52,18 @@ class CancelKeys:
         pid = self._next_pid
         self._advance()
         self.by_pid[pid] = client
-        # 31 random bits, as secrets.randbits(31) without its Python code on every login
-        return pid, int.from_bytes(os.urandom(4), "big") >> 1
+        return pid, self._secret()
+
+    def _secret(self) -> int:
+        """31 random bits, as secrets.randbits(31): from os.urandom, read for 1,024
+        secrets at a time (a system call and two Python calls per login, otherwise)."""
+        at = self._random_at
+        if at + 4 > len(self._random):
+            self._random = os.urandom(4 * 1024)
+            at = 0
+        self._random_at = at + 4
+        r = self._random
+        return (r[at] & 0x7F) << 24 | r[at + 1] << 16 | r[at + 2] << 8 | r[at + 3]
 
     def unregister(self, client: Cancellable) -> None:
         if self.by_pid.get(client.process_id) is client:

@@ -443,8 +443,12 @@ def parameter_status(name: str, value: str) -> bytes:
     return out
 
 
+_KEY_DATA_HEAD: Final = b"K\0\0\0\x0c"  # its length: fixed
+_two_int32: Final = struct.Struct("!ii").pack  # bound once: a direct call, not by name
+
+
 def backend_key_data(process_id: int, secret_key: int) -> bytes:
-    return message(b"K", struct.pack("!ii", process_id, secret_key))
+    return _KEY_DATA_HEAD + _two_int32(process_id, secret_key)
 
 
 def ready_for_query(status: bytes) -> bytes:

@@ -69,6 +69,25 @@ def canonical_name(name: str) -> str:
     return _CANONICAL.get(low, low)
 
 
+_SETTING_NAMES: Final[dict[str, str]] = {}  # startup key -> canonical name, checked
+_SETTING_NAMES_KEPT: Final = 256
+
+
+def _setting_name(raw: str) -> str | None:
+    """The canonical name of startup key ``raw``, or None if it names no setting a
+    client may carry. Kept: every login sends the same few keys, and the check is a
+    regular expression (names a client makes up cannot grow what is kept)."""
+    name = _SETTING_NAMES.get(raw)
+    if name is None:
+        name = canonical_name(raw)
+        if name in REFUSED or not _NAME.fullmatch(name.lower()):
+            return None
+        if len(_SETTING_NAMES) >= _SETTING_NAMES_KEPT:
+            _SETTING_NAMES.clear()
+        _SETTING_NAMES[raw] = name
+    return name
+
+
 def split_options(options: str) -> list[tuple[str, str]]:
     """``name=value`` pairs of the startup ``options`` value (``-c name=value`` and
     ``--name=value``, space separated, backslash escapes, as ``pg_split_opts``).
@@ -116,12 +135,13 @@ def client_settings(params: dict[str, str], ignored: frozenset[str]) -> dict[str
         pairs += split_options(params["options"])
     settings: dict[str, str] = {}
     for raw, value in pairs:
-        name = canonical_name(raw)
-        if name in ignored:
-            continue
-        if name in REFUSED or not _NAME.fullmatch(name.lower()):
+        name = _setting_name(raw)
+        if name is None:
+            if canonical_name(raw) in ignored:
+                continue
             raise UnsupportedParameter(f"unsupported startup parameter: {raw}")
-        settings[name] = value
+        if name not in ignored:
+            settings[name] = value
     if len(settings) > MAX_SETTINGS:
         raise UnsupportedParameter(f"more than {MAX_SETTINGS} startup parameters")
     return settings

@@ -59,6 +59,25 @@ def test_fake_pids_wrap_inside_their_range() -> None:
     assert client.process_id == PID_MAX_LIMIT + 2
 
 
+def test_cancel_secrets_are_31_random_bits_across_batches() -> None:
+    """The secrets come from os.urandom read in batches: across several batches they
+    are non-negative int32s (BackendKeyData is signed), next to never equal (3,079 of
+    2^31: a repeat in 1 of ~450 runs, three in 1 of ~10^8), and each of the 31 bits is
+    set in about half (a batch restarting at its first bytes, or a shift in the wrong
+    place, shows as a thousand repeats or a stuck bit)."""
+    keys = CancelKeys()
+    secrets_seen = []
+    for _ in range(3 * 1024 + 7):
+        client = _Client()
+        client.process_id, client.secret_key = keys.register(client)
+        secrets_seen.append(client.secret_key)
+    assert all(0 <= s < 1 << 31 for s in secrets_seen)
+    assert len(set(secrets_seen)) >= len(secrets_seen) - 2
+    for bit in range(31):
+        ones = sum(s >> bit & 1 for s in secrets_seen)
+        assert 0.4 < ones / len(secrets_seen) < 0.6, f"bit {bit} set in {ones}"
+
+
 async def test_a_failed_reset_closes_the_server_connection(
     make_proxy: ProxyFactory, role: Role
 ) -> None:

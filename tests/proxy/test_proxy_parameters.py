@@ -14,6 +14,8 @@ from proxyhelpers import ProxyFactory, Role
 
 from proxy.pool import ACCEPTED_SETTINGS
 from proxy.protocol import messages as m
+from proxy.protocol import parameters
+from proxy.protocol.errors import UnsupportedParameter
 from proxy.protocol.parameters import client_settings, settings_sql, split_options
 
 MODES = ["transaction", "session"]
@@ -237,6 +239,22 @@ async def test_settings_the_server_took_before_need_no_answer_at_login(
             assert len(pool.accepted) <= ACCEPTED_SETTINGS
     finally:
         relay.close()
+
+
+def test_checked_setting_names_are_kept_within_their_bound() -> None:
+    """Names a client makes up must not grow what is kept, and a kept name must still
+    give the same answer as a new one: refused, ignored, canonical."""
+    for n in range(3 * parameters._SETTING_NAMES_KEPT):
+        assert client_settings({f"App.Made_Up_{n}": "1"}, frozenset()) == {f"app.made_up_{n}": "1"}
+        assert len(parameters._SETTING_NAMES) <= parameters._SETTING_NAMES_KEPT
+    for _ in range(2):  # the second time from what is kept
+        assert client_settings({"datestyle": "ISO", "x": "1"}, frozenset({"x"})) == {
+            "DateStyle": "ISO"
+        }
+        assert client_settings({"role": "admin"}, frozenset({"role"})) == {}
+        for bad in ("role", "Is_Superuser", "bad name", "1x"):
+            with pytest.raises(UnsupportedParameter):
+                client_settings({bad: "on"}, frozenset())
 
 
 def test_settings_sql_and_options() -> None:
