@@ -326,20 +326,35 @@ class ClientSession(ServerOwner):
         self, conn: ServerConn, settings: dict[str, str]
     ) -> tuple[str, dict[str, str], dict[str, str]]:
         """The SQL that takes ``conn`` to a fresh login's values with the client's on
-        top, the client's reported settings that differ from the defaults, its others."""
+        top, the client's reported settings that differ from the defaults, its others.
+
+        Kept on ``conn`` with what it came from: in session mode each client finds its
+        connection just reset (DISCARD ALL reports new values), so the last login's
+        record misses, but the next client nearly always asks for the same change."""
         known = conn.parameters
+        synced = conn.pipeline.synced
+        kept = conn.last_change
+        if (
+            kept is not None
+            and kept[3] == len(known)  # names are only ever added
+            and kept[0] == settings
+            and kept[1] == synced
+            and kept[2] == conn.extras
+        ):
+            return kept[4]
         reported = {k: v for k, v in settings.items() if k in known and conn.defaults.get(k) != v}
         extras = {k: v for k, v in settings.items() if k not in known}
         # Only what differs from that. Each of those first back to its default, then
         # the client's (DateStyle 'ISO' keeps the order part it finds); then the
         # unreported ones.
-        synced = conn.pipeline.synced
         want = {**conn.defaults, **reported}
         stale = [k for k, v in want.items() if synced.get(k) != v]
         sql = settings_sql(synced, {k: conn.defaults[k] for k in stale if k in conn.defaults})
         sql += settings_sql(conn.defaults, {k: reported[k] for k in stale if k in reported})
         sql += settings_sql(conn.extras, extras, reset_missing=True)
-        return sql, reported, extras
+        change = (sql, reported, extras)  # the dicts are shared: never changed in place
+        conn.last_change = (settings, synced, conn.extras, len(known), change)
+        return change
 
     def _take_settings(
         self, conn: ServerConn, settings: dict[str, str], extras: dict[str, str], sql: str

@@ -127,6 +127,18 @@ class ServerConn:
         # the startup settings its last client logged in with, and the settings (reported
         # and extra) that gave it: a client asking for the same ones again needs no SQL (session.py)
         self.last_login: tuple[dict[str, str], dict[str, str], dict[str, str]] | None = None
+        # the last settings change computed for a login, and what it came from: the
+        # startup settings, the synced and extra ones, the number of known names
+        self.last_change: (
+            tuple[
+                dict[str, str],
+                dict[str, str],
+                dict[str, str],
+                int,
+                tuple[str, dict[str, str], dict[str, str]],
+            ]
+            | None
+        ) = None
         self.internal_error: bytes | None = None  # the last one swallowed, for the login
         # the last login's ParameterStatus messages and what they came from: the
         # pipeline's change count, the server's values then, the client's, the block

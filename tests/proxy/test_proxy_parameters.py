@@ -210,6 +210,57 @@ async def test_the_same_settings_again_are_not_sent_again(
         relay.close()
 
 
+async def test_a_kept_settings_change_is_used_only_for_what_it_came_from(
+    make_proxy: ProxyFactory, role: Role, postgres: PostgresCluster
+) -> None:
+    """Session mode: the settings change a login needs is kept on the server connection
+    (the next client nearly always asks for the same), and used again only when the
+    client's settings, the values the last client left (this reset query resets
+    nothing) and the extra settings applied are all what it came from."""
+    relay = FaultRelay(postgres.port)
+    try:
+        proxy = await make_proxy(
+            pool_mode="session",
+            pool_size=1,
+            server_reset_query="SELECT 1",
+            upstream={"port": relay.port},
+        )
+        dsn = proxy.dsn(db=role.database)
+        show = "SELECT current_setting('TimeZone'), current_setting('statement_timeout')"
+
+        async def session(asked: dict[str, str], sql: str = "") -> tuple[str, str]:
+            conn = await asyncpg.connect(dsn, server_settings=asked)
+            try:
+                if sql:
+                    await conn.execute(sql)
+                row = await conn.fetchrow(show)
+                return row[0], row[1]
+            finally:
+                await conn.close()
+
+        app = {"application_name": "kept-change"}
+        zone, _ = await session(app)
+        assert zone != "Asia/Tokyo"
+        await session(app)  # the connection has them: nothing to change
+        # that client leaves a setting changed: the next, asking the same, gets a
+        # fresh login's value
+        assert await session(app, "SET TimeZone = 'Asia/Tokyo'") == ("Asia/Tokyo", "0")
+        assert (await session(app))[0] == zone
+        # an extra setting applied by one login is not applied again for the next, even
+        # when the first client put back the values the kept change started from
+        with_timeout = {"application_name": "other-app", "statement_timeout": "1234"}
+        back = "SET application_name = 'kept-change'"
+        assert await session(with_timeout, back) == (zone, "1234ms")
+        mark = len(relay.sent[0])
+        assert await session(with_timeout) == (zone, "1234ms")
+        assert len(relay.sent) == 1  # one server connection throughout
+        sent = bytes(relay.sent[0][mark:])
+        assert b"set_config(E'application_name'" in sent
+        assert b"set_config(E'statement_timeout'" not in sent
+    finally:
+        relay.close()
+
+
 async def test_settings_the_server_took_before_need_no_answer_at_login(
     make_proxy: ProxyFactory, role: Role, postgres: PostgresCluster
 ) -> None:
