@@ -153,6 +153,19 @@ async def test_startup_parameters_refused_or_ignored(make_proxy: ProxyFactory, r
     assert not error and told["client_encoding"] == "UTF8"
 
 
+async def _one_session(dsn: str, asked: dict[str, str], sql: str, show: str) -> tuple[str, str]:
+    """A client that logs in with settings ``asked``, runs ``sql``, reads two columns
+    of ``show`` and leaves."""
+    conn = await asyncpg.connect(dsn, server_settings=asked)
+    try:
+        if sql:
+            await conn.execute(sql)
+        row = await conn.fetchrow(show)
+        return row[0], row[1]
+    finally:
+        await conn.close()
+
+
 async def test_the_same_settings_again_are_not_sent_again(
     make_proxy: ProxyFactory, role: Role, postgres: PostgresCluster
 ) -> None:
@@ -170,14 +183,7 @@ async def test_the_same_settings_again_are_not_sent_again(
         show = "SELECT current_setting('application_name'), current_setting('app.tag', true)"
 
         async def session(asked: dict[str, str], sql: str = "") -> tuple[str, str]:
-            conn = await asyncpg.connect(dsn, server_settings=asked)
-            try:
-                if sql:
-                    await conn.execute(sql)
-                row = await conn.fetchrow(show)
-                return row[0], row[1]
-            finally:
-                await conn.close()
+            return await _one_session(dsn, asked, sql, show)
 
         def sent_since(mark: int) -> bytes:
             assert len(relay.sent) == 1  # one server connection throughout
@@ -229,14 +235,7 @@ async def test_a_kept_settings_change_is_used_only_for_what_it_came_from(
         show = "SELECT current_setting('TimeZone'), current_setting('statement_timeout')"
 
         async def session(asked: dict[str, str], sql: str = "") -> tuple[str, str]:
-            conn = await asyncpg.connect(dsn, server_settings=asked)
-            try:
-                if sql:
-                    await conn.execute(sql)
-                row = await conn.fetchrow(show)
-                return row[0], row[1]
-            finally:
-                await conn.close()
+            return await _one_session(dsn, asked, sql, show)
 
         app = {"application_name": "kept-change"}
         zone, _ = await session(app)
