@@ -30,7 +30,7 @@ from proxy.config import parse_proxy_config
 from proxy.credentials import FileCredentialProvider
 from proxy.protocol import messages as m
 from proxy.server import ProxyServer
-from proxy.transport import SETUP_INBOX
+from proxy.transport import SETUP_INBOX, Link
 
 MiB = 1 << 20
 ROW = 200_000_000  # bytes in one column of one row
@@ -182,31 +182,41 @@ def test_an_ended_session_is_freed_by_reference_counting(
     raw = {"listen": "127.0.0.1:0", "upstream": upstream, "credentials": {"file": str(creds)}}
     config = parse_proxy_config({**raw, "pool_mode": pool_mode, "pool_size": 2}, tmp_path)
 
-    async def login(port: int, application_name: str) -> None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    links: list[Link] = []  # the proxy's side of each client, until it is lost
+
+    async def login(server: ProxyServer, application_name: str) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
         client = WireClient(reader, writer)
         user = {"user": role.name, "database": role.database}
         writer.write(m.startup_message({**user, "application_name": application_name}))
         while (await client.message())[0] != b"Z":
             pass
+        links.extend(session.link for session in server.sessions)
         writer.write(m.query("SELECT 1"))
         await client.rows(lambda _: None)
         await client.close()
+
+    async def settled(server: ProxyServer) -> None:
+        """Every client's link lost and every server connection back in its pool (the
+        session mode reset done): nothing of an ended session is still in use."""
+        pool = server.manager.pool(role.database)
+        await wait_until(lambda: all(link.closed for link in links), what="the links lost")
+        await wait_until(lambda: len(pool.idle) == len(pool.conns), what="the pool idle")
+        links.clear()  # from here on, only a cycle can keep them
 
     async def logins() -> Counter[str]:
         server = ProxyServer(config, FileCredentialProvider(creds), CollectorRegistry())
         await server.start()
         try:
-            await login(server.port, "app")  # the pool's connections, opened once
-            await login(server.port, "app")
-            await asyncio.sleep(0.2)
+            await login(server, "app")  # the pool's connections, opened once
+            await login(server, "app")
+            await settled(server)
             gc.collect()
             gc.disable()  # no collection may free, unseen, what the test looks for
             for n in range(12):
                 # every third client with a setting of its own: a login that waits
-                await login(server.port, f"app{n}" if n % 3 == 0 else "app")
-            await wait_until(lambda: not server.sessions, what="the sessions to end")
-            await asyncio.sleep(0.2)  # the links' connection_lost, the server resets
+                await login(server, f"app{n}" if n % 3 == 0 else "app")
+            await settled(server)
             return _left_for_the_cycle_collector()
         finally:
             gc.enable()
