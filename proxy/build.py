@@ -45,6 +45,7 @@ COMPILED = (
     "proxy.server",
     "proxy.credentials",
     "proxy.counts",
+    "proxy.deadlines",
 )
 # mypyc puts the code of all of them in one shared library; the per-module extensions
 # are small shims that load it. A dotted name keeps it inside the package (importable

@@ -20,6 +20,7 @@ from proxy.cancel import CancelKeys, send_cancel
 from proxy.clientauth import UsersFile
 from proxy.config import ProxyConfig
 from proxy.credentials import CredentialProvider
+from proxy.deadlines import Deadlines
 from proxy.listener import Listeners, raise_open_file_limit
 from proxy.pool import PoolManager
 from proxy.protocol import messages as m
@@ -32,6 +33,10 @@ from proxy.watchdog import Watchdog
 
 log = logging.getLogger("credsidecar.proxy")
 MAX_REFUSING = 32  # connections past max_client_conn being told so (in the file budget)
+
+
+def _login_too_slow(session: ClientSession) -> None:
+    session.login_too_slow()
 
 
 class ProxyServer:
@@ -59,6 +64,8 @@ class ProxyServer:
         self.stopping = False
         # the loop start() ran in: asyncio.get_running_loop() makes a syscall (getpid)
         self.loop: asyncio.AbstractEventLoop | None = None
+        # client_login_timeout of every session logging in: one timer for all of them
+        self.logins: Deadlines[ClientSession] | None = None
         # made by stop(), done when the last session is gone (not an Event to clear on
         # every accepted connection: its methods are Python code)
         self._all_gone: asyncio.Future[None] | None = None
@@ -85,6 +92,7 @@ class ProxyServer:
             self.tls.context()  # a certificate that does not load is a startup error
         raise_open_file_limit(self.config, self.config.max_db_connections or self.config.pool_size)
         self.loop = asyncio.get_running_loop()
+        self.logins = Deadlines(self.loop, self.config.client_login_timeout, _login_too_slow)
         await self.provider.start()
         await self.manager.start()
         try:
@@ -182,6 +190,8 @@ class ProxyServer:
         await self.manager.close()
         await self.provider.close()
         await self.listeners.wait_closed()
+        if self.logins is not None:
+            self.logins.close()
         with contextlib.suppress(KeyError):
             self._registry.unregister(self._collector)
         log.info("proxy_stopped", extra={})

@@ -93,7 +93,6 @@ class ClientSession(ServerOwner):
         self.transaction_mode = server.config.pool_mode == "transaction"
         self.reads = 0  # chunks received: the watchdog's sign of life (proxy/watchdog.py)
         self.login_expired = False  # client_login_timeout passed (see begin)
-        self._deadline: asyncio.TimerHandle | None = None  # client_login_timeout's timer
         self._login_task: asyncio.Task[None] | None = None  # a login that has to wait
 
     def _peer_address(self) -> tuple[Any, ...] | None:
@@ -126,14 +125,13 @@ class ClientSession(ServerOwner):
         point that has to wait (a TLS handshake, SCRAM, a pool wait, a settings round
         trip). A task per connection costs more than the rest of such a login.
 
-        The client's part is bounded by client_login_timeout (one loop timer: it fatals
-        the session, or cancels the task, see _login_failed), the server connection
-        that follows by pool_timeout and connect_timeout."""
-        loop = self.server.loop
-        assert loop is not None  # set by ProxyServer.start(), before any accept
-        self._deadline = loop.call_later(
-            self.server.config.client_login_timeout, self._login_too_slow
-        )
+        The client's part is bounded by client_login_timeout (the server's one timer for
+        every login, proxy/deadlines.py: it fatals the session, or cancels the task, see
+        _login_failed), the server connection that follows by pool_timeout and
+        connect_timeout."""
+        logins = self.server.logins
+        assert logins is not None  # made by ProxyServer.start(), before any accept
+        logins.start(self)
         self.link.on_data = self._login_data
         self.link.on_lost = self._lost
 
@@ -200,12 +198,12 @@ class ClientSession(ServerOwner):
             self._login_failed(exc)
 
     def _end_client_part(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
+        logins = self.server.logins
+        if logins is not None:
+            logins.end(self)
 
-    def _login_too_slow(self) -> None:
-        self._deadline = None
+    def login_too_slow(self) -> None:
+        """client_login_timeout passed (proxy/deadlines.py)."""
         self.login_expired = True
         if self._login_task is None:
             self.fatal("08006", "login did not complete in time")
