@@ -178,7 +178,7 @@ class Pool:
 
     def _past_its_time(self, conn: ServerConn, now: float) -> str | None:
         """Why ``conn`` must not serve again (``now``: monotonic), or None."""
-        creds = self.manager.provider.current()
+        creds = self.manager.current_credentials()
         if (
             creds is not None
             and creds.expires_at is not None
@@ -257,6 +257,9 @@ class PoolManager:
     def __init__(self, config: ProxyConfig, provider: CredentialProvider) -> None:
         self.config = config
         self.provider = provider
+        # read at every release: bound once (the provider is a Protocol, so compiled
+        # code would look the method up by name each time)
+        self.current_credentials = provider.current
         self.pools: dict[str, Pool] = {}
         self.creds: Credentials | None = None
         self.generation = 0  # of the credentials in service (read on every release)

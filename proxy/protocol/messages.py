@@ -52,7 +52,7 @@ def type_table(types: frozenset[int]) -> bytes:
 _TRANSACTION_STATUSES: Final = type_table(frozenset(b"ITE"))  # idle, in one, in a failed one
 
 
-def _i32(buf: bytes, pos: i64) -> i64:
+def int32_at(buf: bytes, pos: i64) -> i64:
     """The big-endian signed 32-bit integer at ``pos``: struct's job, done in the loop
     itself because compiled it is a few machine instructions, not a call into Python
     (i64: a machine integer when compiled, an int otherwise)."""
@@ -156,7 +156,7 @@ def parse_startup(packet: bytes, violation: type[ProtocolViolation]) -> StartupP
     """Decode one complete startup-phase packet (length prefix included)."""
     if len(packet) < 8:
         raise violation(f"startup packet of {len(packet)} bytes is too short")
-    code = _i32(packet, 4)
+    code = int32_at(packet, 4)
     if code in (SSL_REQUEST_CODE, GSSENC_REQUEST_CODE):
         if len(packet) != 8:
             raise violation("SSLRequest/GSSENCRequest with a payload")
@@ -280,7 +280,7 @@ class FrameReader:
         limit: i64 = self.limit
         ready_at: i64 = -1
         while size - pos >= 5:
-            length = _i32(buf, pos + 1)
+            length = int32_at(buf, pos + 1)
             end = pos + 1 + length
             if length < 4 or length >= limit:
                 t = buf[pos]
@@ -324,7 +324,7 @@ class FrameReader:
         is consumed either way (False: :meth:`frames` takes the read)."""
         if self._left or len(self._buf) > self._pos or len(data) < 5 or data[0] != type_:
             return False
-        length = _i32(data, 1)
+        length = int32_at(data, 1)
         return 4 <= length < self.limit and len(data) == 1 + length
 
     def whole_answer(self, data: bytes, notable: bytes) -> bool:
@@ -342,7 +342,7 @@ class FrameReader:
         limit: i64 = self.limit
         pos: i64 = 0
         while size - pos >= 5:
-            length = _i32(data, pos + 1)
+            length = int32_at(data, pos + 1)
             end = pos + 1 + length
             if length < 4 or length >= limit or end > size:
                 return False

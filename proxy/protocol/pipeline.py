@@ -119,13 +119,35 @@ _FWD_BIND: Final = _FORWARDS[_BIND]
 _FWD_PARSE: Final = _FORWARDS[_PARSE]
 
 
+# An INTERNAL query's entry is never changed once queued either (rows are CAPTURE's).
+_INTERNAL_QUERY: Final = Entry(_QUERY, INTERNAL)
+
+# The proxy's own queries as messages, and whether each drops the server's prepared
+# statements: the same few (the reset, a login's settings) at nearly every session
+_INTERNAL_MESSAGES: Final[dict[str, tuple[bytes, bool]]] = {}
+_INTERNAL_MESSAGES_KEPT: Final = 256  # queries
+_INTERNAL_MESSAGE_KEPT_LENGTH: Final = 1024  # characters of one
+
+
+def _internal_message(sql: str) -> tuple[bytes, bool]:
+    kept = _INTERNAL_MESSAGES.get(sql)
+    if kept is None:
+        data = m.query(sql)
+        kept = (data, _DROPS_STATEMENTS.match(data, 5, 64) is not None)
+        if len(sql) <= _INTERNAL_MESSAGE_KEPT_LENGTH:
+            if len(_INTERNAL_MESSAGES) >= _INTERNAL_MESSAGES_KEPT:
+                _INTERNAL_MESSAGES.clear()  # settings clients make up cannot grow it
+            _INTERNAL_MESSAGES[sql] = kept
+    return kept
+
+
 def _split_name(body: bytes, offset: int = 0) -> tuple[str, int]:
     return m.read_cstr(body, offset, ClientProtocolViolation)
 
 
 def _partial(data: bytes) -> bool:
     """``data`` is only the head of a message that streams (see FrameReader)."""
-    return len(data) != 1 + int(_I32.unpack_from(data, 1)[0])
+    return len(data) != 1 + m.int32_at(data, 1)
 
 
 class Pipeline:
@@ -202,7 +224,7 @@ class Pipeline:
                 target = self._ensure(stmts, name, out)
                 if target is not None:
                     # the declared length, not len(body): a big Bind streams after its head
-                    length = int(_I32.unpack_from(msg.data, 1)[0]) + len(target) - len(name)
+                    length = int(m.int32_at(msg.data, 1)) + len(target) - len(name)
                     renamed = body[:offset] + m.cstr(target) + body[rest:]
                     out.append(b"B" + _I32.pack(length) + renamed)
                     queue.append(Entry(_BIND, FORWARD, target))
@@ -382,9 +404,9 @@ class Pipeline:
 
     def internal_query(self, sql: str) -> bytes:
         """A query of the proxy's own whose responses nobody sees."""
-        self.queue.append(Entry(_QUERY, INTERNAL))
-        data = m.query(sql)
-        if _DROPS_STATEMENTS.match(data, 5, 64):
+        self._enqueue(_INTERNAL_QUERY)
+        data, drops_statements = _internal_message(sql)
+        if drops_statements:
             self.prepared.clear()
         return data
 

@@ -13,6 +13,7 @@ from proxyhelpers import imported_modules
 
 from proxy.protocol import events as ev
 from proxy.protocol import messages as m
+from proxy.protocol import pipeline
 from proxy.protocol.auth import ScramSecret, ScramVerifier, UpstreamAuthenticator, md5_password
 from proxy.protocol.backend import ServerConnection
 from proxy.protocol.errors import (
@@ -394,6 +395,27 @@ def test_pipeline_internal_query_is_invisible() -> None:
     for data in (m.message(b"C", m.cstr("SET")), m.ready_for_query(b"I")):
         pipe.server_message(_msg(data), to_client)
     assert to_client == []
+
+
+def test_kept_internal_queries_are_bounded_and_still_drop_statements() -> None:
+    """The proxy's own queries are kept as messages (the reset and a login's settings
+    repeat at every session): the right bytes every time, a DISCARD ALL kept still
+    empties the prepared statements, and made-up settings cannot grow what is kept."""
+    pipe = Pipeline(StatementNames(), {})
+    for _ in range(2):
+        pipe.prepared.add("csp_1")
+        assert pipe.internal_query("DISCARD ALL") == m.query("DISCARD ALL")
+        assert "csp_1" not in pipe.prepared
+        pipe.prepared.add("csp_1")
+        assert pipe.internal_query("SET x TO 'DISCARD ALL'") == m.query("SET x TO 'DISCARD ALL'")
+        assert "csp_1" in pipe.prepared
+    for n in range(3 * pipeline._INTERNAL_MESSAGES_KEPT):
+        sql = f"SET application_name TO 'client {n}'"
+        assert pipe.internal_query(sql) == m.query(sql)
+        assert len(pipeline._INTERNAL_MESSAGES) <= pipeline._INTERNAL_MESSAGES_KEPT
+    long = "SET application_name TO '" + "x" * pipeline._INTERNAL_MESSAGE_KEPT_LENGTH + "'"
+    assert pipe.internal_query(long) == m.query(long)
+    assert long not in pipeline._INTERNAL_MESSAGES
 
 
 _ANSWERS = {
