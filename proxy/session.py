@@ -269,7 +269,7 @@ class ClientSession(ServerOwner):
         out = [self.proto.send(ev.AUTHENTICATION_OK)]
         out.append(conn.parameter_statuses(self.params))
         out.append(m.backend_key_data(self.process_id, self.secret_key))
-        out.append(m.ready_for_query(b"I"))
+        out.append(m.READY_IDLE)
         self.link.write(b"".join(out))
         metrics.clients_total.inc("ok")
         self.link.on_pause = self._client_paused
@@ -528,7 +528,7 @@ class ClientSession(ServerOwner):
             if after < 0:
                 return
             self.discarding = False
-            self.link.write(m.ready_for_query(b"I"))
+            self.link.write(m.READY_IDLE)
             frames = frames[after:]
             if not frames:
                 return

@@ -22,6 +22,9 @@ from proxy.protocol.states import (
     ClientState,
 )
 
+# Final: compiled, a C static; ClientState.X is an attribute lookup on the class
+_STARTUP: Final = ClientState.STARTUP
+_PASSWORD: Final = ClientState.PASSWORD
 _READY: Final = ClientState.READY
 _Outgoing = (
     ev.SSLResponse
@@ -37,7 +40,7 @@ class ClientConnection:
     __slots__ = ("_reader", "negotiated", "state")
 
     def __init__(self, limit: int = m.DEFAULT_MESSAGE_BUFFER) -> None:
-        self.state = ClientState.STARTUP
+        self.state = _STARTUP
         self._reader = m.FrameReader(
             ClientProtocolViolation, FRONTEND_TYPES, limit, FRONTEND_STREAMABLE
         )
@@ -64,7 +67,7 @@ class ClientConnection:
         with :meth:`receive_frames`, which starts with whatever is still buffered.
         """
         state = self.state
-        if state is ClientState.STARTUP:
+        if state is _STARTUP:
             packet = self._reader.next_startup()
             if packet is None:
                 return None
@@ -76,7 +79,7 @@ class ClientConnection:
             if isinstance(event, m.SSLRequest | m.GSSENCRequest):
                 self.negotiated.add(kind)
             return event
-        if state is ClientState.PASSWORD:
+        if state is _PASSWORD:
             # before login nothing is streamed: an oversized message is refused (08P01)
             msg = self._reader.next_message(m.MAX_AUTH_LENGTH)
             if msg is None:
@@ -121,7 +124,7 @@ class ClientConnection:
         if isinstance(event, ev.AuthenticationRequest):
             return m.authentication(event.code, event.payload)
         if isinstance(event, ev.AuthenticationOk):
-            return m.authentication(m.AUTH_OK)
+            return m.AUTHENTICATION_OK
         if isinstance(event, ev.ErrorResponse):
             return event.to_bytes()
         if isinstance(event, ev.NegotiateProtocolVersion):

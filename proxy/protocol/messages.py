@@ -474,6 +474,9 @@ TERMINATE: bytes = message(b"X")
 SYNC: bytes = message(b"S")
 PARSE_COMPLETE: bytes = message(b"1")
 CLOSE_COMPLETE: bytes = message(b"3")
+# what every login ends with: built once
+AUTHENTICATION_OK: bytes = message(b"R", b"\0\0\0\0")  # AUTH_OK
+READY_IDLE: bytes = message(b"Z", b"I")
 
 
 def error_response(

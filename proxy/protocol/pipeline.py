@@ -69,16 +69,22 @@ _CLOSE: Final = 4
 _SYNC: Final = 5
 _QUERY: Final = 6
 _FAKE_REPLY: Final = {_PARSE: m.PARSE_COMPLETE, _CLOSE: m.CLOSE_COMPLETE}
-_COMPLETES: Final = {
-    ord("1"): _PARSE,
-    ord("2"): _BIND,
-    ord("3"): _CLOSE,
-    ord("T"): _DESCRIBE,
-    ord("n"): _DESCRIBE,
-    ord("C"): _EXECUTE,
-    ord("I"): _EXECUTE,
-    ord("s"): _EXECUTE,
-}
+_NO_KIND: Final = 255
+# the kind of request each server message type completes (_NO_KIND: none); a table,
+# not a dict: compiled, one index instead of a lookup of a boxed int
+_COMPLETES: Final = bytes(
+    {
+        ord("1"): _PARSE,
+        ord("2"): _BIND,
+        ord("3"): _CLOSE,
+        ord("T"): _DESCRIBE,
+        ord("n"): _DESCRIBE,
+        ord("C"): _EXECUTE,
+        ord("I"): _EXECUTE,
+        ord("s"): _EXECUTE,
+    }.get(t, _NO_KIND)
+    for t in range(256)
+)
 _I16: Final = struct.Struct("!h")
 # CopyData, CopyDone, CopyFail, Flush and the rest of a streamed message (it was a
 # Query, CopyData, FunctionCall, unnamed Parse or Bind: forwarded): no response, no rewrite
@@ -460,13 +466,17 @@ class Pipeline:
         run_start = run_end = -1
         swallowed_error = False
         forward = True
+        # the head of the queue, read again only when it may have changed (compiled,
+        # a deque's truth and its [0] are generic calls)
+        head = queue[0] if queue else None
         for t, start, end in frames:
-            if queue and queue[0].action == FAKE:
+            if head is not None and head.action == FAKE:
                 if run_start >= 0:
                     out.append(buf[run_start:run_end])
                     run_start = -1
                 self.fakes(out)
-            if not queue or t == 78 or t == 65 or t == 83:
+                head = queue[0] if queue else None
+            if head is None or t == 78 or t == 65 or t == 83:
                 # no request pending, a notice/notification, or a ParameterStatus:
                 # take the careful path (it also validates what nobody asked for)
                 if run_start >= 0:
@@ -477,31 +487,35 @@ class Pipeline:
                 if not forward and _partial(msg.data):
                     raise ServerProtocolViolation(f"message {msg.type!r} too large")
                 swallowed_error |= self.server_message(msg, out, on_parameter)
+                head = queue[0] if queue else None
                 continue
-            head = queue[0]
-            action = head.action
+            entry = head  # the request this message answers
+            action = entry.action
             if t == 90:  # Z
-                queue.popleft()
-                if head.kind != _SYNC and head.kind != _QUERY:
+                self._dequeue()
+                head = queue[0] if queue else None
+                if entry.kind != _SYNC and entry.kind != _QUERY:
                     raise ServerProtocolViolation("ReadyForQuery before the request completed")
                 forward = action == FORWARD
             elif t == 69:  # E
-                self._failed(head, buf[start:end])
+                self._failed(entry, buf[start:end])
+                head = queue[0] if queue else None
                 forward = action != INTERNAL and action != CAPTURE
                 if not forward:
-                    head.rows = None
+                    entry.rows = None
                     swallowed_error = True
                 elif buf[start + 5 : start + 12] == b"SFATAL\0":
                     self.fatal_forwarded = True
             else:
-                if _COMPLETES.get(t) == head.kind:
-                    queue.popleft()
+                if _COMPLETES[t] == entry.kind:
+                    self._dequeue()
+                    head = queue[0] if queue else None
                 forward = action == FORWARD
-                if action == CAPTURE and t == 68 and head.rows is not None:
+                if action == CAPTURE and t == 68 and entry.rows is not None:
                     if _partial(buf[start:end]):
-                        head.rows = None  # not ours to hold: the capture fails
+                        entry.rows = None  # not ours to hold: the capture fails
                     else:
-                        head.rows.append(_data_row(buf[start + 5 : end]))
+                        entry.rows.append(_data_row(buf[start + 5 : end]))
             if forward:
                 if run_start < 0:
                     run_start = start
@@ -568,8 +582,7 @@ class Pipeline:
                 self.fatal_forwarded = True
             out.append(msg.data)
             return False
-        kind = _COMPLETES.get(t)
-        if kind is not None and kind == head.kind:
+        if _COMPLETES[t] == head.kind:
             queue.popleft()
         if action == FORWARD:
             out.append(msg.data)
@@ -593,9 +606,6 @@ def _data_row(body: bytes) -> list[str | None]:
     return row
 
 
-_IDLE_READY: Final = m.ready_for_query(b"I")
-
-
 def refuse(types: list[int], error: bytes, discarding: bool) -> tuple[list[bytes], bool]:
     """Answer requests that no server will see, as a server that failed them would.
 
@@ -607,12 +617,12 @@ def refuse(types: list[int], error: bytes, discarding: bool) -> tuple[list[bytes
     for t in types:
         if discarding:
             if t == 83:  # S
-                out.append(_IDLE_READY)
+                out.append(m.READY_IDLE)
                 discarding = False
         elif t == 81 or t == 70:  # Q, F
-            out += [error, _IDLE_READY]
+            out += [error, m.READY_IDLE]
         elif t == 83:
-            out.append(_IDLE_READY)
+            out.append(m.READY_IDLE)
         elif t not in _PLAIN:  # P, B, D, E, C
             out.append(error)
             discarding = True

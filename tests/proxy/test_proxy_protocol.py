@@ -49,10 +49,12 @@ BUILT = [
     ),
     (m.query("SELECT 1"), b"Q\x00\x00\x00\x0dSELECT 1\x00"),
     (m.ready_for_query(b"I"), b"Z\x00\x00\x00\x05I"),
+    (m.READY_IDLE, b"Z\x00\x00\x00\x05I"),
     (m.TERMINATE, b"X\x00\x00\x00\x04"),
     (m.PARSE_COMPLETE, b"1\x00\x00\x00\x04"),
     (m.CLOSE_COMPLETE, b"3\x00\x00\x00\x04"),
     (m.authentication(m.AUTH_OK), b"R\x00\x00\x00\x08\x00\x00\x00\x00"),
+    (m.AUTHENTICATION_OK, b"R\x00\x00\x00\x08\x00\x00\x00\x00"),
     (m.backend_key_data(1, 2), b"K\x00\x00\x00\x0c\x00\x00\x00\x01\x00\x00\x00\x02"),
     (m.parameter_status("a", "b"), b"S\x00\x00\x00\x08a\x00b\x00"),
     (
