@@ -24,6 +24,7 @@ from proxy.deadlines import Deadlines
 from proxy.listener import Listeners, raise_open_file_limit
 from proxy.pool import PoolManager
 from proxy.protocol import messages as m
+from proxy.protocol.parameters import resets_settings
 from proxy.protocol.states import CLOSED, SESSION_STATES
 from proxy.session import ClientSession
 from proxy.tls import TLSFiles
@@ -62,6 +63,11 @@ class ProxyServer:
             UsersFile(config.client_auth.users_file) if config.client_auth.users_file else None
         )
         self.stopping = False
+        # what a server connection runs when its client leaves (session pooling, as
+        # PgBouncer; "" otherwise), and whether that takes every setting back to its
+        # default (DISCARD ALL, RESET ALL): both read as each session ends
+        self.reset_query = config.server_reset_query if config.pool_mode == "session" else ""
+        self.reset_clears_settings = resets_settings(self.reset_query)
         # the loop start() ran in: asyncio.get_running_loop() makes a syscall (getpid)
         self.loop: asyncio.AbstractEventLoop | None = None
         # client_login_timeout of every session logging in: one timer for all of them

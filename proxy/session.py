@@ -24,7 +24,7 @@ from proxy.protocol import messages as m
 from proxy.protocol import states
 from proxy.protocol.errors import AuthenticationFailed, ClientProtocolViolation
 from proxy.protocol.frontend import ClientConnection
-from proxy.protocol.parameters import SERVER_OWNED, resets_settings, settings_sql
+from proxy.protocol.parameters import SERVER_OWNED, settings_sql
 from proxy.protocol.pipeline import (
     DROP,
     FAKE,
@@ -291,14 +291,13 @@ class ClientSession(ServerOwner):
             # since (one application's pool): no round trip to set them again
             self.params, self.extras = conn.pipeline.synced, conn.extras
             return ""
-        sql, reported, extras = self._settings_change(conn, settings)
+        sql, reported, extras, synced_after = self._settings_change(conn, settings)
         assert self.pool is not None
         known_good = all(item in self.pool.accepted for item in reported.items())
         new_extras = any(conn.extras.get(k) != v for k, v in extras.items())
         if sql and (not known_good or new_extras):
             return None
-        if sql:  # what that SQL gives it, once the server runs it
-            conn.pipeline.synced = {**conn.pipeline.synced, **conn.defaults, **reported}
+        conn.pipeline.synced = synced_after  # what that SQL gives it, once the server runs it
         self._take_settings(conn, settings, extras, sql)
         return sql
 
@@ -309,7 +308,7 @@ class ClientSession(ServerOwner):
         sql = self._startup_sql(conn, settings)
         if sql is not None:
             return sql
-        sql, reported, extras = self._settings_change(conn, settings)
+        sql, reported, extras, _ = self._settings_change(conn, settings)
         async with asyncio.timeout(self.server.config.pool_timeout):
             ok = await conn.internal(sql)
         if not ok:
@@ -322,9 +321,10 @@ class ClientSession(ServerOwner):
 
     def _settings_change(
         self, conn: ServerConn, settings: dict[str, str]
-    ) -> tuple[str, dict[str, str], dict[str, str]]:
+    ) -> tuple[str, dict[str, str], dict[str, str], dict[str, str]]:
         """The SQL that takes ``conn`` to a fresh login's values with the client's on
-        top, the client's reported settings that differ from the defaults, its others.
+        top, the client's reported settings that differ from the defaults, its others,
+        and the synced settings the connection has once the SQL ran.
 
         Kept on ``conn`` with what it came from: in session mode each client finds its
         connection just reset (DISCARD ALL reports new values), so the last login's
@@ -350,7 +350,8 @@ class ClientSession(ServerOwner):
         sql = settings_sql(synced, {k: conn.defaults[k] for k in stale if k in conn.defaults})
         sql += settings_sql(conn.defaults, {k: reported[k] for k in stale if k in reported})
         sql += settings_sql(conn.extras, extras, reset_missing=True)
-        change = (sql, reported, extras)  # the dicts are shared: never changed in place
+        after = {**synced, **conn.defaults, **reported} if sql else synced
+        change = (sql, reported, extras, after)  # the dicts are shared: never changed in place
         conn.last_change = (settings, synced, conn.extras, len(known), change)
         return change
 
@@ -702,11 +703,7 @@ class ClientSession(ServerOwner):
         conn.owner = None
         if self.client_paused:
             conn.link.pause_reading(False)
-        reset = (
-            self.server.config.server_reset_query
-            if self.server.config.pool_mode == "session"
-            else ""
-        )
+        reset = self.server.reset_query
         what = when_client_leaves(conn.pipeline, conn.proto.transaction_status, bool(reset))
         if conn.closed or what == DROP:
             key = running_key(conn)
@@ -732,11 +729,11 @@ class ClientSession(ServerOwner):
             and not conn.closed
             and between_transactions(conn.pipeline, conn.proto.transaction_status)
         ):
-            conn.internal_then(reset, lambda ok: self._reset_done(conn, pool, reset, ok))
+            conn.internal_then(reset, lambda ok: self._reset_done(conn, pool, ok))
         else:
             self._release_if_clean(conn, pool)
 
-    def _reset_done(self, conn: ServerConn, pool: Pool, reset: str, ok: bool | None) -> None:
+    def _reset_done(self, conn: ServerConn, pool: Pool, ok: bool | None) -> None:
         if ok is False:
             # a failed reset may have reset nothing: the next client would inherit
             # this one's session state (SET, temp tables)
@@ -744,7 +741,7 @@ class ClientSession(ServerOwner):
             log.warning("proxy_server_reset_failed", extra={"db": conn.database})
             conn.close()
             return
-        if ok and resets_settings(reset):
+        if ok and self.server.reset_clears_settings:
             conn.extras = {}  # DISCARD ALL / RESET ALL took the client's settings away
         self._release_if_clean(conn, pool)
 

@@ -135,7 +135,7 @@ class ServerConn:
                 dict[str, str],
                 dict[str, str],
                 int,
-                tuple[str, dict[str, str], dict[str, str]],
+                tuple[str, dict[str, str], dict[str, str], dict[str, str]],
             ]
             | None
         ) = None

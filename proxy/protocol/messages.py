@@ -10,7 +10,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Final
+from typing import Final, TypeVar
 
 from mypy_extensions import i64
 
@@ -39,6 +39,25 @@ _I32: Final = struct.Struct("!i")
 _I16: Final = struct.Struct("!h")
 _HDR: Final = struct.Struct("!ci")
 _unpack_i32: Final = _I32.unpack_from
+
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+KEPT: Final = 256  # entries of each of the proxy's small memos below and elsewhere
+KEPT_SIZE: Final = 1024  # bytes or characters: anything larger is not kept
+
+
+def remember(memo: dict[_K, _V], key: _K, value: _V, size: int) -> _V:
+    """Put ``value`` in ``memo`` if ``size`` (of the key or value) is at most
+    :data:`KEPT_SIZE`, emptying it first when it holds :data:`KEPT` entries: the proxy
+    keeps what every login or session repeats (a few keys, a few short values), and
+    what clients make up cannot grow it. A dict of our own, not lru_cache: compiled
+    code can only call that through a generic Python call."""
+    if size <= KEPT_SIZE:
+        if len(memo) >= KEPT:
+            memo.clear()
+        memo[key] = value
+    return value
 
 
 @lru_cache(maxsize=16)
@@ -428,18 +447,15 @@ AUTH_SASL_FINAL: Final = 12
 
 
 _PARAMETER_STATUS: Final[dict[tuple[str, str], bytes]] = {}
-_PARAMETER_STATUS_KEPT: Final = 256
 
 
 def parameter_status(name: str, value: str) -> bytes:
-    # Kept: every login sends a dozen, nearly always the same ones. A dict of our own,
-    # not lru_cache: compiled code can only call that through a generic Python call.
+    # kept: every login sends a dozen, nearly always the same ones
     key = (name, value)
     out = _PARAMETER_STATUS.get(key)
     if out is None:
-        if len(_PARAMETER_STATUS) >= _PARAMETER_STATUS_KEPT:
-            _PARAMETER_STATUS.clear()  # values clients make up cannot grow it
-        out = _PARAMETER_STATUS[key] = message(b"S", cstr(name) + cstr(value))
+        out = message(b"S", cstr(name) + cstr(value))
+        remember(_PARAMETER_STATUS, key, out, len(out))
     return out
 
 
@@ -501,11 +517,18 @@ def parse_error_fields(body: bytes, violation: type[ProtocolViolation]) -> dict[
     return out
 
 
+_PARAMETER_STATUS_BODIES: Final[dict[bytes, tuple[str, str]]] = {}
+
+
 def parse_parameter_status(body: bytes, violation: type[ProtocolViolation]) -> tuple[str, str]:
-    parts = cstrings(body, violation)
-    if len(parts) != 2:
-        raise violation("ParameterStatus without name and value")
-    return parts[0], parts[1]
+    # kept: in session pooling every client's reset and settings report the same few
+    parsed = _PARAMETER_STATUS_BODIES.get(body)
+    if parsed is None:
+        parts = cstrings(body, violation)
+        if len(parts) != 2:
+            raise violation("ParameterStatus without name and value")
+        parsed = remember(_PARAMETER_STATUS_BODIES, body, (parts[0], parts[1]), len(body))
+    return parsed
 
 
 def parse_int32(body: bytes, offset: int, violation: type[ProtocolViolation]) -> int:

@@ -22,6 +22,7 @@ import re
 from typing import Final
 
 from proxy.protocol.errors import UnsupportedParameter
+from proxy.protocol.messages import remember
 
 # Reported (GUC_REPORT) by PostgreSQL 12-18; the names the server reports them under
 REPORTED: Final = (
@@ -70,7 +71,6 @@ def canonical_name(name: str) -> str:
 
 
 _SETTING_NAMES: Final[dict[str, str]] = {}  # startup key -> canonical name, checked
-_SETTING_NAMES_KEPT: Final = 256
 
 
 def _setting_name(raw: str) -> str | None:
@@ -82,9 +82,7 @@ def _setting_name(raw: str) -> str | None:
         name = canonical_name(raw)
         if name in REFUSED or not _NAME.fullmatch(name.lower()):
             return None
-        if len(_SETTING_NAMES) >= _SETTING_NAMES_KEPT:
-            _SETTING_NAMES.clear()
-        _SETTING_NAMES[raw] = name
+        remember(_SETTING_NAMES, raw, name, len(raw))
     return name
 
 

@@ -131,8 +131,6 @@ _INTERNAL_QUERY: Final = Entry(_QUERY, INTERNAL)
 # The proxy's own queries as messages, and whether each drops the server's prepared
 # statements: the same few (the reset, a login's settings) at nearly every session
 _INTERNAL_MESSAGES: Final[dict[str, tuple[bytes, bool]]] = {}
-_INTERNAL_MESSAGES_KEPT: Final = 256  # queries
-_INTERNAL_MESSAGE_KEPT_LENGTH: Final = 1024  # characters of one
 
 
 def _internal_message(sql: str) -> tuple[bytes, bool]:
@@ -140,10 +138,7 @@ def _internal_message(sql: str) -> tuple[bytes, bool]:
     if kept is None:
         data = m.query(sql)
         kept = (data, _DROPS_STATEMENTS.match(data, 5, 64) is not None)
-        if len(sql) <= _INTERNAL_MESSAGE_KEPT_LENGTH:
-            if len(_INTERNAL_MESSAGES) >= _INTERNAL_MESSAGES_KEPT:
-                _INTERNAL_MESSAGES.clear()  # settings clients make up cannot grow it
-            _INTERNAL_MESSAGES[sql] = kept
+        m.remember(_INTERNAL_MESSAGES, sql, kept, len(sql))
     return kept
 
 

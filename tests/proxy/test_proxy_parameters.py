@@ -294,9 +294,9 @@ async def test_settings_the_server_took_before_need_no_answer_at_login(
 def test_checked_setting_names_are_kept_within_their_bound() -> None:
     """Names a client makes up must not grow what is kept, and a kept name must still
     give the same answer as a new one: refused, ignored, canonical."""
-    for n in range(3 * parameters._SETTING_NAMES_KEPT):
+    for n in range(3 * m.KEPT):
         assert client_settings({f"App.Made_Up_{n}": "1"}, frozenset()) == {f"app.made_up_{n}": "1"}
-        assert len(parameters._SETTING_NAMES) <= parameters._SETTING_NAMES_KEPT
+        assert len(parameters._SETTING_NAMES) <= m.KEPT
     for _ in range(2):  # the second time from what is kept
         assert client_settings({"datestyle": "ISO", "x": "1"}, frozenset({"x"})) == {
             "DateStyle": "ISO"

@@ -152,13 +152,33 @@ def test_startup_parameters_come_back_as_sent(params: dict[str, str]) -> None:
 def test_parameter_status_messages_are_kept_within_their_bound() -> None:
     """Every login sends a dozen, so they are kept; values a client makes up must not
     grow what is kept, and every message must still be right."""
-    for n in range(3 * m._PARAMETER_STATUS_KEPT):
+    for n in range(3 * m.KEPT):
         value = f"made-up-{n}"
         assert m.parameter_status("application_name", value) == m.message(
             b"S", b"application_name\0" + value.encode() + b"\0"
         )
-        assert len(m._PARAMETER_STATUS) <= m._PARAMETER_STATUS_KEPT
+        assert len(m._PARAMETER_STATUS) <= m.KEPT
     assert m.parameter_status("TimeZone", "UTC") is m.parameter_status("TimeZone", "UTC")
+    m.parameter_status("search_path", "x" * m.KEPT_SIZE)
+    assert ("search_path", "x" * m.KEPT_SIZE) not in m._PARAMETER_STATUS
+
+
+def test_parsed_parameter_statuses_are_kept_within_their_bound() -> None:
+    """The server's ParameterStatus bodies are kept parsed (session pooling: the same
+    few at every client); made-up values must not grow what is kept, a kept body must
+    still parse right, and a malformed one must still be refused."""
+    for n in range(3 * m.KEPT):
+        for _ in range(2):  # the second time from what was kept
+            body = f"application_name\0made-up-{n}\0".encode()
+            parsed = m.parse_parameter_status(body, ServerProtocolViolation)
+            assert parsed == ("application_name", f"made-up-{n}")
+        assert len(m._PARAMETER_STATUS_BODIES) <= m.KEPT
+    long = b"search_path\0" + b"x" * m.KEPT_SIZE + b"\0"
+    assert m.parse_parameter_status(long, ServerProtocolViolation)[1] == "x" * m.KEPT_SIZE
+    assert long not in m._PARAMETER_STATUS_BODIES
+    for bad in (b"application_name\0", b"a\0b\0c\0", b"a\0b", b"\xff\0b\0"):
+        with pytest.raises(ServerProtocolViolation):
+            m.parse_parameter_status(bad, ServerProtocolViolation)
 
 
 @pytest.mark.parametrize("data", CLIENT_VIOLATIONS)
@@ -411,11 +431,11 @@ def test_kept_internal_queries_are_bounded_and_still_drop_statements() -> None:
         pipe.prepared.add("csp_1")
         assert pipe.internal_query("SET x TO 'DISCARD ALL'") == m.query("SET x TO 'DISCARD ALL'")
         assert "csp_1" in pipe.prepared
-    for n in range(3 * pipeline._INTERNAL_MESSAGES_KEPT):
+    for n in range(3 * m.KEPT):
         sql = f"SET application_name TO 'client {n}'"
         assert pipe.internal_query(sql) == m.query(sql)
-        assert len(pipeline._INTERNAL_MESSAGES) <= pipeline._INTERNAL_MESSAGES_KEPT
-    long = "SET application_name TO '" + "x" * pipeline._INTERNAL_MESSAGE_KEPT_LENGTH + "'"
+        assert len(pipeline._INTERNAL_MESSAGES) <= m.KEPT
+    long = "SET application_name TO '" + "x" * m.KEPT_SIZE + "'"
     assert pipe.internal_query(long) == m.query(long)
     assert long not in pipeline._INTERNAL_MESSAGES
 
