@@ -141,8 +141,8 @@ class ServerConn:
         ) = None
         self.internal_error: bytes | None = None  # the last one swallowed, for the login
         # the last login's ParameterStatus messages and what they came from: the
-        # pipeline's change count, the server's values then, the client's, the block
-        self._statuses: tuple[int, dict[str, str], dict[str, str], bytes] | None = None
+        # server's values then, the client's, the block
+        self._statuses: tuple[dict[str, str], dict[str, str], bytes] | None = None
         self.expires = math.inf  # monotonic time past which it is not pooled again
         self.idle_since = 0.0  # monotonic time it went idle in its pool
         self.owner: ServerOwner | None = None
@@ -164,19 +164,22 @@ class ServerConn:
         """The ParameterStatus messages of a login through this connection: the server's
         values with the client's ``carried`` ones on top. Kept for the next login, which
         nearly always gets the same (``carried`` is never changed in place; the server's
-        values are, and the pipeline counts each change)."""
+        values are, and the pipeline notes each name the server reported since)."""
         kept = self._statuses
         server = self.proto.parameters
-        changes = self.pipeline.parameter_changes
-        if kept is not None and (kept[2] is carried or kept[2] == carried):
-            if kept[0] == changes:
-                return kept[3]
-            if kept[1] == server:  # changed and back (session pooling: reset, then SET)
-                self._statuses = (changes, kept[1], carried, kept[3])
-                return kept[3]
+        changed = self.pipeline.changed_parameters
+        if kept is not None and (kept[1] is carried or kept[1] == carried):
+            if not changed:
+                return kept[2]
+            then = kept[0]
+            # changed and back is the rule in session pooling (the reset, then a SET)
+            if all(server.get(name) == then.get(name) for name in changed):
+                changed.clear()
+                return kept[2]
         shown = {**server, **carried}
         block = b"".join([m.parameter_status(k, v) for k, v in shown.items()])
-        self._statuses = (changes, dict(server), carried, block)
+        self._statuses = (dict(server), carried, block)
+        changed.clear()
         return block
 
     @property

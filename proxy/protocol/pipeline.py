@@ -157,9 +157,9 @@ class Pipeline:
     __slots__ = (
         "_dequeue",
         "_enqueue",
+        "changed_parameters",
         "fatal_forwarded",
         "names",
-        "parameter_changes",
         "parameters",
         "prepared",
         "queue",
@@ -180,7 +180,9 @@ class Pipeline:
         self._enqueue = self.queue.append
         self._dequeue = self.queue.popleft
         self.parameters = parameters  # the server's reported parameters, kept current
-        self.parameter_changes = 0  # ParameterStatus messages since the login
+        # names the server reported (ParameterStatus) since its reader last emptied
+        # this: at most the few reportable ones (proxy/upstream.py, parameter_statuses)
+        self.changed_parameters: set[str] = set()
         # the subset a client carries between connections; replaced, never changed in
         # place, so that a client can share it (proxy/session.py, _same_settings)
         self.synced = tracked(parameters)
@@ -545,7 +547,7 @@ class Pipeline:
         if t == 83:  # S: ParameterStatus
             name, value = m.parse_parameter_status(msg.body, ServerProtocolViolation)
             self.parameters[name] = value
-            self.parameter_changes += 1
+            self.changed_parameters.add(name)
             if name not in SERVER_OWNED and self.synced.get(name) != value:
                 self.synced = {**self.synced, name: value}  # a new dict: it may be shared
             if on_parameter is not None:
