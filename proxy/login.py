@@ -81,14 +81,14 @@ def parameters(session: ClientSession, event: m.StartupMessage) -> tuple[str, di
         raise ClientFatal("28000", "no PostgreSQL user name specified in startup packet")
     if "replication" in params and params["replication"] not in ("false", "0", "off"):
         raise ClientFatal("08P01", "replication connections are not supported by the proxy")
-    unsupported = sorted(k for k in params if k.startswith("_pq_."))
+    unsupported = [k for k in params if k.startswith("_pq_.")]
     if event.protocol & 0xFFFF or unsupported:
+        unsupported.sort()
         for key in unsupported:
             del params[key]
         session.link.write(session.proto.send(ev.NegotiateProtocolVersion(0, tuple(unsupported))))
-    ignored = frozenset(session.server.config.ignore_startup_parameters)
     try:
-        settings = client_settings(params, ignored)
+        settings = client_settings(params, session.server.ignored_startup_parameters)
     except UnsupportedParameter as exc:
         raise ClientFatal(exc.sqlstate, str(exc)) from None
     return params.get("database") or session.user, settings

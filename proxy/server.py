@@ -68,6 +68,7 @@ class ProxyServer:
         # default (DISCARD ALL, RESET ALL): both read as each session ends
         self.reset_query = config.server_reset_query if config.pool_mode == "session" else ""
         self.reset_clears_settings = resets_settings(self.reset_query)
+        self.ignored_startup_parameters = frozenset(config.ignore_startup_parameters)
         # the loop start() ran in: asyncio.get_running_loop() makes a syscall (getpid)
         self.loop: asyncio.AbstractEventLoop | None = None
         # client_login_timeout of every session logging in: one timer for all of them

@@ -52,6 +52,9 @@ _ACTIVE: Final = states.ACTIVE
 _MIGRATING: Final = states.MIGRATING
 _DRAINING: Final = states.DRAINING
 _CLOSED: Final = states.CLOSED
+# the two counts every login updates (proxy.counts objects, made once at import)
+_CLIENTS_TOTAL: Final = metrics.clients_total
+_WAIT_SECONDS: Final = metrics.wait_seconds
 
 _COPY_DATA: Final = frozenset(b"dcf")  # CopyData, CopyDone, CopyFail
 
@@ -219,13 +222,13 @@ class ClientSession(ServerOwner):
         elif isinstance(exc, ClientFatal):
             self.fatal(exc.sqlstate, str(exc))
         elif isinstance(exc, ClientProtocolViolation):
-            metrics.clients_total.inc("protocol_error")
+            _CLIENTS_TOTAL.inc("protocol_error")
             log.warning(
                 "proxy_client_protocol_violation", extra={"peer": self.peer, "error": str(exc)}
             )
             self.fatal(exc.sqlstate, f"protocol violation: {exc}")
         elif isinstance(exc, AuthenticationFailed):
-            metrics.clients_total.inc("auth_failed")
+            _CLIENTS_TOTAL.inc("auth_failed")
             metrics.auth_failures_total.labels("client").inc()
             log.warning(
                 "proxy_client_auth_failed",
@@ -271,7 +274,7 @@ class ClientSession(ServerOwner):
         out.append(m.backend_key_data(self.process_id, self.secret_key))
         out.append(m.READY_IDLE)
         self.link.write(b"".join(out))
-        metrics.clients_total.inc("ok")
+        _CLIENTS_TOTAL.inc("ok")
         self.link.on_pause = self._client_paused
         self._attach(conn, sync=False)
         if sql:
@@ -368,7 +371,7 @@ class ClientSession(ServerOwner):
         assert self.pool is not None
         conn = self.pool.try_acquire()
         if conn is not None:
-            metrics.wait_seconds.observe(0.0)  # still a login that got its connection
+            _WAIT_SECONDS.observe(0.0)  # still a login that got its connection
         return conn
 
     async def _acquire_now(self) -> ServerConn:

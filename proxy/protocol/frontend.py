@@ -76,7 +76,8 @@ class ClientConnection:
             if kind in self.negotiated:
                 raise ClientProtocolViolation(f"{kind} sent twice")
             self._advance(CLIENT_RECEIVE, kind)
-            if isinstance(event, m.SSLRequest | m.GSSENCRequest):
+            # a tuple, not X | Y: compiled, that union would be built at every call
+            if isinstance(event, (m.SSLRequest, m.GSSENCRequest)):
                 self.negotiated.add(kind)
             return event
         if state is _PASSWORD:

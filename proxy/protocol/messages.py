@@ -484,15 +484,16 @@ def negotiate_protocol_version(newest_minor: int, unsupported: list[str]) -> byt
     return message(b"v", body + b"".join(cstr(o) for o in unsupported))
 
 
-# annotated: mypyc checks this package on its own, where the import cycle through
-# proxy.protocol.__init__ leaves their inferred types undetermined in pipeline.py
-TERMINATE: bytes = message(b"X")
-SYNC: bytes = message(b"S")
-PARSE_COMPLETE: bytes = message(b"1")
-CLOSE_COMPLETE: bytes = message(b"3")
+# Final with the type spelled out: mypyc checks this package on its own, where the
+# import cycle through proxy.protocol.__init__ leaves inferred types undetermined in
+# pipeline.py; Final makes each a C static (another name is an attribute lookup)
+TERMINATE: Final[bytes] = message(b"X")
+SYNC: Final[bytes] = message(b"S")
+PARSE_COMPLETE: Final[bytes] = message(b"1")
+CLOSE_COMPLETE: Final[bytes] = message(b"3")
 # what every login ends with: built once
-AUTHENTICATION_OK: bytes = message(b"R", b"\0\0\0\0")  # AUTH_OK
-READY_IDLE: bytes = message(b"Z", b"I")
+AUTHENTICATION_OK: Final[bytes] = message(b"R", b"\0\0\0\0")  # AUTH_OK
+READY_IDLE: Final[bytes] = message(b"Z", b"I")
 
 
 def error_response(

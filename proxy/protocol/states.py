@@ -37,7 +37,7 @@ class ServerState(Enum):
 
 
 # --- client: what the client may send (event kind -> next state) ---------------------
-CLIENT_RECEIVE: dict[tuple[ClientState, str], ClientState] = {
+CLIENT_RECEIVE: Final[dict[tuple[ClientState, str], ClientState]] = {
     (ClientState.STARTUP, "SSLRequest"): ClientState.NEGOTIATING,
     (ClientState.STARTUP, "GSSENCRequest"): ClientState.NEGOTIATING,
     (ClientState.STARTUP, "CancelRequest"): ClientState.CLOSED,
@@ -48,7 +48,7 @@ CLIENT_RECEIVE: dict[tuple[ClientState, str], ClientState] = {
 }
 
 # --- client: what the proxy may send to the client ----------------------------------
-CLIENT_SEND: dict[tuple[ClientState, str], ClientState] = {
+CLIENT_SEND: Final[dict[tuple[ClientState, str], ClientState]] = {
     (ClientState.NEGOTIATING, "SSLResponse"): ClientState.STARTUP,
     (ClientState.AUTHENTICATING, "AuthenticationRequest"): ClientState.PASSWORD,
     (ClientState.AUTHENTICATING, "AuthenticationOk"): ClientState.READY,
@@ -68,7 +68,7 @@ FRONTEND_TYPES: Final = frozenset(b"BCdcfDEHFPQSX")
 FRONTEND_STREAMABLE: Final = frozenset(b"QdFBP")
 
 # --- server: what the server may send (event kind -> next state) --------------------
-SERVER_RECEIVE: dict[tuple[ServerState, str], ServerState] = {
+SERVER_RECEIVE: Final[dict[tuple[ServerState, str], ServerState]] = {
     (ServerState.AUTHENTICATING, "AuthenticationRequest"): ServerState.AUTHENTICATING,
     (ServerState.AUTHENTICATING, "AuthenticationOk"): ServerState.STARTING,
     (ServerState.AUTHENTICATING, "NegotiateProtocolVersion"): ServerState.AUTHENTICATING,
@@ -83,7 +83,7 @@ SERVER_RECEIVE: dict[tuple[ServerState, str], ServerState] = {
 }
 
 # --- server: what the proxy may send to the server ----------------------------------
-SERVER_SEND: dict[tuple[ServerState, str], ServerState] = {
+SERVER_SEND: Final[dict[tuple[ServerState, str], ServerState]] = {
     (ServerState.IDLE, "StartupMessage"): ServerState.AUTHENTICATING,
     (ServerState.AUTHENTICATING, "PasswordMessage"): ServerState.AUTHENTICATING,
     (ServerState.READY, "Message"): ServerState.READY,
