@@ -65,9 +65,11 @@ class CancelKeys:
         r = self._random
         return (r[at] & 0x7F) << 24 | r[at + 1] << 16 | r[at + 2] << 8 | r[at + 3]
 
-    def unregister(self, client: Cancellable) -> None:
-        if self.by_pid.get(client.process_id) is client:
-            del self.by_pid[client.process_id]
+    def unregister(self, pid: int, client: Cancellable) -> None:
+        """``client`` no longer holds ``pid`` (its process_id: passed, not read through
+        the Protocol, which compiled is an attribute lookup by name)."""
+        if self.by_pid.get(pid) is client:
+            del self.by_pid[pid]
 
     def target(self, request: m.CancelRequest) -> tuple[int, int] | None:
         """The upstream key to cancel for ``request``, or None (counted) if nothing runs."""

@@ -158,7 +158,7 @@ class ProxyServer:
 
     def unregister(self, session: ClientSession) -> None:
         self.sessions.discard(session)
-        self.keys.unregister(session)
+        self.keys.unregister(session.process_id, session)
         if not self.sessions and self._all_gone is not None and not self._all_gone.done():
             self._all_gone.set_result(None)
 

@@ -57,6 +57,9 @@ _CLIENTS_TOTAL: Final = metrics.clients_total
 _WAIT_SECONDS: Final = metrics.wait_seconds
 
 _COPY_DATA: Final = frozenset(b"dcf")  # CopyData, CopyDone, CopyFail
+# reads of a logged-in client after which the transport calls the session directly
+# (proxy/transport.py, Link.direct): a connection per query then never pays for it
+DIRECT_AFTER_READS: Final = 4
 
 
 def _older(a: dict[str, str], b: dict[str, str]) -> dict[str, str]:
@@ -281,7 +284,7 @@ class ClientSession(ServerOwner):
             conn.send(conn.pipeline.internal_query(sql))  # released when it completes
         elif self.transaction_mode:
             self._release()
-        self.link.run(self._data, self._lost)
+        self.link.run(self._data, self._lost, direct=False)  # see _data
 
     def _startup_sql(self, conn: ServerConn, settings: dict[str, str]) -> str | None:
         """Give ``conn`` a fresh login's settings with the client's on top, when that
@@ -510,6 +513,8 @@ class ClientSession(ServerOwner):
 
     def _data(self, data: bytes) -> None:
         self.reads += 1
+        if self.reads == DIRECT_AFTER_READS:
+            self.link.direct()  # a connection that lives: reads skip Link.data_received
         try:
             if self.proto.receive_query(data) and self._query(data):
                 return

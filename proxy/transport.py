@@ -35,6 +35,9 @@ class Link(asyncio.Protocol):
         self.closing = False  # closed or closing: writes are dropped
         self._inbox_full = False  # reading paused until recv() takes the inbox
         self._lost: asyncio.Future[None] | None = None  # for wait_lost(), made on demand
+        # data_received is on_data, an attribute of the instance (see direct()); a
+        # compiled Link has no __dict__ until then, so this is how _let_go knows
+        self._direct = False
 
     # --- asyncio.Protocol -----------------------------------------------------------
 
@@ -75,7 +78,9 @@ class Link(asyncio.Protocol):
         the link, a cycle. Broken here, reference counting frees both at once; left,
         only the cycle collector would, after a few hundred logins' worth of them."""
         self.on_data = self.on_lost = self.on_pause = self.on_made = None
-        self.__dict__.pop("data_received", None)  # run()'s shortcut
+        if self._direct:  # direct()'s shortcut, undone
+            self._direct = False
+            delattr(self, "data_received")
 
     def pause_writing(self) -> None:
         if self.on_pause is not None:
@@ -120,16 +125,14 @@ class Link(asyncio.Protocol):
             self._inbox_full = False
             self.pause_reading(False)
 
-    def run(self, on_data: DataHandler, on_lost: LostHandler) -> None:
-        """Switch to callback mode; anything already buffered is delivered first."""
+    def run(self, on_data: DataHandler, on_lost: LostHandler, direct: bool = True) -> None:
+        """Switch to callback mode; anything already buffered is delivered first.
+        ``direct``: the transport calls ``on_data`` itself from now on (see
+        :meth:`direct`); else every read goes through :meth:`data_received` until then."""
         self.on_data = on_data
         self.on_lost = on_lost
-        # From now on the transport calls the handler itself, one Python call less per
-        # read: transports look data_received up when the protocol is set (uvloop) or
-        # at each read (asyncio), and both see this instance attribute.
-        self.data_received = on_data  # type: ignore[method-assign, assignment]
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.set_protocol(self)
+        if direct:
+            self.direct()
         if self._inbox:
             data = bytes(self._inbox)
             self._inbox.clear()
@@ -138,6 +141,19 @@ class Link(asyncio.Protocol):
         if self.closed:
             on_lost(self._error)
             self._let_go()
+
+    def direct(self) -> None:
+        """The transport calls ``on_data`` itself, one Python call less per read:
+        transports look data_received up when the protocol is set (uvloop) or at each
+        read (asyncio), and both see this instance attribute. Setting the protocol
+        costs what a few reads save, so a client session asks for it only once its
+        connection has lived a few reads (a connection per query never does)."""
+        if self.on_data is None or self.closing:
+            return
+        self.data_received = self.on_data  # type: ignore[method-assign, assignment]
+        self._direct = True
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.set_protocol(self)
 
     def use(self, transport: asyncio.BaseTransport | None) -> None:
         """Talk through ``transport``: the accepted one, or the TLS one of start_tls

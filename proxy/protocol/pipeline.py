@@ -650,7 +650,9 @@ def past_failed_segment(frames: list[tuple[int, int, int]]) -> int:
 
 
 # what to do with a client's server connection when the client goes away
-KEEP, FINISH, DROP = "keep", "finish", "drop"
+KEEP: Final = "keep"
+FINISH: Final = "finish"
+DROP: Final = "drop"
 
 
 def when_client_leaves(pipeline: Pipeline, status: bytes, reset: bool) -> str:

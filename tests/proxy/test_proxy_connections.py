@@ -22,7 +22,8 @@ from proxyhelpers import (
 from proxy import metrics
 from proxy.config import ProxyConfigError, parse_proxy_config
 from proxy.listener import RESERVED_FILES, open_file_budget, raise_open_file_limit
-from proxy.session import ClientSession
+from proxy.session import DIRECT_AFTER_READS, ClientSession
+from proxy.transport import Link
 
 
 async def _silent(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -103,6 +104,45 @@ async def test_logins_wait_in_a_task_only_when_they_must(
     assert await third.fetchval("SELECT 1") == 1
     await third.close()
     await again.close()
+
+
+def _own_attributes(link: Link) -> dict[str, object]:
+    # compiled, a Link has no __dict__ until an attribute of its own makes one
+    return dict(getattr(link, "__dict__", {}))
+
+
+def test_a_link_lost_before_it_ran_lets_go_quietly() -> None:
+    """A connection that ends before it runs (a CancelRequest, a refused login): its
+    connection_lost must not raise (the loop would log it as an error each time)."""
+    link = Link()
+    lost: list[Exception | None] = []
+    link.on_lost = lost.append
+    link.connection_lost(None)
+    assert lost == [None] and link.closed and link.on_lost is None
+    ran = Link()
+    ran.run(lambda data: None, lambda exc: None)  # the shortcut taken: undone at the end
+    assert "data_received" in _own_attributes(ran)
+    ran.connection_lost(None)
+    assert "data_received" not in _own_attributes(ran)
+
+
+async def test_a_living_client_connection_is_read_directly_a_short_one_never(
+    make_proxy: ProxyFactory, role: Role
+) -> None:
+    """Setting the transport to call the session's handler directly costs what a few
+    reads save: a client gets it after DIRECT_AFTER_READS reads, a connection for one
+    query never does, and queries go on the same either way."""
+    proxy = await make_proxy()
+    conn, session = await _login(proxy, role)
+    try:
+        assert await conn.fetchval("SELECT 1") == 1
+        assert "data_received" not in _own_attributes(session.link), "direct after one query"
+        for n in range(DIRECT_AFTER_READS + 1):
+            assert await conn.fetchval("SELECT $1::int", n) == n
+        assert _own_attributes(session.link).get("data_received") == session._data
+        assert await conn.fetchval("SELECT 2") == 2
+    finally:
+        await conn.close()
 
 
 def test_open_file_budget_refuses_what_cannot_fit(tmp_path: Path) -> None:
