@@ -379,16 +379,22 @@ class FrameReader:
         return False
 
     def next_startup(self) -> bytes | None:
-        buf, pos = self._buf, self._pos
+        buf = self._buf
+        pos = self._pos
         if len(buf) - pos < 4:
             return None
-        (length,) = _unpack_i32(buf, pos)
+        length: int = _unpack_i32(buf, pos)[0]  # typed: compiled, compared as a number
         if length < 8 or length > MAX_STARTUP_LENGTH:
             raise self._violation(f"invalid startup packet length {length}")
-        if len(buf) - pos < length:
+        end = pos + length
+        if len(buf) < end:
             return None
-        self._pos = pos + length
-        return bytes(buf[pos : pos + length])
+        if pos == 0 and end == len(buf):  # the packet is all there is: the usual case
+            packet = bytes(buf)
+            buf.clear()
+            return packet
+        self._pos = end
+        return bytes(buf[pos:end])
 
     def next_message(self, max_length: int = MAX_MESSAGE_LENGTH) -> Message | None:
         """One whole message (startup phase: callers pass a small ``max_length``)."""

@@ -107,6 +107,17 @@ def test_client_startup_packets(data: bytes, event: object, state: ClientState) 
     assert conn.state is state
 
 
+def test_client_startup_packet_with_more_in_the_same_read() -> None:
+    """The StartupMessage and more in one read: the packet comes out whole, the rest
+    stays buffered, and sending before the login is answered is refused."""
+    conn = ClientConnection()
+    conn.receive_data(m.startup_message({"user": "u"}) + m.query("SELECT 1")[:3])
+    assert conn.next_event() == m.StartupMessage({"user": "u"})
+    assert conn.buffered == 3
+    with pytest.raises(ClientProtocolViolation, match="while authenticating"):
+        conn.next_event()
+
+
 def test_client_full_login_and_messages() -> None:
     conn = ClientConnection()
     assert events_of(conn, m.ssl_request()) == [m.SSLRequest()]
