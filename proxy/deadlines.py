@@ -34,10 +34,11 @@ class Deadlines(Generic[T]):
     """``on_due(item)`` once ``length`` seconds after :meth:`start`, unless :meth:`end`
     came first."""
 
-    __slots__ = ("_due", "_loop", "_on_due", "_timer", "length")
+    __slots__ = ("_due", "_loop", "_on_due", "_time", "_timer", "length")
 
     def __init__(self, loop: Timers, length: float, on_due: Callable[[T], None]) -> None:
         self._loop = loop
+        self._time = loop.time  # bound once: through the Protocol it is a call by name
         self.length = length
         self._on_due = on_due
         self._due: dict[T, float] = {}  # item -> loop time it falls due, in that order
@@ -47,7 +48,7 @@ class Deadlines(Generic[T]):
         return len(self._due)
 
     def start(self, item: T) -> None:
-        when = self._loop.time() + self.length
+        when = self._time() + self.length
         self._due[item] = when
         if self._timer is None:
             self._timer = self._loop.call_at(when, self._fire)
@@ -67,7 +68,7 @@ class Deadlines(Generic[T]):
 
     def _fire(self) -> None:
         self._timer = None
-        now = self._loop.time()
+        now = self._time()
         due = self._due
         fallen: list[T] = []
         for item, when in due.items():

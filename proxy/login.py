@@ -109,6 +109,9 @@ async def accept_tls(session: ClientSession) -> None:
         raise ClientProtocolViolation("data received before the TLS handshake")
     link.write(session.proto.send(ev.SSL_ACCEPTED))
     assert link.transport is not None
+    # the TLS transport asks the accepted one, which it lets go of once closed: a
+    # log line after that (the client left mid-query) would miss the address
+    session.keep_peer_address()
     transport = await asyncio.get_running_loop().start_tls(
         link.transport, link, ctx, server_side=True
     )

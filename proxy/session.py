@@ -94,26 +94,29 @@ class ClientSession(ServerOwner):
         self.client_paused = False  # the client's socket is full: its server waits
         self.pinned: ServerConn | None = None  # old connection whose state cannot move
         self.replay: list[str] = []  # session state to re-create on the next connection
-        # the client's address for the logs, formatted only when one is written
-        self._address = self._peer_address()
+        # the client's address for the logs, looked up and formatted only when one is
+        # written (the transport keeps it from the accept on, closed or not)
+        self._address: tuple[Any, ...] | None = None
         self.transaction_mode = server.config.pool_mode == "transaction"
         self.reads = 0  # chunks received: the watchdog's sign of life (proxy/watchdog.py)
         self.login_expired = False  # client_login_timeout passed (see begin)
         self._login_task: asyncio.Task[None] | None = None  # a login that has to wait
 
-    def _peer_address(self) -> tuple[Any, ...] | None:
-        """(host, port, ...) as the socket tells it; None for a unix socket."""
-        if self.unix or self.link.transport is None:
-            return None
-        addr = self.link.transport.get_extra_info("peername")
-        return tuple(addr) if addr else ("?", 0)
-
     @property
     def peer(self) -> str:
-        addr = self._address
+        addr = self.keep_peer_address()
         if addr is None:
             return "unix"
         return f"{addr[0]}:{addr[1]}" if addr[1] else addr[0]
+
+    def keep_peer_address(self) -> tuple[Any, ...] | None:
+        """(host, port, ...) as the socket tells it, kept; None for a unix socket."""
+        if self.unix or self.link.transport is None:
+            return None
+        if self._address is None:
+            info = self.link.transport.get_extra_info("peername")
+            self._address = tuple(info) if info else ("?", 0)
+        return self._address
 
     def _move(self, new: SessionState) -> None:
         self.state = session_move(self.state, new)

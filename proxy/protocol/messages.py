@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Final, TypeVar
 
 from mypy_extensions import i64
@@ -60,12 +59,19 @@ def remember(memo: dict[_K, _V], key: _K, value: _V, size: int) -> _V:
     return value
 
 
-@lru_cache(maxsize=16)
+_TYPE_TABLES: Final[dict[frozenset[int], bytes]] = {}
+
+
 def type_table(types: frozenset[int]) -> bytes:
     """256 bytes, non-zero where a message type is in ``types``: checking a type is then
-    one index, not a set lookup of a boxed int (this runs for every message). Cached:
-    every connection's reader asks for one of the same few."""
-    return bytes([1 if t in types else 0 for t in range(256)])
+    one index, not a set lookup of a boxed int (this runs for every message). Kept:
+    every connection's reader asks for one of the same few (a dict of our own, see
+    :func:`remember`)."""
+    table = _TYPE_TABLES.get(types)
+    if table is None:
+        table = bytes([1 if t in types else 0 for t in range(256)])
+        remember(_TYPE_TABLES, types, table, 0)
+    return table
 
 
 _TRANSACTION_STATUSES: Final = type_table(frozenset(b"ITE"))  # idle, in one, in a failed one

@@ -4,6 +4,7 @@ that leave mid-query; each against the real cluster."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 
 import asyncpg
@@ -104,10 +105,16 @@ async def test_a_failed_reset_closes_the_server_connection(
 
 @pytest.mark.parametrize("mode", ["transaction", "session"])
 async def test_a_client_killed_mid_query_gets_its_query_cancelled(
-    make_proxy: ProxyFactory, postgres: PostgresCluster, role: Role, mode: str
+    make_proxy: ProxyFactory,
+    postgres: PostgresCluster,
+    role: Role,
+    mode: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """psql killed during pg_sleep(60): the backend stops being active (it was cancelled
-    and its connection closed), instead of sleeping out the minute."""
+    and its connection closed), instead of sleeping out the minute. The log line names
+    the client's address, first looked up after its connection was gone."""
+    caplog.set_level(logging.INFO, logger="credsidecar.proxy")
     proxy = await make_proxy(pool_mode=mode)
     left = metrics.cancel_requests_total.labels("client_left")
     before = left._value.get()
@@ -148,6 +155,12 @@ async def test_a_client_killed_mid_query_gets_its_query_cancelled(
         # 20 s: well before the minute the query would otherwise sleep
         await wait_until(no_sleepers, limit=20, what="the backend to stop sleeping")
         assert left._value.get() == before + 1
+        (peer,) = [
+            getattr(r, "peer", "")
+            for r in caplog.records
+            if r.getMessage() == "proxy_client_left_mid_query"
+        ]
+        assert peer.startswith("127.0.0.1:") and int(peer.rpartition(":")[2]) > 0
     finally:
         if psql.returncode is None:
             psql.kill()
