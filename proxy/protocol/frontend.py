@@ -15,8 +15,8 @@ from proxy.protocol import events as ev
 from proxy.protocol import messages as m
 from proxy.protocol.errors import ClientProtocolViolation
 from proxy.protocol.states import (
-    CLIENT_RECEIVE,
-    CLIENT_SEND,
+    CLIENT_RECEIVE_BY_STATE,
+    CLIENT_SEND_BY_STATE,
     FRONTEND_STREAMABLE,
     FRONTEND_TYPES,
     ClientState,
@@ -75,7 +75,7 @@ class ClientConnection:
             kind = type(event).__name__
             if kind in self.negotiated:
                 raise ClientProtocolViolation(f"{kind} sent twice")
-            self._advance(CLIENT_RECEIVE, kind)
+            self._advance(CLIENT_RECEIVE_BY_STATE, kind)
             # a tuple, not X | Y: compiled, that union would be built at every call
             if isinstance(event, (m.SSLRequest, m.GSSENCRequest)):
                 self.negotiated.add(kind)
@@ -87,7 +87,7 @@ class ClientConnection:
                 return None
             if msg.type != b"p":
                 raise ClientProtocolViolation(f"expected a password message, got {msg.type!r}")
-            self._advance(CLIENT_RECEIVE, "PasswordMessage")
+            self._advance(CLIENT_RECEIVE_BY_STATE, "PasswordMessage")
             return ev.PasswordMessage(msg.body)
         if state is _READY:
             return None
@@ -119,7 +119,7 @@ class ClientConnection:
         """Bytes for ``event``; advances the state (raises on an illegal send)."""
         if type(event) is m.Message and self.state is _READY:
             return event.data
-        self._advance(CLIENT_SEND, type(event).__name__)
+        self._advance(CLIENT_SEND_BY_STATE, type(event).__name__)
         if isinstance(event, ev.SSLResponse):
             return b"S" if event.accept else b"N"
         if isinstance(event, ev.AuthenticationRequest):
@@ -132,10 +132,11 @@ class ClientConnection:
             return m.negotiate_protocol_version(event.newest_minor, list(event.unsupported))
         return event.data
 
-    def _advance(self, table: dict[tuple[ClientState, str], ClientState], kind: str) -> None:
-        nxt = table.get((self.state, kind))
+    def _advance(self, table: dict[ClientState, dict[str, ClientState]], kind: str) -> None:
+        moves = table.get(self.state)
+        nxt = moves.get(kind) if moves is not None else None
         if nxt is None:
-            if table is CLIENT_RECEIVE:
+            if table is CLIENT_RECEIVE_BY_STATE:
                 raise ClientProtocolViolation(f"{kind} not expected while {self.state.value}")
             raise RuntimeError(f"proxy bug: cannot send {kind} while {self.state.value}")
         self.state = nxt

@@ -13,7 +13,7 @@ from proxyhelpers import imported_modules
 
 from proxy.protocol import events as ev
 from proxy.protocol import messages as m
-from proxy.protocol import pipeline
+from proxy.protocol import pipeline, states
 from proxy.protocol.auth import ScramSecret, ScramVerifier, UpstreamAuthenticator, md5_password
 from proxy.protocol.backend import ServerConnection
 from proxy.protocol.errors import (
@@ -116,6 +116,15 @@ def test_client_startup_packet_with_more_in_the_same_read() -> None:
     assert conn.buffered == 3
     with pytest.raises(ClientProtocolViolation, match="while authenticating"):
         conn.next_event()
+
+
+def test_state_tables_by_state_hold_the_same_moves() -> None:
+    """The two-step tables the client side looks moves up in are the flat ones."""
+    for flat in (states.CLIENT_RECEIVE, states.CLIENT_SEND, states.SERVER_RECEIVE):
+        nested = states.by_state(flat)
+        assert {(st, k): n for st, moves in nested.items() for k, n in moves.items()} == flat
+    assert states.by_state(states.CLIENT_RECEIVE) == states.CLIENT_RECEIVE_BY_STATE
+    assert states.by_state(states.CLIENT_SEND) == states.CLIENT_SEND_BY_STATE
 
 
 def test_client_full_login_and_messages() -> None:
