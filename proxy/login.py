@@ -7,7 +7,7 @@ reading through its setup-phase link; the session decides what happens next.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from proxy.clientauth import peer_allowed, peer_uid
 from proxy.errors import ClientFatal
@@ -20,6 +20,7 @@ from proxy.protocol.errors import (
     UnsupportedParameter,
 )
 from proxy.protocol.frontend import ClientConnection
+from proxy.protocol.messages import remember
 from proxy.protocol.parameters import client_settings
 from proxy.transport import Link
 
@@ -74,7 +75,13 @@ async def startup(session: ClientSession) -> m.StartupMessage | m.CancelRequest:
 def parameters(session: ClientSession, event: m.StartupMessage) -> tuple[str, dict[str, str]]:
     """The database and the settings the client asks for; refuses what it cannot serve
     (08P01 "unsupported startup parameter", as PgBouncer) unless the config says to
-    ignore it."""
+    ignore it. The settings dict is shared by every login with the same packet: it is
+    never changed in place (proxy/session.py compares it by identity first)."""
+    ignored = session.server.ignored_startup_parameters
+    kept = _ACCEPTED.get(event)
+    if kept is not None and kept[0] is ignored:
+        session.user = kept[1]
+        return kept[2], kept[3]
     params = dict(event.parameters)
     session.user = params.get("user", "")
     if not session.user:
@@ -88,10 +95,19 @@ def parameters(session: ClientSession, event: m.StartupMessage) -> tuple[str, di
             del params[key]
         session.link.write(session.proto.send(ev.NegotiateProtocolVersion(0, tuple(unsupported))))
     try:
-        settings = client_settings(params, session.server.ignored_startup_parameters)
+        settings = client_settings(params, ignored)
     except UnsupportedParameter as exc:
         raise ClientFatal(exc.sqlstate, str(exc)) from None
-    return params.get("database") or session.user, settings
+    database = params.get("database") or session.user
+    if not (event.protocol & 0xFFFF or unsupported):  # nothing to answer: the same again
+        size = sum([len(k) + len(v) for k, v in event.parameters.items()])
+        remember(_ACCEPTED, event, (ignored, session.user, database, settings), size)
+    return database, settings
+
+
+# startup packets accepted, with what they gave: the ignored names they were read
+# with, the user, the database and the settings
+_ACCEPTED: Final[dict[m.StartupMessage, tuple[frozenset[str], str, str, dict[str, str]]]] = {}
 
 
 def _offers_tls(session: ClientSession) -> bool:

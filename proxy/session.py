@@ -67,6 +67,12 @@ def _older(a: dict[str, str], b: dict[str, str]) -> dict[str, str]:
     return a if id(a) < id(b) else b
 
 
+def _same(a: dict[str, str], b: dict[str, str]) -> bool:
+    # compiled, == on two dicts compares them item by item even when they are one
+    # (the settings of logins with the same startup packet are, proxy/login.py)
+    return a is b or a == b
+
+
 def _only_copy_data(frames: list[tuple[int, int, int]]) -> bool:
     return all(frame[0] in _COPY_DATA for frame in frames)
 
@@ -344,9 +350,9 @@ class ClientSession(ServerOwner):
         if (
             kept is not None
             and kept[3] == len(known)  # names are only ever added
-            and kept[0] == settings
-            and kept[1] == synced
-            and kept[2] == conn.extras
+            and _same(kept[0], settings)
+            and _same(kept[1], synced)
+            and _same(kept[2], conn.extras)
         ):
             return kept[4]
         reported = {k: v for k, v in settings.items() if k in known and conn.defaults.get(k) != v}

@@ -8,6 +8,7 @@ not the type byte. Everything here is pure and byte-exact; no I/O.
 from __future__ import annotations
 
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final, TypeVar
 
@@ -109,23 +110,29 @@ class CancelRequest:
 
 
 class StartupMessage:
-    """The client's startup parameters and protocol version.
+    """The client's startup parameters and protocol version: a value, never changed once
+    made (:func:`parse_startup` hands the same one to every login with the same packet,
+    and logins key their own memos by it, proxy/login.py).
 
     A plain class where the other packets are dataclasses: one is made at every login,
     and compiled, a dataclass's generated ``__init__`` stays Python code."""
 
-    __slots__ = ("parameters", "protocol")
+    __slots__ = ("_hash", "parameters", "protocol")
 
-    def __init__(self, parameters: dict[str, str], protocol: int = PROTOCOL_3_0) -> None:
+    def __init__(self, parameters: Mapping[str, str], protocol: int = PROTOCOL_3_0) -> None:
         self.parameters: Final = parameters
         self.protocol: Final = protocol
+        self._hash = 0  # not computed yet: only a memo's key needs it, once
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, StartupMessage):
             return NotImplemented
         return self.parameters == other.parameters and self.protocol == other.protocol
 
-    __hash__ = None  # type: ignore[assignment]  # its parameters are a dict
+    def __hash__(self) -> int:
+        if not self._hash:
+            self._hash = hash((frozenset(self.parameters.items()), self.protocol))
+        return self._hash
 
     def __repr__(self) -> str:
         return f"StartupMessage(parameters={self.parameters!r}, protocol={self.protocol!r})"
@@ -193,6 +200,9 @@ def parse_startup(packet: bytes, violation: type[ProtocolViolation]) -> StartupP
         return CancelRequest(pid, key)
     if code >> 16 != 3:
         raise violation(f"unsupported protocol version {code >> 16}.{code & 0xFFFF}")
+    kept = _STARTUP_PACKETS.get(packet)
+    if kept is not None:
+        return kept  # the packet every connection of an application's pool sends
     body = packet[8:]
     # a terminating empty name ends the list: "name\0value\0...\0"
     if not body.endswith(b"\0"):
@@ -205,7 +215,11 @@ def parse_startup(packet: bytes, violation: type[ProtocolViolation]) -> StartupP
         if not parts[i]:
             raise violation("empty startup parameter name")
         params[parts[i]] = parts[i + 1]
-    return StartupMessage(params, code)
+    return remember(_STARTUP_PACKETS, packet, StartupMessage(params, code), len(packet))
+
+
+# startup packets parsed, by their bytes (a connection per transaction sends the same one)
+_STARTUP_PACKETS: Final[dict[bytes, StartupMessage]] = {}
 
 
 class FrameReader:
@@ -428,7 +442,7 @@ def cstr(value: str) -> bytes:
     return value.encode() + b"\0"
 
 
-def startup_message(parameters: dict[str, str], protocol: int = PROTOCOL_3_0) -> bytes:
+def startup_message(parameters: Mapping[str, str], protocol: int = PROTOCOL_3_0) -> bytes:
     body = _I32.pack(protocol) + b"".join(cstr(k) + cstr(v) for k, v in parameters.items())
     body += b"\0"
     return _I32.pack(len(body) + 4) + body

@@ -473,9 +473,18 @@ class Pipeline:
                     run_start = -1
                 self.fakes(out)
                 head = queue[0] if queue else None
-            if head is None or t == 78 or t == 65 or t == 83:
-                # no request pending, a notice/notification, or a ParameterStatus:
-                # take the careful path (it also validates what nobody asked for)
+            if t == 83:
+                # ParameterStatus: noted, and forwarded with what surrounds it (it is
+                # never streamed: FrameReader refuses a large one)
+                self._parameter_status(buf[start + 5 : end], on_parameter)
+                if run_start < 0:
+                    run_start = start
+                run_end = end
+                forward = True
+                continue
+            if head is None or t == 78 or t == 65:
+                # no request pending, or a notice/notification: take the careful
+                # path (it also validates what nobody asked for)
                 if run_start >= 0:
                     out.append(buf[run_start:run_end])
                     run_start = -1
@@ -483,7 +492,7 @@ class Pipeline:
                 forward = t == 78 or t == 65  # only those may be streamed here
                 if not forward and _partial(msg.data):
                     raise ServerProtocolViolation(f"message {msg.type!r} too large")
-                swallowed_error |= self.server_message(msg, out, on_parameter)
+                swallowed_error |= self.server_message(msg, out)
                 head = queue[0] if queue else None
                 continue
             entry = head  # the request this message answers
@@ -545,13 +554,7 @@ class Pipeline:
             out.append(msg.data)
             return False
         if t == 83:  # S: ParameterStatus
-            name, value = m.parse_parameter_status(msg.body, ServerProtocolViolation)
-            self.parameters[name] = value
-            self.changed_parameters.add(name)
-            if name not in SERVER_OWNED and self.synced.get(name) != value:
-                self.synced = {**self.synced, name: value}  # a new dict: it may be shared
-            if on_parameter is not None:
-                on_parameter(name, value)
+            self._parameter_status(msg.body, on_parameter)
             out.append(msg.data)
             return False
         if not queue:
@@ -586,6 +589,17 @@ class Pipeline:
         elif action == CAPTURE and t == 68 and head.rows is not None:  # DataRow
             head.rows.append(_data_row(msg.body))
         return False
+
+    def _parameter_status(
+        self, body: bytes, on_parameter: Callable[[str, str], None] | None
+    ) -> None:
+        name, value = m.parse_parameter_status(body, ServerProtocolViolation)
+        self.parameters[name] = value
+        self.changed_parameters.add(name)
+        if name not in SERVER_OWNED and self.synced.get(name) != value:
+            self.synced = {**self.synced, name: value}  # a new dict: it may be shared
+        if on_parameter is not None:
+            on_parameter(name, value)
 
 
 def _data_row(body: bytes) -> list[str | None]:

@@ -153,6 +153,22 @@ async def test_startup_parameters_refused_or_ignored(make_proxy: ProxyFactory, r
     assert not error and told["client_encoding"] == "UTF8"
 
 
+async def test_a_repeated_startup_packet_is_judged_by_each_proxy_s_own_config(
+    make_proxy: ProxyFactory, role: Role
+) -> None:
+    """Logins with the same packet share what it was found to ask for (a connection
+    per transaction sends the same one), but that is only valid for the ignored names
+    it was read with: a proxy that does not ignore a name still sends it on."""
+    lenient = await make_proxy(ignore_startup_parameters=["extra_float_digits"])
+    strict = await make_proxy()
+    params = {"user": "app", "database": role.database, "extra_float_digits": "bogus"}
+    for _ in range(2):  # the second time from what was kept
+        _, error = await raw_login(lenient.port, params)
+        assert not error
+        _, error = await raw_login(strict.port, params)
+        assert b"C22023\0" in error  # the server judged the value: not ignored here
+
+
 async def _one_session(dsn: str, asked: dict[str, str], sql: str, show: str) -> tuple[str, str]:
     """A client that logs in with settings ``asked``, runs ``sql``, reads two columns
     of ``show`` and leaves."""

@@ -201,6 +201,30 @@ def test_parsed_parameter_statuses_are_kept_within_their_bound() -> None:
             m.parse_parameter_status(bad, ServerProtocolViolation)
 
 
+def test_startup_packets_are_kept_parsed_within_their_bound() -> None:
+    """The same packet gives the same (unchanging) StartupMessage; packets a client makes
+    up must not grow what is kept, a large one is parsed but not kept, and a malformed
+    one is refused whatever was kept."""
+    for n in range(3 * m.KEPT):
+        packet = m.startup_message({"user": "u", "application_name": f"made-up-{n}"})
+        first = m.parse_startup(packet, ClientProtocolViolation)
+        assert m.parse_startup(bytes(packet), ClientProtocolViolation) is first
+        assert first == m.StartupMessage({"user": "u", "application_name": f"made-up-{n}"})
+        assert len(m._STARTUP_PACKETS) <= m.KEPT
+    # equal messages are equal keys, whichever packet they came from
+    a = m.parse_startup(m.startup_message({"user": "u", "a": "1"}), ClientProtocolViolation)
+    b = m.StartupMessage({"a": "1", "user": "u"})
+    assert a == b and hash(a) == hash(b) and {a: 1}[b] == 1
+    large = m.startup_message({"user": "u", "options": "x" * m.KEPT_SIZE})
+    assert (
+        m.parse_startup(large, ClientProtocolViolation).parameters["options"] == "x" * m.KEPT_SIZE
+    )
+    assert large not in m._STARTUP_PACKETS
+    for bad in CLIENT_VIOLATIONS:
+        with pytest.raises(ClientProtocolViolation):
+            m.parse_startup(bad, ClientProtocolViolation)
+
+
 @pytest.mark.parametrize("data", CLIENT_VIOLATIONS)
 def test_client_startup_violations(data: bytes) -> None:
     with pytest.raises(ClientProtocolViolation):
