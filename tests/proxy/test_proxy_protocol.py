@@ -146,9 +146,21 @@ def test_client_full_login_and_messages() -> None:
     assert conn.state is ClientState.CLOSED
 
 
+@pytest.mark.parametrize("length", [b"\xff\xff\xff\xf0", b"\x00\x01\x00\x00", b"\x00\x00\x00\x03"])
+def test_client_password_message_lengths_out_of_bounds(length: bytes) -> None:
+    """Negative, above PG_MAX_AUTH_TOKEN_LENGTH, below its own header: refused before
+    anything is buffered for it."""
+    conn = ClientConnection()
+    events_of(conn, m.startup_message({"user": "u"}))
+    conn.send(ev.AuthenticationRequest(m.AUTH_CLEARTEXT))
+    with pytest.raises(ClientProtocolViolation, match="invalid message length"):
+        events_of(conn, b"p" + length)
+
+
 CLIENT_VIOLATIONS = [
     b"\x00\x00\x00\x04\x00\x00\x00\x00",  # length below 8
     b"\x7f\x00\x00\x00",  # absurd length
+    b"\xff\xff\xff\xf0\x00\x03\x00\x00",  # negative length
     b"\x00\x00\x00\x08\x00\x02\x00\x00",  # protocol 2
     b"\x00\x00\x00\x0c\x04\xd2\x16\x2f\x00\x00\x00\x00",  # SSLRequest with payload
     b"\x00\x00\x00\x0d\x00\x03\x00\x00user\x00",  # parameters not terminated
