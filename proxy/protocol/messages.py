@@ -401,6 +401,14 @@ class FrameReader:
     def next_startup(self) -> bytes | None:
         buf = self._buf
         pos = self._pos
+        if pos == 0 and 8 <= len(buf) <= MAX_STARTUP_LENGTH:
+            # the usual case, a read that is one whole packet: compiled, a bytearray's
+            # bytes(), clear() and struct lengths are generic calls, a concat and a
+            # new buffer are not
+            packet = b"" + buf
+            if int32_at(packet, 0) == len(packet):
+                self._buf = bytearray()
+                return packet
         if len(buf) - pos < 4:
             return None
         length: int = _unpack_i32(buf, pos)[0]  # typed: compiled, compared as a number
@@ -409,10 +417,6 @@ class FrameReader:
         end = pos + length
         if len(buf) < end:
             return None
-        if pos == 0 and end == len(buf):  # the packet is all there is: the usual case
-            packet = bytes(buf)
-            buf.clear()
-            return packet
         self._pos = end
         return bytes(buf[pos:end])
 

@@ -118,6 +118,21 @@ def test_client_startup_packet_with_more_in_the_same_read() -> None:
         conn.next_event()
 
 
+def test_client_startup_packets_whole_or_together() -> None:
+    """Each packet in a read of its own (the fast path) or both in one read: the same
+    events, and nothing left buffered once they are out."""
+    startup = m.startup_message({"user": "u"})
+    for reads in ([m.ssl_request(), startup], [m.ssl_request() + startup]):
+        conn = ClientConnection()
+        conn.receive_data(reads[0])
+        assert conn.next_event() == m.SSLRequest()
+        conn.send(ev.SSLResponse(False))  # refused, as login.startup_now does
+        for data in reads[1:]:
+            conn.receive_data(data)
+        assert conn.next_event() == m.StartupMessage({"user": "u"})
+        assert conn.buffered == 0 and conn.state is ClientState.AUTHENTICATING
+
+
 def test_state_tables_by_state_hold_the_same_moves() -> None:
     """The two-step tables the client side looks moves up in are the flat ones."""
     for flat in (states.CLIENT_RECEIVE, states.CLIENT_SEND, states.SERVER_RECEIVE):
