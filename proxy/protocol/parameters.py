@@ -12,8 +12,9 @@ Sans I/O. A client's settings are of two kinds:
 
 Both are applied with ``set_config()``, which takes a value exactly as a startup
 packet or a ParameterStatus gives it (``SET x TO '...'`` would read ``"$user", public``
-as one schema), and all of one batch run as one Query: one implicit transaction, so a
-bad value leaves none of them applied.
+as one schema), or with ``SET`` for the few settings known to read a quoted value the
+same way (:data:`PLAIN_SET`); all of one batch run as one Query: one implicit
+transaction, so a bad value leaves none of them applied.
 """
 
 from __future__ import annotations
@@ -58,6 +59,26 @@ NOT_SETTINGS: Final = frozenset(("user", "database", "options", "replication"))
 REFUSED: Final = frozenset(("role", "session_authorization", *SERVER_OWNED))
 MAX_SETTINGS: Final = 64  # per client; a startup packet is small, but be explicit
 _CANONICAL: Final = {name.lower(): name for name in REPORTED}
+# Built-in settings that are not lists of names, so that ``SET x TO '...'`` takes the
+# value as set_config() does (PostgreSQL quotes only GUC_LIST_QUOTE ones). The server
+# runs a SET without planning anything, and answers it with two messages fewer than a
+# SELECT of set_config(): what drivers set at every login costs less (PgBouncer uses
+# SET too). Spelled as client_settings() gives them; any other name uses set_config().
+PLAIN_SET: Final = frozenset(
+    (
+        "application_name",
+        "client_encoding",
+        "DateStyle",
+        "IntervalStyle",
+        "TimeZone",
+        "standard_conforming_strings",
+        "default_transaction_read_only",
+        "extra_float_digits",
+        "statement_timeout",
+        "lock_timeout",
+        "idle_in_transaction_session_timeout",
+    )
+)
 # what a configuration parameter's name looks like (custom ones have a dot)
 _NAME: Final = re.compile(r"[a-z_][a-z0-9_$]*(\.[a-z_][a-z0-9_$]*)*")
 _RESETS: Final = re.compile(r"\b(DISCARD|RESET)\s+ALL\b", re.I)
@@ -156,16 +177,27 @@ def literal(value: str) -> str:
 
 
 def settings_sql(have: dict[str, str], want: dict[str, str], reset_missing: bool = False) -> str:
-    """SQL that moves settings ``have`` to ``want``: ``set_config`` for each that
-    differs, and (``reset_missing``) back to the default for each ``want`` lacks."""
-    calls = [
-        f"pg_catalog.set_config({literal(k)},{literal(v)},false)"
-        for k, v in want.items()
-        if have.get(k) != v
-    ]
+    """SQL that moves settings ``have`` to ``want``: a ``SET`` or a ``set_config`` for
+    each that differs, and (``reset_missing``) back to the default for each ``want``
+    lacks."""
+    statements: list[str] = []
+    calls: list[str] = []
+    for k, v in want.items():
+        if have.get(k) != v:
+            if k in PLAIN_SET:
+                statements.append(f"SET {k} TO {literal(v)};")
+            else:
+                calls.append(f"pg_catalog.set_config({literal(k)},{literal(v)},false)")
     if reset_missing:
-        calls += [f"pg_catalog.set_config({literal(k)},NULL,false)" for k in have if k not in want]
-    return "SELECT " + ",".join(calls) + ";" if calls else ""
+        for k in have:
+            if k not in want:
+                if k in PLAIN_SET:
+                    statements.append(f"RESET {k};")
+                else:
+                    calls.append(f"pg_catalog.set_config({literal(k)},NULL,false)")
+    if calls:
+        statements.append("SELECT " + ",".join(calls) + ";")
+    return "".join(statements)
 
 
 def resets_settings(sql: str) -> bool:

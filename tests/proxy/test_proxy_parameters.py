@@ -16,7 +16,7 @@ from proxy.pool import ACCEPTED_SETTINGS
 from proxy.protocol import messages as m
 from proxy.protocol import parameters
 from proxy.protocol.errors import UnsupportedParameter
-from proxy.protocol.parameters import client_settings, settings_sql, split_options
+from proxy.protocol.parameters import PLAIN_SET, client_settings, settings_sql, split_options
 
 MODES = ["transaction", "session"]
 
@@ -209,25 +209,27 @@ async def test_the_same_settings_again_are_not_sent_again(
         mark = len(relay.sent[0])
         assert await session(settings) == ("same-app", "t1")
         assert b"set_config" not in sent_since(mark)  # nothing to set: no round trip
+        assert b" TO E'" not in sent_since(mark)
         # that client changes one (told by the server): the next gets its own again
         mark = len(relay.sent[0])
         assert await session(settings, "SET application_name = 'changed'") == ("changed", "t1")
         assert await session(settings) == ("same-app", "t1")
-        assert b"set_config" in sent_since(mark)
+        assert b"SET application_name TO E'same-app';" in sent_since(mark)
         # other settings, then the first ones again
         mark = len(relay.sent[0])
         name, tag = await session({"application_name": "other"})
         assert name == "other" and tag in ("", None)
         assert await session(settings) == ("same-app", "t1")
-        assert sent_since(mark).count(b"set_config") >= 2
+        assert sent_since(mark).count(b"SET application_name TO E'") >= 2
+        assert sent_since(mark).count(b"set_config(E'app.tag'") >= 2
         # only what differs is set: here app.tag (back to its default), not the
         # application_name the connection already has
         mark = len(relay.sent[0])
         name, tag = await session({"application_name": "same-app"})
         assert name == "same-app" and tag in ("", None)
         sent = sent_since(mark)
-        assert b"set_config(E'app.tag'" in sent
-        assert b"set_config(E'application_name'" not in sent
+        assert b"set_config(E'app.tag',NULL,false)" in sent
+        assert b"application_name TO" not in sent
     finally:
         relay.close()
 
@@ -270,8 +272,8 @@ async def test_a_kept_settings_change_is_used_only_for_what_it_came_from(
         assert await session(with_timeout) == (zone, "1234ms")
         assert len(relay.sent) == 1  # one server connection throughout
         sent = bytes(relay.sent[0][mark:])
-        assert b"set_config(E'application_name'" in sent
-        assert b"set_config(E'statement_timeout'" not in sent
+        assert b"SET application_name TO E'other-app';" in sent
+        assert b"statement_timeout TO" not in sent
     finally:
         relay.close()
 
@@ -332,7 +334,78 @@ def test_settings_sql_and_options() -> None:
         "x.y": "1",
     }
     assert settings_sql({"a": "1"}, {"a": "1"}) == ""
+    assert settings_sql(
+        {"TimeZone": "UTC", "statement_timeout": "1s", "b": "2"},
+        {"application_name": "it's", "a": "1"},
+        reset_missing=True,
+    ) == (
+        "SET application_name TO E'it''s';RESET TimeZone;RESET statement_timeout;"
+        "SELECT pg_catalog.set_config(E'a',E'1',false),pg_catalog.set_config(E'b',NULL,false);"
+    )
     assert settings_sql({"a": "1", "b": "2"}, {"a": "it's\\"}, reset_missing=True) == (
         "SELECT pg_catalog.set_config(E'a',E'it''s\\\\',false),"
         "pg_catalog.set_config(E'b',NULL,false);"
     )
+
+
+# for each PLAIN_SET name, values that a SET could read differently from set_config()
+# (lists, quotes, case, spaces): a name added there without values here fails
+PLAIN_VALUES = {
+    "application_name": ["My App, \"x\" 'y' \\z", ""],
+    "client_encoding": ["utf-8"],
+    "DateStyle": ["German, DMY", "iso,ymd"],
+    "IntervalStyle": ["iso_8601"],
+    "TimeZone": ["Asia/Tokyo", "-03:30", "europe/paris"],
+    "standard_conforming_strings": ["off"],
+    "default_transaction_read_only": ["on"],
+    "extra_float_digits": ["1"],
+    "statement_timeout": ["1min"],
+    "lock_timeout": ["250"],
+    "idle_in_transaction_session_timeout": ["5s"],
+}
+
+
+async def test_a_plain_set_means_what_set_config_means(postgres: PostgresCluster) -> None:
+    """On the real server, each setting settings_sql() applies with SET ends up as the
+    same value as with set_config() (which takes a value as a startup packet gives it),
+    a bad value is refused the same way, and a list of names still uses set_config()."""
+    assert set(PLAIN_VALUES) == PLAIN_SET
+    # no statement cache: DISCARD ALL drops the server's prepared statements
+    conn = await asyncpg.connect(postgres.dsn(), statement_cache_size=0)
+    try:
+        for name in sorted(PLAIN_SET):
+            for value in PLAIN_VALUES[name]:
+                sql = settings_sql({}, {name: value})
+                assert sql.startswith(f"SET {name} TO E'")
+                await conn.execute("DISCARD ALL")
+                await conn.execute(sql)
+                plain = await conn.fetchval("SELECT current_setting($1)", name)
+                await conn.execute("DISCARD ALL")
+                await conn.execute("SELECT pg_catalog.set_config($1,$2,false)", name, value)
+                assert plain == await conn.fetchval("SELECT current_setting($1)", name)
+                await conn.execute(settings_sql({name: value}, {}, reset_missing=True))
+                reset = await conn.fetchval("SELECT current_setting($1)", name)
+                await conn.execute("DISCARD ALL")
+                assert reset == await conn.fetchval("SELECT current_setting($1)", name)
+        for sql in (
+            settings_sql({}, {"TimeZone": "Mars/Olympus"}),
+            "SELECT pg_catalog.set_config('TimeZone','Mars/Olympus',false)",
+        ):
+            with pytest.raises(asyncpg.InvalidParameterValueError):
+                await conn.execute(sql)
+        # a batch runs as one Query, one implicit transaction: a bad value, after good
+        # ones of both kinds, leaves none of them applied
+        batch = {"application_name": "half", "app.tag": "x", "work_mem": "lots"}
+        sql = settings_sql({}, batch)
+        assert sql.index("SET application_name") < sql.index("'work_mem'")
+        with pytest.raises(asyncpg.InvalidParameterValueError):
+            await conn.execute(sql)
+        show = "SELECT current_setting('application_name'), current_setting('app.tag', true)"
+        assert tuple(await conn.fetchrow(show)) in (("", None), ("", ""))
+        path = '"$user", Public, "Mixed Case"'
+        sql = settings_sql({}, {"search_path": path})
+        assert "set_config" in sql
+        await conn.execute(sql)
+        assert await conn.fetchval("SHOW search_path") == path
+    finally:
+        await conn.close()
