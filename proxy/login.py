@@ -138,15 +138,15 @@ def authenticated_now(session: ClientSession) -> bool:
     """Client auth that needs no message from the client (trust, peer): True when it
     passed, raises AuthenticationFailed when not; False when the client must answer
     (SCRAM: :func:`authenticate`)."""
-    cfg = session.server.config.client_auth
-    if cfg.method == "trust":
+    method = session.server.client_auth_method
+    if method == "trust":
         return True
-    if cfg.method == "peer":
+    if method == "peer":
         link = session.link
         sock = link.transport.get_extra_info("socket") if link.transport else None
         if not session.unix or sock is None:
             raise AuthenticationFailed("peer authentication (unix socket only) failed", "28000")
-        if not peer_allowed(peer_uid(sock), cfg.peer_uids()):
+        if not peer_allowed(peer_uid(sock), session.server.config.client_auth.peer_uids()):
             raise AuthenticationFailed("peer authentication failed", "28000")
         return True
     return False

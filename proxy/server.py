@@ -69,6 +69,12 @@ class ProxyServer:
         self.reset_query = config.server_reset_query if config.pool_mode == "session" else ""
         self.reset_clears_settings = resets_settings(self.reset_query)
         self.ignored_startup_parameters = frozenset(config.ignore_startup_parameters)
+        # settings read at every accept and login, kept as attributes of this native
+        # class: ProxyConfig is a Python dataclass, each read of it a generic lookup
+        self.max_client_conn = config.max_client_conn
+        self.message_buffer = config.message_buffer
+        self.transaction_mode = config.pool_mode == "transaction"
+        self.client_auth_method = config.client_auth.method
         # the loop start() ran in: asyncio.get_running_loop() makes a syscall (getpid)
         self.loop: asyncio.AbstractEventLoop | None = None
         # client_login_timeout of every session logging in: one timer for all of them
@@ -124,7 +130,7 @@ class ProxyServer:
         if self.stopping:
             link.abort()
             return
-        if len(self.sessions) >= self.config.max_client_conn:
+        if len(self.sessions) >= self.max_client_conn:
             # counted from accept, logged in or not; a few refusals read the startup
             # packet first (so that clients show the error), the rest are cut at once
             metrics.clients_total.inc("refused")

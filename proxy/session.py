@@ -79,12 +79,11 @@ def _only_copy_data(frames: list[tuple[int, int, int]]) -> bool:
 
 class ClientSession(ServerOwner):
     def __init__(self, server: ProxyServer, link: Link, unix: bool) -> None:
-        super().__init__()
         self.server = server
         self.link = link
         self.unix = unix
         self.state = _LOGIN
-        self.proto = ClientConnection(server.config.message_buffer)
+        self.proto = ClientConnection(server.message_buffer)
         self.process_id = 0
         self.secret_key = 0
         self.user = ""
@@ -103,7 +102,7 @@ class ClientSession(ServerOwner):
         # the client's address for the logs, looked up and formatted only when one is
         # written (the transport keeps it from the accept on, closed or not)
         self._address: tuple[Any, ...] | None = None
-        self.transaction_mode = server.config.pool_mode == "transaction"
+        self.transaction_mode = server.transaction_mode
         self.reads = 0  # chunks received: the watchdog's sign of life (proxy/watchdog.py)
         self.login_expired = False  # client_login_timeout passed (see begin)
         self._login_task: asyncio.Task[None] | None = None  # a login that has to wait
@@ -713,7 +712,6 @@ class ClientSession(ServerOwner):
         self._end_client_part()
         self.link.close()
         self.server.unregister(self)
-        self.let_go()
         conn, self.conn = self.conn, None
         if conn is None or self.pool is None:
             return

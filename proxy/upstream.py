@@ -26,7 +26,7 @@ from proxy.protocol import messages as m
 from proxy.protocol.auth import UpstreamAuthenticator
 from proxy.protocol.backend import ServerConnection
 from proxy.protocol.errors import AuthenticationFailed, ProtocolViolation, ServerProtocolViolation
-from proxy.protocol.pipeline import Pipeline
+from proxy.protocol.pipeline import ParameterSink, Pipeline
 from proxy.protocol.statements import StatementNames
 from proxy.transport import Link
 
@@ -226,9 +226,7 @@ class ServerConn:
         owner = self.owner
         out: list[bytes] = []
         buf, frames = self.proto.receive_frames(data)
-        if frames and self.pipeline.server_frames(
-            buf, frames, out, owner.parameter_sink if owner is not None else None
-        ):
+        if frames and self.pipeline.server_frames(buf, frames, out, owner):
             self.internal_errors += 1
             errors = [buf[s:e] for t, s, e in frames if t == 69]
             self.internal_error = errors[-1] if errors else None
@@ -313,22 +311,8 @@ class ServerConn:
             self.on_close(self)
 
 
-def _ignore_parameter(name: str, value: str) -> None:
-    return None
-
-
-class ServerOwner:
+class ServerOwner(ParameterSink):
     """What a server connection talks to while a client holds it (the client session)."""
-
-    def __init__(self) -> None:
-        # made once: a bound method is a new object each time it is read, and the
-        # server connection hands it to the pipeline at every answer
-        self.parameter_sink: Callable[[str, str], None] = self.on_parameter
-
-    def let_go(self) -> None:
-        """Done with server connections: drop parameter_sink, a bound method of this
-        owner held by itself (a cycle that only the cycle collector would free)."""
-        self.parameter_sink = _ignore_parameter
 
     def to_client(self, data: bytes) -> None:
         raise NotImplementedError
@@ -341,9 +325,6 @@ class ServerOwner:
 
     def server_ended(self, conn: ServerConn, error: bytes) -> None:
         """The server sent ``error`` between requests and will close the connection."""
-        raise NotImplementedError
-
-    def on_parameter(self, name: str, value: str) -> None:
         raise NotImplementedError
 
     def server_paused(self, paused: bool) -> None:

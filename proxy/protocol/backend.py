@@ -123,7 +123,7 @@ class ServerConnection:
     def send(
         self, event: m.StartupMessage | ev.PasswordMessage | ev.Terminate | m.Message
     ) -> bytes:
-        if type(event) is m.Message and self.state is _READY:
+        if isinstance(event, m.Message) and self.state is _READY:
             return event.data
         nxt = SERVER_SEND.get((self.state, type(event).__name__))
         if nxt is None:

@@ -117,7 +117,7 @@ class ClientConnection:
 
     def send(self, event: _Outgoing) -> bytes:
         """Bytes for ``event``; advances the state (raises on an illegal send)."""
-        if type(event) is m.Message and self.state is _READY:
+        if isinstance(event, m.Message) and self.state is _READY:
             return event.data
         self._advance(CLIENT_SEND_BY_STATE, type(event).__name__)
         if isinstance(event, ev.SSLResponse):

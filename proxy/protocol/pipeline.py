@@ -28,8 +28,9 @@ from __future__ import annotations
 import re
 import struct
 from collections import deque
-from collections.abc import Callable
 from typing import Final
+
+from mypy_extensions import mypyc_attr
 
 from proxy.protocol import messages as m
 from proxy.protocol.errors import (
@@ -149,6 +150,15 @@ def _split_name(body: bytes, offset: int = 0) -> tuple[str, int]:
 def _partial(data: bytes) -> bool:
     """``data`` is only the head of a message that streams (see FrameReader)."""
     return len(data) != 1 + m.int32_at(data, 1)
+
+
+@mypyc_attr(allow_interpreted_subclasses=True)  # the tests' own sinks
+class ParameterSink:
+    """Told of each ParameterStatus the server sends: the client session holding the
+    connection (a base class: compiled, a native call, with no bound method to make)."""
+
+    def on_parameter(self, name: str, value: str) -> None:
+        raise NotImplementedError
 
 
 class Pipeline:
@@ -443,7 +453,7 @@ class Pipeline:
         buf: bytes,
         frames: list[tuple[int, int, int]],
         out: list[bytes],
-        on_parameter: Callable[[str, str], None] | None = None,
+        sink: ParameterSink | None = None,
     ) -> bool:
         """Bulk form of :meth:`server_message`: runs of forwarded frames leave as one slice.
 
@@ -476,7 +486,7 @@ class Pipeline:
             if t == 83:
                 # ParameterStatus: noted, and forwarded with what surrounds it (it is
                 # never streamed: FrameReader refuses a large one)
-                self._parameter_status(buf[start + 5 : end], on_parameter)
+                self._parameter_status(buf[start + 5 : end], sink)
                 if run_start < 0:
                     run_start = start
                 run_end = end
@@ -540,7 +550,7 @@ class Pipeline:
         self,
         msg: m.Message,
         out: list[bytes],
-        on_parameter: Callable[[str, str], None] | None = None,
+        sink: ParameterSink | None = None,
     ) -> bool:
         """Route one server message; append what the client should see to ``out``.
 
@@ -554,7 +564,7 @@ class Pipeline:
             out.append(msg.data)
             return False
         if t == 83:  # S: ParameterStatus
-            self._parameter_status(msg.body, on_parameter)
+            self._parameter_status(msg.body, sink)
             out.append(msg.data)
             return False
         if not queue:
@@ -590,16 +600,14 @@ class Pipeline:
             head.rows.append(_data_row(msg.body))
         return False
 
-    def _parameter_status(
-        self, body: bytes, on_parameter: Callable[[str, str], None] | None
-    ) -> None:
+    def _parameter_status(self, body: bytes, sink: ParameterSink | None) -> None:
         name, value = m.parse_parameter_status(body, ServerProtocolViolation)
         self.parameters[name] = value
         self.changed_parameters.add(name)
         if name not in SERVER_OWNED and self.synced.get(name) != value:
             self.synced = {**self.synced, name: value}  # a new dict: it may be shared
-        if on_parameter is not None:
-            on_parameter(name, value)
+        if sink is not None:
+            sink.on_parameter(name, value)
 
 
 def _data_row(body: bytes) -> list[str | None]:

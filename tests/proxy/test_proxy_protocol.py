@@ -23,7 +23,7 @@ from proxy.protocol.errors import (
     ServerProtocolViolation,
 )
 from proxy.protocol.frontend import ClientConnection
-from proxy.protocol.pipeline import Pipeline
+from proxy.protocol.pipeline import ParameterSink, Pipeline
 from proxy.protocol.statements import ClientStatements, StatementNames
 from proxy.protocol.states import ClientState, ServerState
 
@@ -559,7 +559,7 @@ def test_bulk_answer_to_simple_queries_matches_message_path(
         else:
             buf, cut = server.receive_frames(data)
             assert (buf, cut) == (data, frames)
-            bulk.server_frames(data, frames, bulk_out, lambda k, v: seen.append((k, v)))
+            bulk.server_frames(data, frames, bulk_out, _Noted(seen))
     except ProtocolViolation as exc:
         with pytest.raises(type(exc)):
             for start_end in frames:
@@ -572,6 +572,14 @@ def test_bulk_answer_to_simple_queries_matches_message_path(
     assert bulk.parameters == single.parameters
     assert bulk.fatal_forwarded == single.fatal_forwarded
     assert seen == [("application_name", "moved")] * kinds.count("S")
+
+
+class _Noted(ParameterSink):
+    def __init__(self, seen: list[tuple[str, str]]) -> None:
+        self.seen = seen
+
+    def on_parameter(self, name: str, value: str) -> None:
+        self.seen.append((name, value))
 
 
 def _ready_server() -> ServerConnection:
