@@ -9,7 +9,7 @@ import hmac
 import logging
 import os
 import secrets
-from typing import Protocol
+from typing import Final, Protocol
 
 from proxy import metrics, upstream
 from proxy.config import UpstreamConfig
@@ -23,8 +23,9 @@ log = logging.getLogger("credsidecar.proxy")
 # Fake pids live above PostgreSQL's PID_MAX_LIMIT (Linux's largest pid, 2^22), so a
 # client's pg_terminate_backend(<its reported pid>) can never name a real backend;
 # BackendKeyData carries an int32, hence the top.
-PID_MAX_LIMIT = 4_194_304
-_PID_LOW, _PID_HIGH = PID_MAX_LIMIT + 1, (1 << 31) - 1
+PID_MAX_LIMIT: Final = 4_194_304
+_PID_LOW: Final = PID_MAX_LIMIT + 1
+_PID_HIGH: Final = (1 << 31) - 1
 
 
 class Cancellable(Protocol):

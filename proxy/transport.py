@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import cast
+from typing import Final, cast
 
 DataHandler = Callable[[bytes], None]
 LostHandler = Callable[[Exception | None], None]
-SETUP_INBOX = 65536  # what a connection may have unread while it logs in
+SETUP_INBOX: Final = 65536  # what a connection may have unread while it logs in
 
 
 class Link(asyncio.Protocol):

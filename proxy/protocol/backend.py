@@ -21,7 +21,7 @@ from proxy.protocol.states import (
     ServerState,
 )
 
-_V = ServerProtocolViolation
+_V: Final = ServerProtocolViolation
 _READY: Final = ServerState.READY
 # in the answer to a simple Query, the messages that need more than forwarding: an
 # error, a ParameterStatus, and a ReadyForQuery that does not end the read

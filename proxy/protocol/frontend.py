@@ -26,6 +26,7 @@ from proxy.protocol.states import (
 _STARTUP: Final = ClientState.STARTUP
 _PASSWORD: Final = ClientState.PASSWORD
 _READY: Final = ClientState.READY
+_V: Final = ClientProtocolViolation  # passed as a value: an imported name is a dict read
 _Outgoing = (
     ev.SSLResponse
     | ev.AuthenticationRequest
@@ -41,9 +42,7 @@ class ClientConnection:
 
     def __init__(self, limit: int = m.DEFAULT_MESSAGE_BUFFER) -> None:
         self.state = _STARTUP
-        self._reader = m.FrameReader(
-            ClientProtocolViolation, FRONTEND_TYPES, limit, FRONTEND_STREAMABLE
-        )
+        self._reader = m.FrameReader(_V, FRONTEND_TYPES, limit, FRONTEND_STREAMABLE)
         self.negotiated: set[str] = set()  # SSLRequest / GSSENCRequest already answered
 
     def receive_data(self, data: bytes) -> None:
@@ -71,7 +70,7 @@ class ClientConnection:
             packet = self._reader.next_startup()
             if packet is None:
                 return None
-            event = m.parse_startup(packet, ClientProtocolViolation)
+            event = m.parse_startup(packet, _V)
             kind = type(event).__name__
             if kind in self.negotiated:
                 raise ClientProtocolViolation(f"{kind} sent twice")

@@ -50,6 +50,7 @@ from proxy.protocol.statements import (
 
 # Final: compiled by mypyc, a Final constant is a C static; any other module-level
 # name is a dict lookup at each use (the interpreter caches those, mypyc does not)
+_SERVER_VIOLATION: Final = ServerProtocolViolation  # passed as a value
 FORWARD: Final = 0
 INJECTED: Final = 1
 INTERNAL: Final = 2
@@ -601,7 +602,7 @@ class Pipeline:
         return False
 
     def _parameter_status(self, body: bytes, sink: ParameterSink | None) -> None:
-        name, value = m.parse_parameter_status(body, ServerProtocolViolation)
+        name, value = m.parse_parameter_status(body, _SERVER_VIOLATION)
         self.parameters[name] = value
         self.changed_parameters.add(name)
         if name not in SERVER_OWNED and self.synced.get(name) != value:
@@ -611,11 +612,11 @@ class Pipeline:
 
 
 def _data_row(body: bytes) -> list[str | None]:
-    count = m.parse_int16(body, 0, ServerProtocolViolation)
+    count = m.parse_int16(body, 0, _SERVER_VIOLATION)
     offset = 2
     row: list[str | None] = []
     for _ in range(count):
-        length = m.parse_int32(body, offset, ServerProtocolViolation)
+        length = m.parse_int32(body, offset, _SERVER_VIOLATION)
         offset += 4
         if length < 0:
             row.append(None)
