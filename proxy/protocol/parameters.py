@@ -180,21 +180,17 @@ def settings_sql(have: dict[str, str], want: dict[str, str], reset_missing: bool
     """SQL that moves settings ``have`` to ``want``: a ``SET`` or a ``set_config`` for
     each that differs, and (``reset_missing``) back to the default for each ``want``
     lacks."""
+    changes: list[tuple[str, str | None]] = [(k, v) for k, v in want.items() if have.get(k) != v]
+    if reset_missing:
+        changes += [(k, None) for k in have if k not in want]  # None: the default
     statements: list[str] = []
     calls: list[str] = []
-    for k, v in want.items():
-        if have.get(k) != v:
-            if k in PLAIN_SET:
-                statements.append(f"SET {k} TO {literal(v)};")
-            else:
-                calls.append(f"pg_catalog.set_config({literal(k)},{literal(v)},false)")
-    if reset_missing:
-        for k in have:
-            if k not in want:
-                if k in PLAIN_SET:
-                    statements.append(f"RESET {k};")
-                else:
-                    calls.append(f"pg_catalog.set_config({literal(k)},NULL,false)")
+    for k, v in changes:
+        if k in PLAIN_SET:
+            statements.append(f"SET {k} TO {literal(v)};" if v is not None else f"RESET {k};")
+        else:
+            value = literal(v) if v is not None else "NULL"
+            calls.append(f"pg_catalog.set_config({literal(k)},{value},false)")
     if calls:
         statements.append("SELECT " + ",".join(calls) + ";")
     return "".join(statements)
