@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import resource
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
@@ -24,6 +25,19 @@ Accepted = Callable[[Link, bool], None]  # (link, unix)
 # descriptors besides client and server connections: listeners, the credentials file
 # watcher, the agent's HTTP servers and files, TLS files, logs, refused connections
 RESERVED_FILES = 96
+
+
+class AcceptedLink(Link):
+    """A link a listener accepted: it goes to ``on_accept`` once its transport is there."""
+
+    def __init__(self, on_accept: Accepted, unix: bool) -> None:
+        super().__init__()
+        self.on_accept = on_accept
+        self.unix = unix
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.use(transport)
+        self.on_accept(self, self.unix)
 
 
 def open_file_budget(config: ProxyConfig, server_connections: int) -> int:
@@ -68,11 +82,6 @@ class Listeners:
         self.addresses: list[Any] = []
         self.socket_path: Path | None = None
 
-    def _link(self, unix: bool) -> Link:
-        link = Link()
-        link.on_made = lambda lk: self.on_accept(lk, unix)
-        return link
-
     async def open(self) -> None:
         """Bind every listener; on failure the ones already bound are closed again."""
         try:
@@ -86,7 +95,11 @@ class Listeners:
         if self.config.listen is not None:
             host, port = self.config.listen
             srv = await loop.create_server(
-                lambda: self._link(unix=False), host, port, reuse_address=True, backlog=1024
+                partial(AcceptedLink, self.on_accept, False),
+                host,
+                port,
+                reuse_address=True,
+                backlog=1024,
             )
             self._servers.append(srv)
             # uvloop's sockets are a list, typeshed's a tuple: Any, or compiled code checks it
@@ -99,7 +112,9 @@ class Listeners:
             path.parent.mkdir(parents=True, exist_ok=True)
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-            srv = await loop.create_unix_server(lambda: self._link(unix=True), str(path))
+            srv = await loop.create_unix_server(
+                partial(AcceptedLink, self.on_accept, True), str(path)
+            )
             secure_socket(path, self.config.unix_socket_mode, self.config.unix_socket_group)
             self._servers.append(srv)
             self.addresses.append(str(path))

@@ -36,7 +36,7 @@ from proxy.protocol.pipeline import (
 )
 from proxy.protocol.statements import ClientStatements
 from proxy.protocol.states import ClientState, SessionState, session_move
-from proxy.transport import Link
+from proxy.transport import Link, LinkOwner
 from proxy.upstream import ServerConn, ServerOwner
 
 if TYPE_CHECKING:
@@ -77,7 +77,7 @@ def _only_copy_data(frames: list[tuple[int, int, int]]) -> bool:
     return all(frame[0] in _COPY_DATA for frame in frames)
 
 
-class ClientSession(ServerOwner):
+class ClientSession(ServerOwner, LinkOwner):
     def __init__(self, server: ProxyServer, link: Link, unix: bool) -> None:
         self.server = server
         self.link = link
@@ -146,8 +146,7 @@ class ClientSession(ServerOwner):
         logins = self.server.logins
         assert logins is not None  # made by ProxyServer.start(), before any accept
         logins.start(self)
-        self.link.on_data = self._login_data
-        self.link.on_lost = self._lost
+        self.link.owner = self
 
     def _login_data(self, data: bytes) -> None:
         try:
@@ -180,8 +179,7 @@ class ClientSession(ServerOwner):
     def _login_async(self, coro: Coroutine[Any, Any, None]) -> None:
         # the task reads through the link's inbox (Link.recv) and owns the session
         # until it runs or closes
-        self.link.on_data = None
-        self.link.on_lost = None
+        self.link.owner = None
         self._login_task = self.server.spawn(coro)
 
     async def _client_part(self, parsed: tuple[str, dict[str, str]] | None) -> None:
@@ -286,13 +284,12 @@ class ClientSession(ServerOwner):
         out.append(m.READY_IDLE)
         self.link.write(b"".join(out))
         _CLIENTS_TOTAL.inc("ok")
-        self.link.on_pause = self._client_paused
         self._attach(conn, sync=False)
         if sql:
             conn.send(conn.pipeline.internal_query(sql))  # released when it completes
         elif self.transaction_mode:
             self._release()
-        self.link.run(self._data, self._lost, direct=False)  # see _data
+        self.link.run(self, direct=False)  # see _data
 
     def _startup_sql(self, conn: ServerConn, settings: dict[str, str]) -> str | None:
         """Give ``conn`` a fresh login's settings with the client's on top, when that
@@ -672,19 +669,27 @@ class ClientSession(ServerOwner):
         if name not in SERVER_OWNED and self.params.get(name) != value:
             self.params = {**self.params, name: value}  # a new dict: it may be shared
 
-    def _client_paused(self, paused: bool) -> None:
-        # the client reads slower than the server answers: stop reading the server
-        self.client_paused = paused
-        if self.conn is not None:
-            self.conn.link.pause_reading(paused)
-
     def server_paused(self, paused: bool) -> None:
         # the server reads slower than the client sends (a big Query, COPY): stop
         # reading the client until the server's write buffer drains
         self.link.pause_reading(paused)
 
-    def _lost(self, exc: Exception | None) -> None:
+    # --- the link's owner (proxy/transport.py) ---------------------------------------
+
+    def link_data(self, data: bytes) -> None:
+        if self.state is _LOGIN:
+            self._login_data(data)
+        else:
+            self._data(data)
+
+    def link_lost(self, exc: Exception | None) -> None:
         self.close()
+
+    def link_paused(self, paused: bool) -> None:
+        # the client reads slower than the server answers: stop reading the server
+        self.client_paused = paused
+        if self.conn is not None:
+            self.conn.link.pause_reading(paused)
 
     # --- ending ---------------------------------------------------------------------
 

@@ -2,9 +2,9 @@
 
 While a connection is being set up (TLS negotiation, login) it buffers what arrives
 (at most :data:`SETUP_INBOX`: then it stops reading until :meth:`Link.recv` takes it)
-and :meth:`Link.recv` awaits it; once running it hands every chunk straight to a
-callback, so forwarding costs no task switch. Its peer's write buffer filling up or
-draining is reported to ``on_pause`` (backpressure: the other side stops reading).
+and :meth:`Link.recv` awaits it; once running it hands every chunk straight to its
+:class:`LinkOwner`, so forwarding costs no task switch. Its peer's write buffer filling
+up or draining is reported to the owner too (backpressure: the other side stops reading).
 """
 
 from __future__ import annotations
@@ -13,9 +13,26 @@ import asyncio
 from collections.abc import Callable
 from typing import Final, cast
 
-DataHandler = Callable[[bytes], None]
-LostHandler = Callable[[Exception | None], None]
+from mypy_extensions import trait
+
 SETUP_INBOX: Final = 65536  # what a connection may have unread while it logs in
+
+
+@trait
+class LinkOwner:
+    """What a running link hands its reads, its end and its peer's backpressure to (a
+    client session, a server connection). Methods, not callbacks: compiled, each is a
+    native call, with no bound method made per connection and no generic call per read."""
+
+    def link_data(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def link_lost(self, exc: Exception | None) -> None:
+        raise NotImplementedError
+
+    def link_paused(self, paused: bool) -> None:
+        """The peer's write buffer filled up (True) or drained."""
+        raise NotImplementedError
 
 
 class Link(asyncio.Protocol):
@@ -27,29 +44,24 @@ class Link(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._eof = False
         self._error: Exception | None = None
-        self.on_data: DataHandler | None = None
-        self.on_lost: LostHandler | None = None
-        self.on_pause: Callable[[bool], None] | None = None  # peer write buffer full/drained
-        self.on_made: Callable[[Link], None] | None = None  # accepted connections
+        self.owner: LinkOwner | None = None  # None: reads wait in the inbox for recv()
         self.closed = False
         self.closing = False  # closed or closing: writes are dropped
         self._inbox_full = False  # reading paused until recv() takes the inbox
         self._lost: asyncio.Future[None] | None = None  # for wait_lost(), made on demand
-        # data_received is on_data, an attribute of the instance (see direct()); a
-        # compiled Link has no __dict__ until then, so this is how _let_go knows
+        # data_received is the owner's link_data, an attribute of the instance (see
+        # direct()); a compiled Link has no __dict__ until then, so this is how _let_go knows
         self._direct = False
 
     # --- asyncio.Protocol -----------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.use(transport)
-        if self.on_made is not None:
-            self.on_made(self)
 
     def data_received(self, data: bytes) -> None:
-        handler = self.on_data
-        if handler is not None:
-            handler(data)
+        owner = self.owner
+        if owner is not None:
+            owner.link_data(data)
             return
         self._inbox += data
         if len(self._inbox) >= SETUP_INBOX and not self._inbox_full:
@@ -69,26 +81,26 @@ class Link(asyncio.Protocol):
         self._wake()
         if self._lost is not None and not self._lost.done():
             self._lost.set_result(None)
-        if self.on_lost is not None:
-            self.on_lost(exc)
+        if self.owner is not None:
+            self.owner.link_lost(exc)
         self._let_go()
 
     def _let_go(self) -> None:
-        """Drop the handlers: they are bound methods of this link's owner, which holds
-        the link, a cycle. Broken here, reference counting frees both at once; left,
-        only the cycle collector would, after a few hundred logins' worth of them."""
-        self.on_data = self.on_lost = self.on_pause = self.on_made = None
+        """Drop the owner: it holds the link, a cycle. Broken here, reference counting
+        frees both at once; left, only the cycle collector would, after a few hundred
+        logins' worth of them."""
+        self.owner = None
         if self._direct:  # direct()'s shortcut, undone
             self._direct = False
             delattr(self, "data_received")
 
     def pause_writing(self) -> None:
-        if self.on_pause is not None:
-            self.on_pause(True)
+        if self.owner is not None:
+            self.owner.link_paused(True)
 
     def resume_writing(self) -> None:
-        if self.on_pause is not None:
-            self.on_pause(False)
+        if self.owner is not None:
+            self.owner.link_paused(False)
 
     async def wait_lost(self) -> None:
         """Until the transport has let go of its socket (connection_lost)."""
@@ -125,32 +137,31 @@ class Link(asyncio.Protocol):
             self._inbox_full = False
             self.pause_reading(False)
 
-    def run(self, on_data: DataHandler, on_lost: LostHandler, direct: bool = True) -> None:
-        """Switch to callback mode; anything already buffered is delivered first.
-        ``direct``: the transport calls ``on_data`` itself from now on (see
+    def run(self, owner: LinkOwner, direct: bool = True) -> None:
+        """Hand reads to ``owner`` from now on; anything already buffered is delivered
+        first. ``direct``: the transport calls ``owner.link_data`` itself from now on (see
         :meth:`direct`); else every read goes through :meth:`data_received` until then."""
-        self.on_data = on_data
-        self.on_lost = on_lost
+        self.owner = owner
         if direct:
             self.direct()
         if self._inbox:
             data = bytes(self._inbox)
             self._inbox.clear()
             self._resume_inbox()
-            on_data(data)
+            owner.link_data(data)
         if self.closed:
-            on_lost(self._error)
+            owner.link_lost(self._error)
             self._let_go()
 
     def direct(self) -> None:
-        """The transport calls ``on_data`` itself, one Python call less per read:
+        """The transport calls the owner's ``link_data`` itself, one call less per read:
         transports look data_received up when the protocol is set (uvloop) or at each
         read (asyncio), and both see this instance attribute. Setting the protocol
         costs what a few reads save, so a client session asks for it only once its
         connection has lived a few reads (a connection per query never does)."""
-        if self.on_data is None or self.closing:
+        if self.owner is None or self.closing:
             return
-        self.data_received = self.on_data  # type: ignore[method-assign, assignment]
+        self.data_received = self.owner.link_data  # type: ignore[method-assign]
         self._direct = True
         if self.transport is not None and not self.transport.is_closing():
             self.transport.set_protocol(self)

@@ -28,7 +28,7 @@ from proxy.protocol.backend import ServerConnection
 from proxy.protocol.errors import AuthenticationFailed, ProtocolViolation, ServerProtocolViolation
 from proxy.protocol.pipeline import ParameterSink, Pipeline
 from proxy.protocol.statements import StatementNames
-from proxy.transport import Link
+from proxy.transport import Link, LinkOwner
 
 log = logging.getLogger("credsidecar.proxy")
 # how long a closed TLS connection waits for the server's close_notify (asyncio's default:
@@ -102,7 +102,7 @@ def _resolve(waiter: asyncio.Future[_T], value: _T) -> None:
         waiter.set_result(value)
 
 
-class ServerConn:
+class ServerConn(LinkOwner):
     """A logged-in upstream connection; the pool's unit, tagged with its generation."""
 
     def __init__(
@@ -153,8 +153,7 @@ class ServerConn:
         self.write_paused = False  # the server reads slower than its client sends
         self.internal_errors = 0  # ErrorResponses to the proxy's own queries, swallowed
         self.reads = 0  # chunks received: the watchdog's sign of life (proxy/watchdog.py)
-        link.on_pause = self._paused
-        link.run(self._data, self._lost)
+        link.run(self)
 
     @property
     def parameters(self) -> dict[str, str]:
@@ -189,7 +188,7 @@ class ServerConn:
     def send(self, data: bytes) -> None:
         self.link.write(data)
 
-    def _data(self, data: bytes) -> None:
+    def link_data(self, data: bytes) -> None:
         self.reads += 1
         owner = self.owner
         pipeline = self.pipeline
@@ -233,7 +232,7 @@ class ServerConn:
             log.warning("proxy_internal_query_failed", extra={"db": self.database})
         return out[0] if len(out) == 1 else b"".join(out)
 
-    def _paused(self, paused: bool) -> None:
+    def link_paused(self, paused: bool) -> None:
         self.write_paused = paused
         if self.owner is not None:
             self.owner.server_paused(paused)
@@ -290,7 +289,7 @@ class ServerConn:
         await self.wait_idle()
         return None if self.closed else entry.rows
 
-    def _lost(self, exc: Exception | None) -> None:
+    def link_lost(self, exc: Exception | None) -> None:
         was_closed = self.closed
         self.closed = True
         self._wake_idle_waiters()

@@ -22,8 +22,12 @@ from proxyhelpers import (
 from proxy import metrics
 from proxy.config import ProxyConfigError, parse_proxy_config
 from proxy.listener import RESERVED_FILES, open_file_budget, raise_open_file_limit
+from proxy.protocol import messages as m
+from proxy.protocol.backend import ServerConnection
+from proxy.protocol.statements import StatementNames
 from proxy.session import DIRECT_AFTER_READS, ClientSession
 from proxy.transport import Link
+from proxy.upstream import ServerConn
 
 
 async def _silent(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -115,15 +119,25 @@ def test_a_link_lost_before_it_ran_lets_go_quietly() -> None:
     """A connection that ends before it runs (a CancelRequest, a refused login): its
     connection_lost must not raise (the loop would log it as an error each time)."""
     link = Link()
-    lost: list[Exception | None] = []
-    link.on_lost = lost.append
-    link.connection_lost(None)
-    assert lost == [None] and link.closed and link.on_lost is None
+    link.connection_lost(None)  # nobody to tell yet
+    assert link.closed and link.owner is None
     ran = Link()
-    ran.run(lambda data: None, lambda exc: None)  # the shortcut taken: undone at the end
-    assert "data_received" in _own_attributes(ran)
+    # an owner that runs it (as a logged-in server connection does): the shortcut is
+    # taken, the owner hears of the end, and both are let go of
+    conn = ServerConn(ran, _logged_in_server(), 1, "db", False, StatementNames())
+    assert ran.owner is conn and "data_received" in _own_attributes(ran)
     ran.connection_lost(None)
+    assert conn.closed and ran.owner is None
     assert "data_received" not in _own_attributes(ran)
+
+
+def _logged_in_server() -> ServerConnection:
+    proto = ServerConnection()
+    proto.send(m.StartupMessage({"user": "u"}))
+    proto.receive_data(m.authentication(0) + m.ready_for_query(b"I"))
+    while proto.next_event() is not None:
+        pass
+    return proto
 
 
 async def test_a_living_client_connection_is_read_directly_a_short_one_never(
@@ -139,7 +153,7 @@ async def test_a_living_client_connection_is_read_directly_a_short_one_never(
         assert "data_received" not in _own_attributes(session.link), "direct after one query"
         for n in range(DIRECT_AFTER_READS + 1):
             assert await conn.fetchval("SELECT $1::int", n) == n
-        assert _own_attributes(session.link).get("data_received") == session._data
+        assert _own_attributes(session.link).get("data_received") == session.link_data
         assert await conn.fetchval("SELECT 2") == 2
     finally:
         await conn.close()
