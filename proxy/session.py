@@ -37,7 +37,7 @@ from proxy.protocol.pipeline import (
 from proxy.protocol.statements import ClientStatements
 from proxy.protocol.states import ClientState, SessionState, session_move
 from proxy.transport import Link, LinkOwner
-from proxy.upstream import ServerConn, ServerOwner
+from proxy.upstream import IdleWaiter, ServerConn, ServerOwner
 
 if TYPE_CHECKING:
     from proxy.server import ProxyServer
@@ -738,36 +738,49 @@ class ClientSession(ServerOwner, LinkOwner):
             self.pool.release(conn)
         else:
             # our own SET still running (a quick connect-disconnect), or a reset to do
-            pool = self.pool
-            conn.when_idle(lambda: self._reset_and_release(conn, pool, reset))
+            conn.when_idle(_Release(self.pool, reset, self.server.reset_clears_settings))
 
-    def _reset_and_release(self, conn: ServerConn, pool: Pool, reset: str) -> None:
-        """The client gone and ``conn`` idle: the reset query if there is one, then back
-        to the pool (callbacks: a task for every session that ends costs more)."""
-        if (
-            reset
+
+class _Release(IdleWaiter):
+    """A server connection its client left, on its way back to the pool: once idle,
+    the reset query if there is one, then released if clean. A continuation, not a
+    task: a task for every session that ends costs more."""
+
+    def __init__(self, pool: Pool, reset: str, reset_clears_settings: bool) -> None:
+        self.pool = pool
+        self.reset = reset
+        self.reset_clears_settings = reset_clears_settings
+        self.resetting = False  # the reset query is sent: the next idle is its end
+        self.errors = 0  # internal_start's, for the reset
+
+    def conn_idle(self, conn: ServerConn) -> None:
+        if self.resetting:
+            self._reset_done(conn)
+        elif (
+            self.reset
             and not conn.closed
             and between_transactions(conn.pipeline, conn.proto.transaction_status)
         ):
-            conn.internal_then(reset, lambda ok: self._reset_done(conn, pool, ok))
+            self.resetting = True
+            self.errors = conn.internal_start(self.reset)
+            conn.when_idle(self)
         else:
-            self._release_if_clean(conn, pool)
+            self._release_if_clean(conn)
 
-    def _reset_done(self, conn: ServerConn, pool: Pool, ok: bool | None) -> None:
-        if ok is False:
+    def _reset_done(self, conn: ServerConn) -> None:
+        if not conn.closed and not conn.internal_succeeded(self.errors):
             # a failed reset may have reset nothing: the next client would inherit
             # this one's session state (SET, temp tables)
             metrics.server_reset_failures_total.inc()
             log.warning("proxy_server_reset_failed", extra={"db": conn.database})
             conn.close()
             return
-        if ok and self.server.reset_clears_settings:
+        if not conn.closed and self.reset_clears_settings:
             conn.extras = {}  # DISCARD ALL / RESET ALL took the client's settings away
-        self._release_if_clean(conn, pool)
+        self._release_if_clean(conn)
 
-    @staticmethod
-    def _release_if_clean(conn: ServerConn, pool: Pool) -> None:
+    def _release_if_clean(self, conn: ServerConn) -> None:
         if conn.closed or not between_transactions(conn.pipeline, conn.proto.transaction_status):
             conn.close()
         else:
-            pool.release(conn)
+            self.pool.release(conn)

@@ -14,8 +14,9 @@ import math
 import os
 import ssl
 from collections.abc import Callable
-from functools import lru_cache, partial
-from typing import TypeVar
+from functools import lru_cache
+
+from mypy_extensions import trait
 
 from proxy import metrics
 from proxy.config import UpstreamConfig
@@ -94,12 +95,25 @@ async def _negotiate_tls(link: Link, cfg: UpstreamConfig) -> bool:
     return True
 
 
-_T = TypeVar("_T")
+@trait
+class IdleWaiter:
+    """Told once a server connection has no request outstanding, or is lost: a
+    continuation without a task (a client leaving, session pooling). An object, not a
+    callback: compiled, a native call and no closure to make."""
+
+    def conn_idle(self, conn: ServerConn) -> None:
+        raise NotImplementedError
 
 
-def _resolve(waiter: asyncio.Future[_T], value: _T) -> None:
-    if not waiter.done():  # cancelled meanwhile (a timeout)
-        waiter.set_result(value)
+class _IdleFuture(IdleWaiter):
+    """:meth:`ServerConn.wait_idle`'s waiter."""
+
+    def __init__(self) -> None:
+        self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def conn_idle(self, conn: ServerConn) -> None:
+        if not self.future.done():  # cancelled meanwhile (a timeout)
+            self.future.set_result(None)
 
 
 class ServerConn(LinkOwner):
@@ -147,8 +161,8 @@ class ServerConn(LinkOwner):
         self.idle_since = 0.0  # monotonic time it went idle in its pool
         self.owner: ServerOwner | None = None
         self.closed = False
-        # called once no request is outstanding, or the connection is lost
-        self._idle_waiters: list[Callable[[], None]] = []
+        # told once no request is outstanding, or the connection is lost
+        self._idle_waiters: list[IdleWaiter] = []
         self.on_close: Callable[[ServerConn], None] | None = None
         self.write_paused = False  # the server reads slower than its client sends
         self.internal_errors = 0  # ErrorResponses to the proxy's own queries, swallowed
@@ -237,41 +251,45 @@ class ServerConn(LinkOwner):
         if self.owner is not None:
             self.owner.server_paused(paused)
 
-    def when_idle(self, then: Callable[[], None]) -> None:
-        """``then()`` once no request is outstanding (now, if none is) or the connection
-        is lost: a continuation without a task (a client leaving, session pooling)."""
+    def when_idle(self, waiter: IdleWaiter) -> None:
+        """``waiter.conn_idle(self)`` once no request is outstanding (now, if none is)
+        or the connection is lost."""
         if self.pipeline.idle or self.closed:
-            then()
+            waiter.conn_idle(self)
         else:
-            self._idle_waiters.append(then)
+            self._idle_waiters.append(waiter)
 
     def _wake_idle_waiters(self) -> None:
         waiters, self._idle_waiters = self._idle_waiters, []
-        for then in waiters:
-            then()
+        for waiter in waiters:
+            waiter.conn_idle(self)
 
     async def wait_idle(self) -> None:
         if self.pipeline.idle or self.closed:
             return
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._idle_waiters.append(partial(_resolve, waiter, None))
-        await waiter
+        waiter = _IdleFuture()
+        self._idle_waiters.append(waiter)
+        await waiter.future
 
-    def internal_then(self, sql: str, then: Callable[[bool | None], None]) -> None:
-        """Run a query of the proxy's own; ``then(True)`` when it succeeded, ``False``
-        when it failed, ``None`` when the connection was lost first."""
+    def internal_start(self, sql: str) -> int:
+        """Send a query of the proxy's own. Returns what :meth:`internal_succeeded`
+        compares with once the connection is idle again."""
         errors = self.internal_errors
         self.send(self.pipeline.internal_query(sql))
-        self.when_idle(lambda: then(None if self.closed else self.internal_errors == errors))
+        return errors
+
+    def internal_succeeded(self, errors: int) -> bool:
+        """Whether the query :meth:`internal_start` sent (and returned ``errors`` for)
+        succeeded; ask once idle, and only if the connection is not closed."""
+        return self.internal_errors == errors
 
     async def internal(self, sql: str) -> bool:
-        """:meth:`internal_then`, awaited; False if it failed."""
-        waiter: asyncio.Future[bool | None] = asyncio.get_running_loop().create_future()
-        self.internal_then(sql, partial(_resolve, waiter))
-        ok = await waiter
-        if ok is None:
+        """A query of the proxy's own, awaited; False if it failed."""
+        errors = self.internal_start(sql)
+        await self.wait_idle()
+        if self.closed:
             raise UpstreamError("upstream connection closed during an internal query")
-        return ok
+        return self.internal_succeeded(errors)
 
     def internal_failure(self) -> tuple[str, str]:
         """SQLSTATE and message of the last failed query of the proxy's own."""
