@@ -297,7 +297,12 @@ class ClientSession(ServerOwner, LinkOwner):
         none: the last client, or a transaction's, had the same); None when the server
         must first accept the client's values (see _apply_startup)."""
         last = conn.last_login
-        if last is not None and last == (settings, conn.pipeline.synced, conn.extras):
+        if (
+            last is not None
+            and _same(last[0], settings)
+            and _same(last[1], conn.pipeline.synced)
+            and _same(last[2], conn.extras)
+        ):
             # its last client logged in with these settings and nothing changed them
             # since (one application's pool): no round trip to set them again
             self.params, self.extras = conn.pipeline.synced, conn.extras
