@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Final
 
+from mypy_extensions import i64
+
 from proxy.protocol import events as ev
 from proxy.protocol import messages as m
 from proxy.protocol.errors import ServerProtocolViolation
@@ -26,6 +28,9 @@ _READY: Final = ServerState.READY
 # in the answer to a simple Query, the messages that need more than forwarding: an
 # error, a ParameterStatus, and a ReadyForQuery that does not end the read
 _ANSWER_ENDS: Final = m.type_table(frozenset(b"ESZ"))
+# in the answer to a query of the proxy's own (a login's settings, the reset), all but
+# CommandComplete and ParameterStatus: anything else takes the careful path
+_INTERNAL_ANSWER_ENDS: Final = m.type_table(frozenset(range(256)) - frozenset(b"CS"))
 
 
 class ServerConnection:
@@ -80,12 +85,26 @@ class ServerConnection:
         Query (no error, ParameterStatus or ReadyForQuery before its end): True, and all
         of ``data`` goes to the client as it is. False: nothing was read; use
         :meth:`receive_frames`."""
-        if self.state is not _READY:
-            raise RuntimeError("receive_answer before the connection is ready")
-        if not self._reader.whole_answer(data, _ANSWER_ENDS):
+        self._check_ready()
+        if self._reader.answer_end(data, _ANSWER_ENDS) != len(data):
             return False
         self.transaction_status = data[-1:]
         return True
+
+    def receive_internal_answer(self, data: bytes) -> i64:
+        """:meth:`receive_answer` for a read that begins with the answer to a simple
+        Query of the proxy's own (CommandComplete and ParameterStatus messages, then
+        ReadyForQuery): where that answer ends. -1 when the read does not begin so:
+        nothing was read."""
+        self._check_ready()
+        end = self._reader.answer_end(data, _INTERNAL_ANSWER_ENDS)
+        if end >= 0:
+            self.transaction_status = data[end - 1 : end]
+        return end
+
+    def _check_ready(self) -> None:
+        if self.state is not _READY:
+            raise RuntimeError("a regular message before the connection is ready")
 
     def _decode_startup(self, msg: m.Message) -> ev.ServerEvent:
         body = msg.body

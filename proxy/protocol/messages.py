@@ -366,16 +366,17 @@ class FrameReader:
         length = int32_at(data, 1)
         return 4 <= length < self.limit and len(data) == 1 + length
 
-    def whole_answer(self, data: bytes, notable: bytes) -> bool:
-        """:meth:`frames` for the commonest read, with no list built: True when nothing
-        is pending or streaming and ``data`` is whole messages, each under ``limit``,
-        checked as :meth:`frames` checks them, the last a ReadyForQuery and the only one
-        of a type that ``notable`` (a :func:`type_table`) marks. ``ready_at`` is set.
+    def answer_end(self, data: bytes, notable: bytes) -> i64:
+        """:meth:`frames` for the commonest reads, with no list built: where the first
+        ReadyForQuery of ``data`` ends, when nothing is pending or streaming and up to
+        there ``data`` is whole messages, each under ``limit``, checked as :meth:`frames`
+        checks them, none before that ReadyForQuery of a type that ``notable`` (a
+        :func:`type_table`) marks. What follows it is not looked at. ``ready_at`` is set.
 
-        False: nothing was consumed or changed, and :meth:`frames` takes the read (and
+        -1: nothing was consumed or changed, and :meth:`frames` takes the read (and
         raises what it finds wrong)."""
         if self._left or len(self._buf) > self._pos:
-            return False
+            return -1
         size: i64 = len(data)
         types = self._types
         limit: i64 = self.limit
@@ -384,19 +385,19 @@ class FrameReader:
             length = int32_at(data, pos + 1)
             end = pos + 1 + length
             if length < 4 or length >= limit or end > size:
-                return False
+                return -1
             t = data[pos]
             if not types[t]:
-                return False
+                return -1
             if notable[t]:
-                if t != 90 or end != size or length != 5:
-                    return False
+                if t != 90 or length != 5:
+                    return -1
                 if not _TRANSACTION_STATUSES[data[pos + 5]]:
-                    return False  # malformed: frames() says so
+                    return -1  # malformed: frames() says so
                 self.ready_at = pos
-                return True
+                return end
             pos = end
-        return False
+        return -1
 
     def next_startup(self) -> bytes | None:
         buf = self._buf

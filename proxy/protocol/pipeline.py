@@ -30,7 +30,7 @@ import struct
 from collections import deque
 from typing import Final
 
-from mypy_extensions import mypyc_attr
+from mypy_extensions import i64, mypyc_attr
 
 from proxy.protocol import messages as m
 from proxy.protocol.errors import (
@@ -448,6 +448,36 @@ class Pipeline:
 
     def answered(self) -> None:
         self._dequeue()
+
+    def awaits_internal_answer(self) -> bool:
+        """A query of the proxy's own is the next to be answered: a login's settings
+        (often in one read with the answer to the client's first query behind them),
+        or the reset after a client left (session pooling). When the read begins with
+        its plain answer (``ServerConnection.receive_internal_answer``), that part
+        goes to :meth:`internal_answered`."""
+        queue = self.queue
+        return len(queue) > 0 and queue[0] is _INTERNAL_QUERY
+
+    def internal_answered(self, data: bytes, end: i64, sink: ParameterSink | None = None) -> bytes:
+        """What :meth:`server_frames` makes of ``data[:end]``, that answer, without
+        cutting it into frames: its ParameterStatus messages noted and shown to the
+        client, the rest swallowed, the query done (and replies of ours that were
+        waiting for it sent)."""
+        shown: list[bytes] = []
+        pos: i64 = 0
+        while pos < end:
+            stop = pos + 1 + m.int32_at(data, pos + 1)
+            if data[pos] == 83:  # S
+                self._parameter_status(data[pos + 5 : stop], sink)
+                shown.append(data[pos:stop])
+            pos = stop
+        self._dequeue()
+        queue = self.queue
+        if len(queue) > 0 and queue[0].action == FAKE:
+            self.fakes(shown)
+        if not shown:
+            return b""
+        return shown[0] if len(shown) == 1 else b"".join(shown)
 
     def server_frames(
         self,

@@ -24,7 +24,9 @@ from devservers import PostgresCluster, pg_bindir
 from waiting import wait_until  # the proxy tests import it from here too
 
 from proxy.config import ProxyConfig
+from proxy.protocol import messages as m
 from proxy.protocol.auth import ScramSecret
+from proxy.protocol.backend import ServerConnection
 from proxy.protocol.messages import startup_message
 from proxy.server import ProxyServer
 
@@ -349,3 +351,13 @@ def scram_verifier(password: str) -> str:
         f"SCRAM-SHA-256${secret.iterations}:{b64(secret.salt).decode()}$"
         f"{b64(secret.stored_key).decode()}:{b64(secret.server_key).decode()}"
     )
+
+
+def ready_server() -> ServerConnection:
+    """The proxy's side of a server connection that has logged in (trust), no I/O."""
+    server = ServerConnection()
+    server.send(m.StartupMessage({"user": "u"}))
+    server.receive_data(m.authentication(0) + m.ready_for_query(b"I"))
+    while server.next_event() is not None:
+        pass
+    return server

@@ -15,6 +15,7 @@ from proxyhelpers import (
     Role,
     RunningProxy,
     psql,
+    ready_server,
     wait_until,
     write_credentials,
 )
@@ -22,8 +23,6 @@ from proxyhelpers import (
 from proxy import metrics
 from proxy.config import ProxyConfigError, parse_proxy_config
 from proxy.listener import RESERVED_FILES, open_file_budget, raise_open_file_limit
-from proxy.protocol import messages as m
-from proxy.protocol.backend import ServerConnection
 from proxy.protocol.statements import StatementNames
 from proxy.session import DIRECT_AFTER_READS, ClientSession
 from proxy.transport import Link
@@ -124,20 +123,11 @@ def test_a_link_lost_before_it_ran_lets_go_quietly() -> None:
     ran = Link()
     # an owner that runs it (as a logged-in server connection does): the shortcut is
     # taken, the owner hears of the end, and both are let go of
-    conn = ServerConn(ran, _logged_in_server(), 1, "db", False, StatementNames())
+    conn = ServerConn(ran, ready_server(), 1, "db", False, StatementNames())
     assert ran.owner is conn and "data_received" in _own_attributes(ran)
     ran.connection_lost(None)
     assert conn.closed and ran.owner is None
     assert "data_received" not in _own_attributes(ran)
-
-
-def _logged_in_server() -> ServerConnection:
-    proto = ServerConnection()
-    proto.send(m.StartupMessage({"user": "u"}))
-    proto.receive_data(m.authentication(0) + m.ready_for_query(b"I"))
-    while proto.next_event() is not None:
-        pass
-    return proto
 
 
 async def test_a_living_client_connection_is_read_directly_a_short_one_never(

@@ -7,9 +7,9 @@ import hashlib
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from proxyhelpers import imported_modules
+from proxyhelpers import imported_modules, ready_server
 
 from proxy.protocol import events as ev
 from proxy.protocol import messages as m
@@ -26,6 +26,7 @@ from proxy.protocol.frontend import ClientConnection
 from proxy.protocol.pipeline import ParameterSink, Pipeline
 from proxy.protocol.statements import ClientStatements, StatementNames
 from proxy.protocol.states import ClientState, ServerState
+from proxy.upstream import ServerOwner
 
 PROTOCOL_DIR = Path(__file__).resolve().parents[2] / "proxy" / "protocol"
 
@@ -550,7 +551,7 @@ def test_bulk_answer_to_simple_queries_matches_message_path(
     seen: list[tuple[str, str]] = []
     bulk_out: list[bytes] = []
     single_out: list[bytes] = []
-    server = _ready_server()
+    server = ready_server()
     try:
         if bulk.awaits_one_answer() and server.receive_answer(data):
             bulk.answered()
@@ -574,19 +575,129 @@ def test_bulk_answer_to_simple_queries_matches_message_path(
     assert seen == [("application_name", "moved")] * kinds.count("S")
 
 
+_OWN_ANSWERS = {
+    **_ANSWERS,
+    "c": m.message(b"C", m.cstr("SET")),
+    "s": m.parameter_status("DateStyle", "ISO, MDY"),
+}
+_REQUEST_ANSWER = st.tuples(
+    st.lists(st.sampled_from("TDCNSEF"), max_size=3), st.sampled_from(["Z", ""])
+)
+_OWN_ANSWER = st.tuples(st.lists(st.sampled_from("cSsNE"), max_size=3), st.sampled_from(["Z", ""]))
+
+
+@settings(max_examples=400, deadline=None)
+@example(  # a login's SET and the client's first query, answered in one read
+    [("own", ([], "Z"), (["c", "S"], "Z")), ("query", (["T", "D", "C"], "Z"), ([], "Z"))]
+)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["own", "query", "faked"]), _REQUEST_ANSWER, _OWN_ANSWER),
+        min_size=1,
+        max_size=3,
+    )
+)
+def test_answers_to_internal_queries_take_the_shortcut_and_match_message_path(
+    requests: list[tuple[str, tuple[list[str], str], tuple[list[str], str]]],
+) -> None:
+    """A read at a server connection whose next request is a query of the proxy's own
+    (a login's SET, often with the client's first query behind it; the reset) takes
+    the shortcut for each plain answer at its start. Whatever the read holds, the
+    client is shown the same bytes, and the pipeline ends in the same state, as when
+    the read is cut into frames (the path the shortcut skips, itself checked against
+    routing message by message above); also when a reply of ours (a ParseComplete for
+    a statement the server has) waits behind our query ("faked")."""
+    from proxy.transport import Link
+    from proxy.upstream import ServerConn
+
+    conn = ServerConn(Link(), ready_server(), 1, "db", False, StatementNames())
+    watching = _Watching()
+    conn.owner = watching
+    single = Pipeline(StatementNames(), dict(conn.proto.parameters))
+    for pipe in (conn.pipeline, single):  # "SELECT 2" prepared on the server
+        pipe.client_message(_parse("x", "SELECT 2"), ClientStatements(), [])
+        pipe.client_message(_msg(m.SYNC), ClientStatements(), [])
+        for answer in (m.PARSE_COMPLETE, m.ready_for_query(b"I")):
+            pipe.server_message(_msg(answer), [])
+    kinds: list[str] = []
+    plain_own_first = True  # the read begins with a plain answer to our own query
+    for n, (request, for_client, for_us) in enumerate(requests):
+        body, ending = for_us if request == "own" else for_client
+        if request == "faked":
+            body = []  # the server answers only the Sync
+        if n < len(requests) - 1:
+            ending = "Z"  # only the read's last answer may be cut short
+        for pipe in (conn.pipeline, single):
+            if request == "own":
+                pipe.internal_query(f"SET application_name TO 'n{n}'")
+            elif request == "query":
+                pipe.client_message(_msg(m.query("SELECT 1")), ClientStatements(), [])
+            else:
+                statements = ClientStatements()
+                pipe.client_message(_parse(f"mine{n}", "SELECT 2"), statements, [])
+                pipe.client_message(_msg(m.SYNC), statements, [])
+        if n == 0:
+            plain_own_first = request == "own" and ending == "Z" and set(body) <= set("cSs")
+        kinds += body + list(ending)
+    data = b"".join(_OWN_ANSWERS[k] for k in kinds)
+    if not data:
+        return
+    if requests[0][0] == "own":  # the shortcut is asked: it says yes for a plain answer only
+        assert (ready_server().receive_internal_answer(data) >= 0) == plain_own_first, kinds
+    single_out: list[bytes] = []
+    single_seen = _Noted([])
+    framed = ready_server()
+    try:
+        buf, frames = framed.receive_frames(data)
+        swallowed = single.server_frames(buf, frames, single_out, single_seen)
+    except ProtocolViolation:
+        conn.link_data(data)
+        assert conn.closed
+        return
+    conn.link_data(data)
+    assert not conn.closed
+    assert b"".join(watching.shown) == b"".join(single_out)
+    assert watching.seen == single_seen.seen
+    assert len(conn.pipeline.queue) == len(single.queue)
+    assert conn.pipeline.parameters == single.parameters
+    assert conn.pipeline.synced == single.synced
+    assert conn.pipeline.changed_parameters == single.changed_parameters
+    assert conn.internal_errors == (1 if swallowed else 0)
+    assert conn.proto.transaction_status == framed.transaction_status
+
+
+class _Watching(ServerOwner):
+    """A client session as a server connection sees it, keeping what it is told."""
+
+    def __init__(self) -> None:
+        self.shown: list[bytes] = []
+        self.seen: list[tuple[str, str]] = []
+
+    def to_client(self, data: bytes) -> None:
+        self.shown.append(data)
+
+    def on_parameter(self, name: str, value: str) -> None:
+        self.seen.append((name, value))
+
+    def server_idle(self, conn: object) -> None:
+        pass
+
+    def server_lost(self, conn: object) -> None:
+        pass
+
+    def server_ended(self, conn: object, error: bytes) -> None:
+        pass
+
+    def server_paused(self, paused: bool) -> None:
+        pass
+
+
 class _Noted(ParameterSink):
     def __init__(self, seen: list[tuple[str, str]]) -> None:
         self.seen = seen
 
     def on_parameter(self, name: str, value: str) -> None:
         self.seen.append((name, value))
-
-
-def _ready_server() -> ServerConnection:
-    server = ServerConnection()
-    server.send(m.StartupMessage({"user": "u"}))
-    events_of(server, m.authentication(0) + m.ready_for_query(b"I"))
-    return server
 
 
 def _ready_client() -> ClientConnection:
@@ -613,11 +724,11 @@ _PIECES = [
 def test_whole_answer_shortcut_agrees_with_frames(
     pieces: list[bytes], tail: bytes, pending: bytes | None
 ) -> None:
-    """FrameReader.whole_answer says yes exactly when frames() would find whole, valid
+    """ServerConnection.receive_answer says yes exactly when frames() would find whole, valid
     messages ending in the read's only ReadyForQuery and no error or ParameterStatus,
     with nothing buffered; it consumes nothing, so frames() can always follow it."""
     data = b"".join(pieces) + (tail if not pieces or tail[:1] != b"Z" else b"")
-    shortcut, reference = _ready_server(), _ready_server()
+    shortcut, reference = ready_server(), ready_server()
     if pending is not None:  # a message already half read: never the shortcut
         for conn in (shortcut, reference):
             conn.receive_frames(pending)
