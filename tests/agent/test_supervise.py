@@ -74,6 +74,19 @@ async def test_burst_sends_one_reload_signal_then_sigterm_ends_it(
 
 
 async def test_restart_mode_replaces_the_child(children: list[Child], tmp_path: Path) -> None:
+    # as the agent does before it starts its child (agent/cli.py): SIGINT caught here,
+    # so the children start with its default action even when this process was started
+    # with SIGINT ignored (a background job of a shell without job control)
+    inherited = signal.getsignal(signal.SIGINT)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGINT, lambda: None)
+    try:
+        await _restart_then_sigint(children, tmp_path)
+    finally:
+        asyncio.get_running_loop().remove_signal_handler(signal.SIGINT)
+        signal.signal(signal.SIGINT, inherited)
+
+
+async def _restart_then_sigint(children: list[Child], tmp_path: Path) -> None:
     child, record = await start(
         children, tmp_path, "--term-exit", "4", reload="restart", wait=Wait(0.1, 1)
     )
