@@ -125,6 +125,11 @@ class ProxyConfig:
     ignore_startup_parameters: tuple[str, ...] = ()
 
     @property
+    def transaction_pooling(self) -> bool:
+        """A server connection per transaction, not per client (else session pooling)."""
+        return self.pool_mode == "transaction"
+
+    @property
     def unix_socket_path(self) -> Path | None:
         if self.listen_unix is None:
             return None

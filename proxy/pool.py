@@ -264,7 +264,7 @@ class PoolManager:
         self.creds: Credentials | None = None
         self.generation = 0  # of the credentials in service (read on every release)
         # session mode: the connection is the client's own, statement names pass through
-        renaming = config.pool_mode == "transaction"
+        renaming = config.transaction_pooling
         self.names = StatementNames(config.max_prepared_statements if renaming else 0)
         self._task: asyncio.Task[None] | None = None
         self._timers: list[asyncio.TimerHandle] = []

@@ -66,14 +66,14 @@ class ProxyServer:
         # what a server connection runs when its client leaves (session pooling, as
         # PgBouncer; "" otherwise), and whether that takes every setting back to its
         # default (DISCARD ALL, RESET ALL): both read as each session ends
-        self.reset_query = config.server_reset_query if config.pool_mode == "session" else ""
+        self.reset_query = "" if config.transaction_pooling else config.server_reset_query
         self.reset_clears_settings = resets_settings(self.reset_query)
         self.ignored_startup_parameters = frozenset(config.ignore_startup_parameters)
         # settings read at every accept and login, kept as attributes of this native
         # class: ProxyConfig is a Python dataclass, each read of it a generic lookup
         self.max_client_conn = config.max_client_conn
         self.message_buffer = config.message_buffer
-        self.transaction_mode = config.pool_mode == "transaction"
+        self.transaction_mode = config.transaction_pooling
         self.client_auth_method = config.client_auth.method
         # the loop start() ran in: asyncio.get_running_loop() makes a syscall (getpid)
         self.loop: asyncio.AbstractEventLoop | None = None
