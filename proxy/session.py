@@ -553,6 +553,12 @@ class ClientSession(ServerOwner, LinkOwner):
                 return
         conn = self.conn
         if conn is None and self.state is _IDLE:
+            if frames[0][0] == m.CONTINUATION:
+                # a piece of a message no server got (COPY data dropped below, or a
+                # request refused): to a server, it would read as a message of its own
+                frames = frames[1:]
+                if not frames:
+                    return
             if frames[0][0] in _COPY_DATA and _only_copy_data(frames):
                 return  # COPY data after the server failed the COPY: it would drop it too
             # fast path: an idle server connection is at hand

@@ -28,7 +28,7 @@ from proxy.protocol.auth import UpstreamAuthenticator
 from proxy.protocol.backend import ServerConnection
 from proxy.protocol.errors import AuthenticationFailed, ProtocolViolation, ServerProtocolViolation
 from proxy.protocol.pipeline import ParameterSink, Pipeline
-from proxy.protocol.statements import StatementNames
+from proxy.protocol.statements import StatementNames, sqlstate
 from proxy.transport import Link, LinkOwner
 
 log = logging.getLogger("credsidecar.proxy")
@@ -222,7 +222,10 @@ class ServerConn(LinkOwner):
         if pipeline.unrequested_error is not None:
             # the server ends this session between requests (admin shutdown, timeout)
             error, pipeline.unrequested_error = pipeline.unrequested_error, None
-            log.info("proxy_server_ended_session", extra={"db": self.database})
+            # the SQLSTATE says why (57P01 shutdown, 57P05 idle timeout, 08P01 a message
+            # it could not read); the message text may quote data, so it is not logged
+            code = sqlstate(error).decode("ascii", "replace")
+            log.info("proxy_server_ended_session", extra={"db": self.database, "sqlstate": code})
             if owner is not None:
                 owner.server_ended(self, error)
             self.close(terminate=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 
 import asyncpg
@@ -183,10 +184,15 @@ async def test_raw_startup_negotiation(make_proxy: ProxyFactory, role: Role) -> 
 
 
 async def test_backend_terminated_between_requests(
-    make_proxy: ProxyFactory, postgres: PostgresCluster, role: Role
+    make_proxy: ProxyFactory,
+    postgres: PostgresCluster,
+    role: Role,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Transaction mode: a pooled backend killed between transactions is invisible to the
-    client. Session mode: the client's own session ends with the server's error."""
+    client. Session mode: the client's own session ends with the server's error. Both
+    are logged with the error's SQLSTATE, never its text."""
+    caplog.set_level(logging.INFO, logger="credsidecar.proxy")
     tx_proxy = await make_proxy(pool_size=1)
     session_proxy = await make_proxy(pool_mode="session")
     tx_client = await asyncpg.connect(tx_proxy.dsn(db=role.database))
@@ -216,3 +222,6 @@ async def test_backend_terminated_between_requests(
     finally:
         await tx_client.close()
         await session_client.close()
+    ended = [r for r in caplog.records if r.getMessage() == "proxy_server_ended_session"]
+    assert [getattr(r, "sqlstate", None) for r in ended] == ["57P01", "57P01"]
+    assert not [r for r in ended if "terminat" in str(r.__dict__)]

@@ -648,6 +648,56 @@ async def test_copy_to_a_blocked_server_is_paused_and_fails_promptly(
     assert at_error < 1 << 30
 
 
+@pytest.mark.parametrize("mode", MODES)
+async def test_copy_data_streamed_after_the_copy_failed_reaches_no_server(
+    make_proxy: ProxyFactory, role: Role, mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The COPY failed and, in transaction pooling, its connection went back to the pool
+    between two CopyData messages; the client still streams one too big to be held. Its
+    head and every piece after it are dropped, as the server would drop them: sent to
+    a server connection, a piece would be read as a message of its own (FATAL 08P01)."""
+    caplog.set_level(logging.INFO, logger="credsidecar.proxy")
+    proxy = await make_proxy(pool_mode=mode, pool_size=1)
+    connects = metrics.server_connects_total.labels("ok")
+    async with proxied(proxy, role) as client:
+        client.send(m.query("CREATE TABLE IF NOT EXISTS copy_tail (x int CHECK (x >= 0))"))
+        await client.until(b"Z")
+        before = connects._value.get()
+        client.send(m.query("COPY copy_tail FROM STDIN") + copy_data(b"-1\n"))
+        assert kinds(await client.until(b"Z")) == "GEZ"
+        # several reads whatever the socket buffers: the pieces after the first
+        client.send(copy_data(b"1\n" * (2 * MiB)))
+        client.send(m.message(b"c") + run("SELECT 8") + m.SYNC)  # CopyDone: dropped
+        assert kinds(await client.until(b"Z")) == "12TDCZ"
+    ended = [r for r in caplog.records if r.getMessage() == "proxy_server_ended_session"]
+    assert not ended
+    assert connects._value.get() == before  # the one connection served it all
+
+
+async def test_the_rest_of_a_refused_query_reaches_no_server(
+    make_proxy: ProxyFactory, role: Role, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Query too big to be held was refused (no server connection within
+    pool_timeout) while its head was in; what follows of it once a connection is free
+    is dropped, not sent as if it were a message of its own."""
+    caplog.set_level(logging.INFO, logger="credsidecar.proxy")
+    proxy = await make_proxy(pool_size=1, pool_timeout="300ms")
+    holder = await asyncpg.connect(proxy.dsn(db=role.database))
+    try:
+        async with proxied(proxy, role) as client:
+            await holder.execute("BEGIN")  # the only server connection, held
+            big = m.query("SELECT 1 -- " + "x" * MiB)
+            client.send(big[:4096])
+            refused = await client.until(b"Z")
+            assert kinds(refused) == "EZ" and b"C08006\0" in refused[0]
+            await holder.execute("ROLLBACK")
+            client.send(big[4096:] + run("SELECT 4") + m.SYNC)
+            assert kinds(await client.until(b"Z")) == "12TDCZ"
+    finally:
+        await asyncio.wait_for(holder.close(), 20)
+    assert not [r for r in caplog.records if r.getMessage() == "proxy_server_ended_session"]
+
+
 async def test_segments_the_proxy_refuses_are_answered_like_failed_ones(
     make_proxy: ProxyFactory, role: Role
 ) -> None:
