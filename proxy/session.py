@@ -598,9 +598,9 @@ class ClientSession(ServerOwner, LinkOwner):
         return True
 
     def _sent(self, conn: ServerConn) -> None:
-        queue = conn.pipeline.queue
-        if queue:
-            if queue[0].action == FAKE:
+        first = conn.pipeline.queue.first()
+        if first is not None:
+            if first.action == FAKE:
                 self._emit_fakes(conn)
         elif self.transaction_mode:
             # no answer due (the tail of a message that kept the connection, COPY data

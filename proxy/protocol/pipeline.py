@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import re
 import struct
-from collections import deque
+from collections.abc import Iterator
 from typing import Final
 
 from mypy_extensions import i64, mypyc_attr
@@ -117,6 +117,80 @@ class Entry:
         self.rows: list[list[str | None]] | None = None  # CAPTURE: the rows; None on error
 
 
+# EntryQueue's ring: its size to begin with, and to go back to once empty (a power of
+# two, as every size it grows to)
+_RING: Final = 8
+
+
+class EntryQueue:
+    """The entries awaiting a response, oldest first: the few deque operations the
+    pipeline needs, as native calls (compiled, each operation on a deque is a generic
+    call, and a transaction makes several). A ring of slots that doubles when full and
+    goes back to its first size whenever it empties, so a client that once pipelined
+    deeply does not keep its slots; a slot read is cleared at once."""
+
+    __slots__ = ("_count", "_head", "_slots")
+
+    def __init__(self) -> None:
+        self._slots: list[Entry | None] = [None] * _RING
+        self._head: i64 = 0
+        self._count: i64 = 0
+
+    def append(self, entry: Entry) -> None:
+        slots = self._slots
+        count = self._count
+        if count == len(slots):
+            slots = self._grow()
+        slots[(self._head + count) & (len(slots) - 1)] = entry
+        self._count = count + 1
+
+    def extend(self, entries: list[Entry]) -> None:
+        for entry in entries:
+            self.append(entry)
+
+    def _grow(self) -> list[Entry | None]:
+        slots: list[Entry | None] = [*self, *[None] * self._count]
+        self._slots = slots
+        self._head = 0
+        return slots
+
+    def first(self) -> Entry | None:
+        """The oldest entry, or None when nothing awaits a response."""
+        return self._slots[self._head] if self._count else None
+
+    def popleft(self) -> Entry:
+        entry = self._slots[self._head] if self._count else None
+        if entry is None:
+            raise IndexError("popleft from an empty EntryQueue")
+        slots = self._slots
+        slots[self._head] = None
+        self._count -= 1
+        if self._count:
+            self._head = (self._head + 1) & (len(slots) - 1)
+        else:
+            self._head = 0
+            if len(slots) > _RING:
+                self._slots = [None] * _RING
+        return entry
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __bool__(self) -> bool:
+        return self._count > 0
+
+    def __iter__(self) -> Iterator[Entry]:
+        slots = self._slots
+        mask = len(slots) - 1
+        head = self._head
+        entries: list[Entry] = []
+        for n in range(self._count):
+            entry = slots[(head + n) & mask]
+            assert entry is not None
+            entries.append(entry)
+        return iter(entries)
+
+
 # A FORWARD entry without a statement is never changed once queued, so one shared
 # instance per kind serves every request (no allocation on the hot path).
 _FORWARDS: Final = {kind: Entry(kind, FORWARD) for kind in range(7)}
@@ -166,8 +240,6 @@ class Pipeline:
     """Rewrites client requests for this server connection and routes its responses."""
 
     __slots__ = (
-        "_dequeue",
-        "_enqueue",
         "changed_parameters",
         "fatal_forwarded",
         "names",
@@ -185,11 +257,7 @@ class Pipeline:
         self.names = names
         self.renaming = names.limit > 0  # else statement names pass through
         self.prepared = ServerStatements(names.limit)
-        self.queue: deque[Entry] = deque()
-        # the simple-Query path's two calls, looked up once (compiled code calls a
-        # deque's methods by name, a lookup each time); the queue is never replaced
-        self._enqueue = self.queue.append
-        self._dequeue = self.queue.popleft
+        self.queue = EntryQueue()
         self.parameters = parameters  # the server's reported parameters, kept current
         # names the server reported (ParameterStatus) since its reader last emptied
         # this: at most the few reportable ones (proxy/upstream.py, parameter_statuses)
@@ -348,7 +416,7 @@ class Pipeline:
 
     def _query(self, buf: bytes, start: int, end: int) -> None:
         self.segment = CLOSED
-        self._enqueue(_FWD_QUERY)
+        self.queue.append(_FWD_QUERY)
         if buf[start + 5] in _MAYBE_DISCARD and _DROPS_STATEMENTS.match(
             buf, start + 5, min(end, start + 64)
         ):
@@ -402,7 +470,7 @@ class Pipeline:
         # Close of a name in it says which (we Parse only what is not there, and Close
         # only what is), the rest of the segment changed nothing.
         seen: set[str] = set()
-        while queue and queue[0].kind != _SYNC:
+        while (first := queue.first()) is not None and first.kind != _SYNC:
             entry = queue.popleft()
             stmt = entry.stmt
             if stmt is None or stmt in seen or (entry.kind != _PARSE and entry.kind != _CLOSE):
@@ -418,7 +486,7 @@ class Pipeline:
 
     def internal_query(self, sql: str) -> bytes:
         """A query of the proxy's own whose responses nobody sees."""
-        self._enqueue(_INTERNAL_QUERY)
+        self.queue.append(_INTERNAL_QUERY)
         data, drops_statements = _internal_message(sql)
         if drops_statements:
             self.prepared.clear()
@@ -434,7 +502,7 @@ class Pipeline:
     def fakes(self, out: list[bytes]) -> None:
         """Emit the synthesized replies that are now at the head of the queue."""
         queue = self.queue
-        while queue and queue[0].action == FAKE:
+        while (first := queue.first()) is not None and first.action == FAKE:
             out.append(_FAKE_REPLY[queue.popleft().kind])
 
     # --- server -> client ---------------------------------------------------------
@@ -444,10 +512,10 @@ class Pipeline:
         Its whole answer in one read (``ServerConnection.receive_answer``) then goes to
         the client as it came, and :meth:`answered` is all the bookkeeping."""
         queue = self.queue
-        return len(queue) == 1 and queue[0] is _FWD_QUERY
+        return len(queue) == 1 and queue.first() is _FWD_QUERY
 
     def answered(self) -> None:
-        self._dequeue()
+        self.queue.popleft()
 
     def awaits_internal_answer(self) -> bool:
         """A query of the proxy's own is the next to be answered: a login's settings
@@ -455,8 +523,7 @@ class Pipeline:
         or the reset after a client left (session pooling). When the read begins with
         its plain answer (``ServerConnection.receive_internal_answer``), that part
         goes to :meth:`internal_answered`."""
-        queue = self.queue
-        return len(queue) > 0 and queue[0] is _INTERNAL_QUERY
+        return self.queue.first() is _INTERNAL_QUERY
 
     def internal_answered(self, data: bytes, end: i64, sink: ParameterSink | None = None) -> bytes:
         """What :meth:`server_frames` makes of ``data[:end]``, that answer, without
@@ -471,9 +538,10 @@ class Pipeline:
                 self._parameter_status(data[pos + 5 : stop], sink)
                 shown.append(data[pos:stop])
             pos = stop
-        self._dequeue()
+        self.queue.popleft()
         queue = self.queue
-        if len(queue) > 0 and queue[0].action == FAKE:
+        first = queue.first()
+        if first is not None and first.action == FAKE:
             self.fakes(shown)
         if not shown:
             return b""
@@ -504,16 +572,15 @@ class Pipeline:
         run_start = run_end = -1
         swallowed_error = False
         forward = True
-        # the head of the queue, read again only when it may have changed (compiled,
-        # a deque's truth and its [0] are generic calls)
-        head = queue[0] if queue else None
+        # the head of the queue, read again only when it may have changed
+        head = queue.first()
         for t, start, end in frames:
             if head is not None and head.action == FAKE:
                 if run_start >= 0:
                     out.append(buf[run_start:run_end])
                     run_start = -1
                 self.fakes(out)
-                head = queue[0] if queue else None
+                head = queue.first()
             if t == 83:
                 # ParameterStatus: noted, and forwarded with what surrounds it (it is
                 # never streamed: FrameReader refuses a large one)
@@ -534,19 +601,19 @@ class Pipeline:
                 if not forward and _partial(msg.data):
                     raise ServerProtocolViolation(f"message {msg.type!r} too large")
                 swallowed_error |= self.server_message(msg, out)
-                head = queue[0] if queue else None
+                head = queue.first()
                 continue
             entry = head  # the request this message answers
             action = entry.action
             if t == 90:  # Z
-                self._dequeue()
-                head = queue[0] if queue else None
+                self.queue.popleft()
+                head = queue.first()
                 if entry.kind != _SYNC and entry.kind != _QUERY:
                     raise ServerProtocolViolation("ReadyForQuery before the request completed")
                 forward = action == FORWARD
             elif t == 69:  # E
                 self._failed(entry, buf[start:end])
-                head = queue[0] if queue else None
+                head = queue.first()
                 forward = action != INTERNAL and action != CAPTURE
                 if not forward:
                     entry.rows = None
@@ -555,8 +622,8 @@ class Pipeline:
                     self.fatal_forwarded = True
             else:
                 if _COMPLETES[t] == entry.kind:
-                    self._dequeue()
-                    head = queue[0] if queue else None
+                    self.queue.popleft()
+                    head = queue.first()
                 forward = action == FORWARD
                 if action == CAPTURE and t == 68 and entry.rows is not None:
                     if _partial(buf[start:end]):
@@ -573,7 +640,8 @@ class Pipeline:
         if run_start >= 0:
             out.append(buf[run_start:run_end] if run_start or run_end != len(buf) else buf)
         self.streaming_forward = forward  # matters when the last frame was a head
-        if queue and queue[0].action == FAKE:
+        first = queue.first()
+        if first is not None and first.action == FAKE:
             self.fakes(out)  # e.g. a Close answered by us, with only a Flush after it
         return swallowed_error
 
@@ -588,7 +656,8 @@ class Pipeline:
         Returns True when an ErrorResponse of the proxy's own query was swallowed.
         """
         queue = self.queue
-        if queue and queue[0].action == FAKE:
+        first = queue.first()
+        if first is not None and first.action == FAKE:
             self.fakes(out)
         t = msg.data[0]
         if t == 78 or t == 65:  # N, A: asynchronous, always the client's
@@ -598,14 +667,14 @@ class Pipeline:
             self._parameter_status(msg.body, sink)
             out.append(msg.data)
             return False
-        if not queue:
+        head = queue.first()
+        if head is None:
             # nothing asked: only an error (admin shutdown, idle timeout) may arrive; it
             # is about the server session, so whoever owns that decides (not forwarded)
             if t == 69:
                 self.unrequested_error = msg.data
                 return False
             raise ServerProtocolViolation(f"unrequested message {msg.type!r}")
-        head = queue[0]
         action = head.action
         if t == 90:  # Z ends a Sync or a Query
             queue.popleft()

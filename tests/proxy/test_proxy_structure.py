@@ -3,6 +3,7 @@ the client-side bulk path equal to the message path, and no import of ``agent``.
 
 from __future__ import annotations
 
+from collections import deque
 from pathlib import Path
 
 import pytest
@@ -14,9 +15,12 @@ from proxy.protocol import messages as m
 from proxy.protocol import states as S
 from proxy.protocol.errors import ProtocolViolation
 from proxy.protocol.pipeline import (
+    _RING,
     DROP,
     FINISH,
     KEEP,
+    Entry,
+    EntryQueue,
     Pipeline,
     between_transactions,
     past_failed_segment,
@@ -194,3 +198,46 @@ def test_bulk_client_requests_match_message_path(
     ]
     assert bulk.prepared.names() == single.prepared.names()
     assert bulk_stmts.by_name == single_stmts.by_name
+
+
+# --- the pipeline's queue -----------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.booleans(), max_size=1500))
+def test_entry_queue_behaves_as_a_deque(appends: list[bool]) -> None:
+    """Appends (True) and poplefts (False) in any order: the same entries, in the same
+    order, as a deque."""
+    ours, theirs = EntryQueue(), deque[Entry]()
+    for n, append in enumerate(appends):
+        if append or not theirs:
+            entry = Entry(n % 7, 0)
+            ours.append(entry)
+            theirs.append(entry)
+        else:
+            assert ours.popleft() is theirs.popleft()
+        assert len(ours) == len(theirs) and bool(ours) == bool(theirs)
+        assert ours.first() is (theirs[0] if theirs else None)
+    assert list(ours) == list(theirs)
+    while theirs:
+        assert ours.popleft() is theirs.popleft()
+    with pytest.raises(IndexError):
+        ours.popleft()
+
+
+def test_entry_queue_lets_go_of_what_it_read() -> None:
+    """A client that pipelined deeply once: once the queue is empty again it holds
+    only its first few slots, and no slot keeps an entry already read (else a long
+    session would keep whatever it ever queued, a CAPTURE's rows included)."""
+    queue = EntryQueue()
+    entries = [Entry(n % 7, 0) for n in range(100 * _RING)]
+    queue.extend(entries[:3])
+    for entry in entries[3:]:  # never empty meanwhile, and the ring wraps and grows
+        queue.append(entry)
+        queue.append(entry)
+        queue.popleft()
+    assert len(queue) == len(entries)
+    assert sum(slot is not None for slot in queue._slots) == len(queue)
+    while queue:
+        queue.popleft()
+    assert queue._slots == [None] * _RING
