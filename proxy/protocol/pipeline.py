@@ -102,7 +102,9 @@ _STALE: Final = b"0A000"
 _I32: Final = struct.Struct("!i")
 # queries after which the server has no prepared statements left
 _DROPS_STATEMENTS: Final = re.compile(rb"\s*(DISCARD\s+ALL|DEALLOCATE\s+(PREPARE\s+)?ALL)\b", re.I)
-_MAYBE_DISCARD: Final = frozenset(b"Dd \n\t\r")  # first byte of such a query: cheap pre-check
+# the first bytes such a query may begin with, as a table (an index, not a set lookup
+# of a boxed int): the cheap check made of every client Query
+_MAYBE_DISCARD: Final = m.type_table(frozenset(b"Dd \t\n\r\f\v"))
 
 
 class Entry:
@@ -417,7 +419,7 @@ class Pipeline:
     def _query(self, buf: bytes, start: int, end: int) -> None:
         self.segment = CLOSED
         self.queue.append(_FWD_QUERY)
-        if buf[start + 5] in _MAYBE_DISCARD and _DROPS_STATEMENTS.match(
+        if _MAYBE_DISCARD[buf[start + 5]] and _DROPS_STATEMENTS.match(
             buf, start + 5, min(end, start + 64)
         ):
             self.prepared.clear()  # DISCARD ALL / DEALLOCATE ALL from the client

@@ -200,6 +200,25 @@ def test_bulk_client_requests_match_message_path(
     assert bulk_stmts.by_name == single_stmts.by_name
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    st.text(alphabet=" \t\n\r\f\vdDx", max_size=3),
+    st.sampled_from(["DISCARD ALL", "discard all", "DEALLOCATE PREPARE ALL", "SELECT 1"]),
+)
+def test_a_query_that_drops_statements_is_seen_on_both_paths(prefix: str, sql: str) -> None:
+    """The simple-Query path checks the first byte before it runs the pattern; it must
+    never miss a DISCARD ALL / DEALLOCATE ALL that the message path sees."""
+    query = m.query(prefix + sql)
+    fast, careful = Pipeline(StatementNames(200), {}), Pipeline(StatementNames(200), {})
+    for pipeline in (fast, careful):
+        pipeline.prepared.add("s1")
+    assert fast.simple_query(query)
+    careful.client_message(m.Message(query[:1], query), ClientStatements(), [])
+    assert ("s1" in fast.prepared) == ("s1" in careful.prepared)
+    if prefix.isspace() and not sql.startswith("SELECT"):
+        assert "s1" not in fast.prepared
+
+
 # --- the pipeline's queue -----------------------------------------------------------
 
 
