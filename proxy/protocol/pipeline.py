@@ -540,8 +540,8 @@ class Pipeline:
                 self._parameter_status(data[pos + 5 : stop], sink)
                 shown.append(data[pos:stop])
             pos = stop
-        self.queue.popleft()
         queue = self.queue
+        queue.popleft()
         first = queue.first()
         if first is not None and first.action == FAKE:
             self.fakes(shown)
@@ -608,7 +608,7 @@ class Pipeline:
             entry = head  # the request this message answers
             action = entry.action
             if t == 90:  # Z
-                self.queue.popleft()
+                queue.popleft()
                 head = queue.first()
                 if entry.kind != _SYNC and entry.kind != _QUERY:
                     raise ServerProtocolViolation("ReadyForQuery before the request completed")
@@ -624,7 +624,7 @@ class Pipeline:
                     self.fatal_forwarded = True
             else:
                 if _COMPLETES[t] == entry.kind:
-                    self.queue.popleft()
+                    queue.popleft()
                     head = queue.first()
                 forward = action == FORWARD
                 if action == CAPTURE and t == 68 and entry.rows is not None:
