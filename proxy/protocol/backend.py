@@ -15,6 +15,7 @@ from mypy_extensions import i64
 from proxy.protocol import events as ev
 from proxy.protocol import messages as m
 from proxy.protocol.errors import ServerProtocolViolation
+from proxy.protocol.parameters import keep_reported
 from proxy.protocol.states import (
     BACKEND_STREAMABLE,
     BACKEND_TYPES,
@@ -60,7 +61,7 @@ class ServerConnection:
             raise _V(f"{type(event).__name__} not expected while {self.state.value}")
         self.state = nxt
         if isinstance(event, ev.ParameterStatus):
-            self.parameters[event.name] = event.value
+            keep_reported(self.parameters, event.name, event.value)
         elif isinstance(event, ev.BackendKeyData):
             self.backend_key = event
         elif isinstance(event, ev.ReadyForQuery):

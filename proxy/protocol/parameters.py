@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from typing import Final
 
-from proxy.protocol.errors import UnsupportedParameter
+from proxy.protocol.errors import ServerProtocolViolation, UnsupportedParameter
 from proxy.protocol.messages import remember
 
 # Reported (GUC_REPORT) by PostgreSQL 12-18; the names the server reports them under
@@ -58,6 +58,9 @@ SERVER_OWNED: Final = frozenset(
 NOT_SETTINGS: Final = frozenset(("user", "database", "options", "replication"))
 REFUSED: Final = frozenset(("role", "session_authorization", *SERVER_OWNED))
 MAX_SETTINGS: Final = 64  # per client; a startup packet is small, but be explicit
+# distinct names a server may report (PostgreSQL reports the 15 above, an extension
+# a few more): what a connection keeps of them, and shows its clients, stays bounded
+MAX_REPORTED: Final = 64
 _CANONICAL: Final = {name.lower(): name for name in REPORTED}
 # Built-in settings that are not lists of names, so that ``SET x TO '...'`` takes the
 # value as set_config() does (PostgreSQL quotes only GUC_LIST_QUOTE ones). The server
@@ -82,6 +85,14 @@ PLAIN_SET: Final = frozenset(
 # what a configuration parameter's name looks like (custom ones have a dot)
 _NAME: Final = re.compile(r"[a-z_][a-z0-9_$]*(\.[a-z_][a-z0-9_$]*)*")
 _RESETS: Final = re.compile(r"\b(DISCARD|RESET)\s+ALL\b", re.I)
+
+
+def keep_reported(parameters: dict[str, str], name: str, value: str) -> None:
+    """``parameters[name] = value`` for a ParameterStatus; a name past the first
+    :data:`MAX_REPORTED` is a server protocol violation (the connection is closed)."""
+    if len(parameters) >= MAX_REPORTED and name not in parameters:
+        raise ServerProtocolViolation(f"the server reported more than {MAX_REPORTED} parameters")
+    parameters[name] = value
 
 
 def canonical_name(name: str) -> str:

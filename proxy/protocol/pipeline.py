@@ -38,7 +38,7 @@ from proxy.protocol.errors import (
     ServerProtocolViolation,
     StatementTooLarge,
 )
-from proxy.protocol.parameters import SERVER_OWNED, tracked
+from proxy.protocol.parameters import SERVER_OWNED, keep_reported, tracked
 from proxy.protocol.statements import (
     ClientStatements,
     ServerStatements,
@@ -704,7 +704,7 @@ class Pipeline:
 
     def _parameter_status(self, body: bytes, sink: ParameterSink | None) -> None:
         name, value = m.parse_parameter_status(body, _SERVER_VIOLATION)
-        self.parameters[name] = value
+        keep_reported(self.parameters, name, value)
         self.changed_parameters.add(name)
         if name not in SERVER_OWNED and self.synced.get(name) != value:
             self.synced = {**self.synced, name: value}  # a new dict: it may be shared

@@ -23,6 +23,7 @@ from proxy.protocol.errors import (
     ServerProtocolViolation,
 )
 from proxy.protocol.frontend import ClientConnection
+from proxy.protocol.parameters import MAX_REPORTED
 from proxy.protocol.pipeline import ParameterSink, Pipeline
 from proxy.protocol.statements import ClientStatements, StatementNames
 from proxy.protocol.states import ClientState, ServerState
@@ -339,6 +340,31 @@ def test_server_startup_violations(data: bytes) -> None:
     conn.send(m.StartupMessage({"user": "u"}))
     with pytest.raises(ServerProtocolViolation):
         events_of(conn, data)
+
+
+def test_a_server_reporting_ever_more_parameters_is_refused() -> None:
+    """What a server connection keeps of the server's ParameterStatus reports (and shows
+    its clients) is bounded: the same names again and again are fine, at login and
+    once logged in, but a new name past MAX_REPORTED is a violation (the connection is
+    closed, see ServerConn.link_data)."""
+    reports = b"".join(m.parameter_status(f"p{n}", "v") for n in range(MAX_REPORTED))
+    login = ServerConnection()
+    login.send(m.StartupMessage({"user": "u"}))
+    events_of(login, m.authentication(0) + reports + reports)
+    with pytest.raises(ServerProtocolViolation, match="more than 64 parameters"):
+        events_of(login, m.parameter_status("one_more", "v"))
+    assert len(login.parameters) == MAX_REPORTED
+
+    server = ready_server()
+    pipe = Pipeline(StatementNames(0), server.parameters)
+    buf, frames = server.receive_frames(reports + reports)
+    out: list[bytes] = []
+    pipe.server_frames(buf, frames, out)
+    assert b"".join(out) == reports + reports  # all shown to the client, as they came
+    buf, frames = server.receive_frames(m.parameter_status("one_more", "v"))
+    with pytest.raises(ServerProtocolViolation, match="more than 64 parameters"):
+        pipe.server_frames(buf, frames, [])
+    assert len(pipe.parameters) == MAX_REPORTED and "one_more" not in pipe.synced
 
 
 # --- authentication -----------------------------------------------------------------
