@@ -12,6 +12,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -674,6 +675,15 @@ async def test_copy_data_streamed_after_the_copy_failed_reaches_no_server(
     assert connects._value.get() == before  # the one connection served it all
 
 
+async def hold_the_only_connection(proxy: RunningProxy, holder: asyncpg.Connection) -> None:
+    """``holder`` takes the pool's one server connection into a transaction; from then
+    on the proxy's pool_timeout is 300 ms. Not before: opening that connection (a
+    PostgreSQL login, the client's login waits for it) can take longer than that on a
+    loaded machine, and the test would fail before it began."""
+    await holder.execute("BEGIN")
+    proxy.server.config = replace(proxy.server.config, pool_timeout=0.3)
+
+
 async def test_the_rest_of_a_refused_query_reaches_no_server(
     make_proxy: ProxyFactory, role: Role, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -681,11 +691,11 @@ async def test_the_rest_of_a_refused_query_reaches_no_server(
     pool_timeout) while its head was in; what follows of it once a connection is free
     is dropped, not sent as if it were a message of its own."""
     caplog.set_level(logging.INFO, logger="credsidecar.proxy")
-    proxy = await make_proxy(pool_size=1, pool_timeout="300ms")
+    proxy = await make_proxy(pool_size=1)
     holder = await asyncpg.connect(proxy.dsn(db=role.database))
     try:
         async with proxied(proxy, role) as client:
-            await holder.execute("BEGIN")  # the only server connection, held
+            await hold_the_only_connection(proxy, holder)
             big = m.query("SELECT 1 -- " + "x" * MiB)
             client.send(big[:4096])
             refused = await client.until(b"Z")
@@ -704,11 +714,11 @@ async def test_segments_the_proxy_refuses_are_answered_like_failed_ones(
     """No server connection within pool_timeout: each segment in flight gets its error
     and its Sync's ReadyForQuery, a segment still open swallows what follows up to its
     Sync, and the session carries on once a connection is free."""
-    proxy = await make_proxy(pool_size=1, pool_timeout="300ms")
+    proxy = await make_proxy(pool_size=1)
     holder = await asyncpg.connect(proxy.dsn(db=role.database))
     try:
         async with proxied(proxy, role) as client:
-            await holder.execute("BEGIN")  # the only server connection, held
+            await hold_the_only_connection(proxy, holder)
             client.send(run("SELECT 1") + m.SYNC + run("SELECT 2"))
             first = await client.until(b"E", 2)
             client.send(bind() + EXECUTE + m.SYNC + run("SELECT 3") + m.SYNC)
