@@ -355,6 +355,8 @@ class ClientSession(ServerOwner, LinkOwner):
             and _same(kept[1], synced)
             and _same(kept[2], conn.extras)
         ):
+            if kept[1] is not synced:  # equal: keep this one, the next check is by identity
+                conn.last_change = (settings, synced, conn.extras, kept[3], kept[4])
             return kept[4]
         reported = {k: v for k, v in settings.items() if k in known and conn.defaults.get(k) != v}
         extras = {k: v for k, v in settings.items() if k not in known}

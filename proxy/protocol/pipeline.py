@@ -249,6 +249,10 @@ class Pipeline:
         "prepared",
         "queue",
         "renaming",
+        "report_after",
+        "report_before",
+        "report_name",
+        "report_value",
         "segment",
         "streaming_forward",
         "synced",
@@ -267,6 +271,11 @@ class Pipeline:
         # the subset a client carries between connections; replaced, never changed in
         # place, so that a client can share it (proxy/session.py, _same_settings)
         self.synced = tracked(parameters)
+        # the last report that changed synced, from what to what (see _synced_after)
+        self.report_before: dict[str, str] | None = None
+        self.report_name = ""
+        self.report_value = ""
+        self.report_after: dict[str, str] = self.synced
         self.fatal_forwarded = False  # the client already got the server's last word
         self.unrequested_error: bytes | None = None  # an error between requests
         self.streaming_forward = True  # a server message streaming through goes to the client
@@ -707,9 +716,23 @@ class Pipeline:
         keep_reported(self.parameters, name, value)
         self.changed_parameters.add(name)
         if name not in SERVER_OWNED and self.synced.get(name) != value:
-            self.synced = {**self.synced, name: value}  # a new dict: it may be shared
+            self.synced = self._synced_after(name, value)
         if sink is not None:
             sink.on_parameter(name, value)
+
+    def _synced_after(self, name: str, value: str) -> dict[str, str]:
+        """``synced`` with ``name`` reported as ``value``: a new dict (it may be shared),
+        or the one that the same report over the same dict gave last time. In session
+        pooling each client's reset reports the same value over the same settings; the
+        next login's check of them then ends at an identity test
+        (proxy/session.py, _same), not a compare item by item."""
+        before = self.synced
+        if self.report_before is before and self.report_name == name and self.report_value == value:
+            return self.report_after
+        after = {**before, name: value}
+        self.report_before, self.report_name, self.report_value = before, name, value
+        self.report_after = after
+        return after
 
 
 def _data_row(body: bytes) -> list[str | None]:

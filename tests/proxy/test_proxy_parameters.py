@@ -10,7 +10,7 @@ import asyncpg
 import psycopg
 import pytest
 from devservers import FaultRelay, PostgresCluster
-from proxyhelpers import ProxyFactory, Role
+from proxyhelpers import ProxyFactory, Role, wait_until
 
 from proxy.pool import ACCEPTED_SETTINGS
 from proxy.protocol import messages as m
@@ -276,6 +276,31 @@ async def test_a_kept_settings_change_is_used_only_for_what_it_came_from(
         assert b"statement_timeout TO" not in sent
     finally:
         relay.close()
+
+
+async def test_session_logins_after_the_reset_check_their_settings_by_identity(
+    make_proxy: ProxyFactory, role: Role
+) -> None:
+    """Session mode, DISCARD ALL, one server connection, clients asking for a setting
+    the server took before (as pgbench does): each client's reset reports its
+    application_name back to the default, and the next client asks for the same again.
+    From the second client on, the reset gives the connection the very settings dict
+    of the time before, and the settings change kept on it was made from that dict, so
+    the login's checks are identity tests (what a login costs is measured by
+    benchmarks/proxy.py). Each client is still told its own value."""
+    proxy = await make_proxy(pool_mode="session", pool_size=1)
+    login = {"user": "app", "database": role.database, "application_name": "same-each-time"}
+    pools = proxy.server.manager.pools
+    after_reset = []
+    for _ in range(3):
+        told, error = await raw_login(proxy.port, login)
+        assert not error and told["application_name"] == "same-each-time"
+        await wait_until(lambda: len(pools[role.database].idle) == 1, what="the reset done")
+        (conn,) = pools[role.database].idle
+        assert conn.pipeline.synced["application_name"] == ""  # the reset's report
+        after_reset.append(conn.pipeline.synced)
+    assert after_reset[0] == after_reset[1] and after_reset[1] is after_reset[2]
+    assert conn.last_change is not None and conn.last_change[1] is after_reset[2]
 
 
 async def test_settings_the_server_took_before_need_no_answer_at_login(

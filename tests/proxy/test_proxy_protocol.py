@@ -367,6 +367,36 @@ def test_a_server_reporting_ever_more_parameters_is_refused() -> None:
     assert len(pipe.parameters) == MAX_REPORTED and "one_more" not in pipe.synced
 
 
+def test_the_same_report_over_the_same_settings_gives_the_same_settings() -> None:
+    """After a ParameterStatus that changes them, a connection's synced settings are a
+    new dict: the old one is shared with clients and never changed in place. When the
+    same report comes over the same dict again (session pooling: each client's reset
+    reports the same value over the settings the last login gave), it is the very
+    dict of last time, so that the next login compares settings by identity."""
+    server = ready_server()
+    pipe = Pipeline(StatementNames(0), {"application_name": "app", "DateStyle": "ISO, MDY"})
+    given = pipe.synced  # what a login's settings SQL gives the connection
+
+    def report(name: str, value: str) -> dict[str, str]:
+        buf, frames = server.receive_frames(m.parameter_status(name, value))
+        pipe.server_frames(buf, frames, [])
+        return pipe.synced
+
+    reset = report("application_name", "")
+    assert reset is not given and reset == {**given, "application_name": ""}
+    assert given["application_name"] == "app"  # not changed in place
+    assert report("application_name", "") is reset  # no change: the same dict
+    pipe.synced = given  # the next client's login
+    assert report("application_name", "") is reset
+    pipe.synced = given
+    assert report("application_name", "other") == {**given, "application_name": "other"}
+    pipe.synced = dict(given)  # equal settings, another dict: a new one
+    renewed = report("application_name", "")
+    assert renewed is not reset and renewed == reset
+    pipe.synced = given
+    assert report("DateStyle", "ISO, DMY") == {**given, "DateStyle": "ISO, DMY"}
+
+
 # --- authentication -----------------------------------------------------------------
 
 
