@@ -11,8 +11,8 @@ mode; session for the relay) and to direct, and the CPU time (user + system, fro
 /proc) each target process spent per transaction, and its ratio to PgBouncer's; each
 ratio is the median of the ratios within a round (see :func:`paired`).
 Then instructions per transaction (valgrind's callgrind, repeatable where time is
-not) for PgBouncer and both proxy builds, ``-S`` and ``-S -C`` (what a login costs),
-with the proxy's top functions; then a
+not) for PgBouncer and both proxy builds, ``-S`` and ``-S -C`` (what a login costs,
+in both pool modes), with the proxy's top functions; then a
 rotation soak: pgbench -S through the proxy while the role's
 password changes every 5 s (``ALTER ROLE`` + rewritten credentials file); it must end
 with 0 failed transactions.
@@ -467,10 +467,12 @@ def callgrind_costs(path: Path) -> tuple[int, dict[str, int], dict[str, int]]:
 
 
 CALLGRIND_WORKLOADS = [
-    # (label, pgbench arguments, share of --callgrind transactions): a login costs
-    # ~20x a transaction, and valgrind runs everything ~50x slower
-    ("-S", ["-S"], 1.0),
-    ("-S -C", ["-S", "-C"], 0.2),
+    # (label, pgbench arguments, share of --callgrind transactions, pool mode): a login
+    # costs ~20x a transaction, and valgrind runs everything ~50x slower; in session
+    # pooling a login also costs the reset query (DISCARD ALL) and the settings again
+    ("-S", ["-S"], 1.0, "transaction"),
+    ("-S -C", ["-S", "-C"], 0.2, "transaction"),
+    ("-S -C", ["-S", "-C"], 0.2, "session"),
 ]
 
 
@@ -478,7 +480,7 @@ def instructions(
     pg: PostgresCluster, workdir: Path, password: str, transactions: int, top: int, both: bool
 ) -> None:
     """Instructions per ``pgbench -S`` transaction (transaction pooling) under callgrind,
-    and per ``-S -C`` one (a login, a transaction, a goodbye).
+    and per ``-S -C`` one (a login, a transaction, a goodbye) in both pool modes.
 
     Each target starts under valgrind; after a warm-up, ``callgrind_control --dump``
     zeroes the counters, the transactions run (4 clients), and a second dump holds
@@ -493,17 +495,18 @@ def instructions(
     hold.chmod(0o644)  # pgbench runs as postgres when root
     made: list[tuple[str, Any]] = []
     if shutil.which("pgbouncer"):
-        made.append(("pgbouncer transaction", "pgbouncer"))
-    made.append(("proxy transaction", False))
+        made.append(("pgbouncer", "pgbouncer"))
+    made.append(("proxy", False))
     if both:
-        made.append(("proxy pure transaction", True))
-    for workload, wargs, share in CALLGRIND_WORKLOADS:
+        made.append(("proxy pure", True))
+    for workload, wargs, share, mode in CALLGRIND_WORKLOADS:
         per_client = max(int(transactions * share) // clients, 1)
         print(
-            f"\ninstructions (callgrind Ir) per pgbench {workload} transaction, transaction "
+            f"\ninstructions (callgrind Ir) per pgbench {workload} transaction, {mode} "
             f"pooling, {clients} clients x {per_client} transactions, after a warm-up"
         )
-        for name, kind in made:
+        for base, kind in made:
+            name = f"{base} {mode}"
             label = "cg-" + name.replace(" ", "-") + workload.replace(" ", "").replace("-", "_")
             cgdir = workdir / label
             cgdir.mkdir()
@@ -518,11 +521,9 @@ def instructions(
             )
             target: PgBouncer | Proxy
             if kind == "pgbouncer":
-                target = PgBouncer(workdir, pg, password, "transaction", label, prefix)
+                target = PgBouncer(workdir, pg, password, mode, label, prefix)
             else:
-                target = Proxy(
-                    workdir, pg, password, "transaction", label, pure=bool(kind), prefix=prefix
-                )
+                target = Proxy(workdir, pg, password, mode, label, pure=bool(kind), prefix=prefix)
             try:
                 # warm-up: first as many clients as the pool has server connections,
                 # each holding one for a while, so that the pool is full and no server
