@@ -55,16 +55,18 @@ class Pool:
         self.conns: set[ServerConn] = set()
         self.opening = 0
         self.waiters: deque[asyncio.Future[ServerConn | None]] = deque()
-        # reported settings (name, value) the server has accepted, spelled as it spells
-        # them: setting one again cannot fail, so a login need not wait for it
-        self.accepted: set[tuple[str, str]] = set()
+        # reported settings the server has accepted: (name, value asked for, the
+        # connection's default it was set over) -> the value as the server reported it
+        # (its spelling: utf-8 is UTF8, DateStyle ISO over "ISO, MDY" stays "ISO, MDY").
+        # Setting one again cannot fail and gives that value, so a login need not wait.
+        self.accepted: dict[tuple[str, str, str | None], str] = {}
 
-    def accept(self, settings: dict[str, str]) -> None:
-        """Remember settings the server took as they are (bounded: any client can make
-        up values, so the set starts over when full)."""
+    def accept(self, settings: dict[tuple[str, str, str | None], str]) -> None:
+        """Remember settings the server took (bounded: any client can make up values,
+        so what is remembered starts over when full)."""
         if len(self.accepted) + len(settings) > ACCEPTED_SETTINGS:
             self.accepted.clear()
-        self.accepted.update(settings.items())
+        self.accepted.update(settings)
 
     def _current(self) -> int:
         gen = self.manager.generation

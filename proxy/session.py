@@ -308,12 +308,13 @@ class ClientSession(ServerOwner, LinkOwner):
             self.params, self.extras = conn.pipeline.synced, conn.extras
             return ""
         sql, reported, extras, synced_after = self._settings_change(conn, settings)
-        assert self.pool is not None
-        known_good = all(item in self.pool.accepted for item in reported.items())
-        new_extras = any(conn.extras.get(k) != v for k, v in extras.items())
-        if sql and (not known_good or new_extras):
-            return None
-        conn.pipeline.synced = synced_after  # what that SQL gives it, once the server runs it
+        told = synced_after
+        if sql:
+            spelled = self._as_reported(conn, reported, synced_after)
+            if spelled is None or any(conn.extras.get(k) != v for k, v in extras.items()):
+                return None  # the server must see them first
+            told = spelled
+        conn.pipeline.synced = told  # what that SQL gives it, once the server runs it
         self._take_settings(conn, settings, extras, sql)
         return sql
 
@@ -331,9 +332,37 @@ class ClientSession(ServerOwner, LinkOwner):
             raise ClientFatal(*conn.internal_failure())
         synced = conn.pipeline.synced  # as the server reported it after the SQL
         assert self.pool is not None
-        self.pool.accept({k: v for k, v in reported.items() if synced.get(k) == v})
+        defaults = conn.defaults
+        self.pool.accept(
+            {(k, v, defaults.get(k)): synced[k] for k, v in reported.items() if k in synced}
+        )
         self._take_settings(conn, settings, extras, "")
         return ""
+
+    def _as_reported(
+        self, conn: ServerConn, reported: dict[str, str], after: dict[str, str]
+    ) -> dict[str, str] | None:
+        """``after`` (``conn``'s settings once the login's SQL ran, the client's values
+        spelled its way) as the server will report them; None unless it accepted each
+        of the client's values before (over the same default: DateStyle ISO keeps the
+        order part it finds). Kept on ``conn``: the next login's ``after`` is the same."""
+        kept = conn.last_told
+        if kept is not None and kept[0] is after:
+            return kept[1]
+        assert self.pool is not None
+        accepted = self.pool.accepted
+        defaults = conn.defaults
+        told = after
+        for name, value in reported.items():
+            spelled = accepted.get((name, value, defaults.get(name)))
+            if spelled is None:
+                return None
+            if spelled != value:  # utf-8 is UTF8: the server reports only what changed
+                if told is after:
+                    told = dict(after)  # a new dict: the settings are shared, never changed
+                told[name] = spelled
+        conn.last_told = (after, told)
+        return told
 
     def _settings_change(
         self, conn: ServerConn, settings: dict[str, str]

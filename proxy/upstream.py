@@ -153,6 +153,9 @@ class ServerConn(LinkOwner):
             ]
             | None
         ) = None
+        # the last settings after a login's SQL respelled as the server reports them, and
+        # the settings (with the client's spelling) they came from (session.py)
+        self.last_told: tuple[dict[str, str], dict[str, str]] | None = None
         self.internal_error: bytes | None = None  # the last one swallowed, for the login
         # the last login's ParameterStatus messages and what they came from: the
         # server's values then, the client's, the block

@@ -325,11 +325,64 @@ async def test_settings_the_server_took_before_need_no_answer_at_login(
         relay.silence()
         told, error = await asyncio.wait_for(raw_login(proxy.port, login), 10)
         assert not error and told["application_name"] == "seen-before"
-        assert ("application_name", "seen-before") in pool.accepted  # learnt at the login
+        learnt = pool.accepted[("application_name", "seen-before", "")]  # at the first login
+        assert learnt == "seen-before"
         # what is remembered is bounded: clients can make up values without end
         for n in range(3 * ACCEPTED_SETTINGS):
-            pool.accept({"application_name": f"made-up-{n}"})
+            pool.accept({("application_name", f"made-up-{n}", ""): f"made-up-{n}"})
             assert len(pool.accepted) <= ACCEPTED_SETTINGS
+    finally:
+        relay.close()
+
+
+async def test_settings_the_server_spells_its_own_way_need_no_answer_at_login(
+    make_proxy: ProxyFactory, role: Role, postgres: PostgresCluster
+) -> None:
+    """Session mode, one server connection. asyncpg asks for client_encoding 'utf-8'
+    (quotes included), which the server reports as UTF8; DateStyle ISO is reported as
+    "ISO, MDY". After the first such login, the next ones neither wait for the server
+    nor lose the spelling: each client is told the server's values, what the proxy
+    keeps for the connection is what the server says, and with the server muted a
+    login still completes. The logins ask for an application_name: the reset reports
+    it back to its default, so each login sets the client's values again (without
+    one, the last login's settings would be reused as they are)."""
+    relay = FaultRelay(postgres.port)
+    try:
+        proxy = await make_proxy(pool_mode="session", pool_size=1, upstream={"port": relay.port})
+        pool = proxy.server.manager.pools.get
+        spelled = {"client_encoding": "UTF8", "DateStyle": "ISO, MDY"}
+        login = {
+            "user": "app",
+            "database": role.database,
+            "client_encoding": "'utf-8'",
+            "datestyle": "iso",
+            "application_name": "spelled",  # the reset reports it: the login sets it again
+        }
+        for _ in range(3):
+            told, error = await raw_login(proxy.port, login)
+            assert not error and {k: told[k] for k in spelled} == spelled
+            await wait_until(lambda: len(pool(role.database).idle) == 1, what="the reset done")
+        accepted = pool(role.database).accepted
+        assert accepted[("client_encoding", "'utf-8'", "UTF8")] == "UTF8"
+        a = await asyncpg.connect(
+            proxy.dsn(db=role.database),
+            server_settings={"DateStyle": "iso", "application_name": "spelled"},
+        )
+        try:
+            server = {
+                "client_encoding": await a.fetchval("SHOW client_encoding"),
+                "DateStyle": await a.fetchval("SHOW DateStyle"),
+            }
+            assert server == spelled
+            assert a.get_settings().client_encoding == "UTF8"
+            (conn,) = pool(role.database).conns
+            assert {k: conn.pipeline.synced[k] for k in spelled} == spelled
+        finally:
+            await a.close()
+        await wait_until(lambda: len(pool(role.database).idle) == 1, what="the reset done")
+        relay.silence()
+        told, error = await asyncio.wait_for(raw_login(proxy.port, login), 10)
+        assert not error and {k: told[k] for k in spelled} == spelled
     finally:
         relay.close()
 
