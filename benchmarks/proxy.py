@@ -11,8 +11,8 @@ mode; session for the relay) and to direct, and the CPU time (user + system, fro
 /proc) each target process spent per transaction, and its ratio to PgBouncer's; each
 ratio is the median of the ratios within a round (see :func:`paired`).
 Then instructions per transaction (valgrind's callgrind, repeatable where time is
-not) for PgBouncer and both proxy builds, ``-S`` and ``-S -C`` (what a login costs,
-in both pool modes), with the proxy's top functions; then a
+not) for PgBouncer, the relay and both proxy builds, ``-S``, TPC-B and ``-S -C`` (what
+a login costs, in both pool modes), with the proxy's top functions; then a
 rotation soak: pgbench -S through the proxy while the role's
 password changes every 5 s (``ALTER ROLE`` + rewritten credentials file); it must end
 with 0 failed transactions.
@@ -261,10 +261,11 @@ class Proxy(Target):
 class Relay(Target):
     """``benchmarks/relay.py``: the cheapest thing a Python proxy could do (see there)."""
 
-    def __init__(self, pg: PostgresCluster) -> None:
+    def __init__(self, pg: PostgresCluster, prefix: tuple[str, ...] = ()) -> None:
         port = free_port()
         relay = str(ROOT / "benchmarks" / "relay.py")
-        super().__init__([sys.executable, relay, str(port), str(pg.port)], port)
+        argv = [*prefix, sys.executable, relay, str(port), str(pg.port)]
+        super().__init__(argv, port, wait=120 if prefix else 30)
 
 
 WORKLOADS = [
@@ -469,8 +470,10 @@ def callgrind_costs(path: Path) -> tuple[int, dict[str, int], dict[str, int]]:
 CALLGRIND_WORKLOADS = [
     # (label, pgbench arguments, share of --callgrind transactions, pool mode): a login
     # costs ~20x a transaction, and valgrind runs everything ~50x slower; in session
-    # pooling a login also costs the reset query (DISCARD ALL) and the settings again
+    # pooling a login also costs the reset query (DISCARD ALL) and the settings again;
+    # a TPC-B transaction is 7 statements, each a round trip through the proxy
     ("-S", ["-S"], 1.0, "transaction"),
+    ("tpcb", [], 0.2, "transaction"),
     ("-S -C", ["-S", "-C"], 0.2, "transaction"),
     ("-S -C", ["-S", "-C"], 0.2, "session"),
 ]
@@ -479,8 +482,10 @@ CALLGRIND_WORKLOADS = [
 def instructions(
     pg: PostgresCluster, workdir: Path, password: str, transactions: int, top: int, both: bool
 ) -> None:
-    """Instructions per ``pgbench -S`` transaction (transaction pooling) under callgrind,
-    and per ``-S -C`` one (a login, a transaction, a goodbye) in both pool modes.
+    """Instructions per ``pgbench -S`` and TPC-B transaction (transaction pooling) under
+    callgrind, and per ``-S -C`` one (a login, a transaction, a goodbye) in both pool
+    modes. The relay (the floor: uvloop and the interpreter, no protocol work) is
+    counted in the rows without ``-C``; with it, its cost is PostgreSQL's logins.
 
     Each target starts under valgrind; after a warm-up, ``callgrind_control --dump``
     zeroes the counters, the transactions run (4 clients), and a second dump holds
@@ -496,6 +501,7 @@ def instructions(
     made: list[tuple[str, Any]] = []
     if shutil.which("pgbouncer"):
         made.append(("pgbouncer", "pgbouncer"))
+    made.append(("relay", "relay"))
     made.append(("proxy", False))
     if both:
         made.append(("proxy pure", True))
@@ -506,7 +512,9 @@ def instructions(
             f"pooling, {clients} clients x {per_client} transactions, after a warm-up"
         )
         for base, kind in made:
-            name = f"{base} {mode}"
+            if kind == "relay" and "-C" in wargs:
+                continue
+            name = base if kind == "relay" else f"{base} {mode}"
             label = "cg-" + name.replace(" ", "-") + workload.replace(" ", "").replace("-", "_")
             cgdir = workdir / label
             cgdir.mkdir()
@@ -519,9 +527,11 @@ def instructions(
                 "--compress-strings=no",  # each dump file names its own functions
                 f"--callgrind-out-file={cgdir}/callgrind.out",
             )
-            target: PgBouncer | Proxy
+            target: Target
             if kind == "pgbouncer":
                 target = PgBouncer(workdir, pg, password, mode, label, prefix)
+            elif kind == "relay":
+                target = Relay(pg, prefix)
             else:
                 target = Proxy(workdir, pg, password, mode, label, pure=bool(kind), prefix=prefix)
             try:
@@ -546,6 +556,8 @@ def instructions(
                 tops = sorted(by_ob.items(), key=lambda kv: -kv[1])[:5]
                 share_of = ", ".join(f"{ob} {cost / total:.0%}" for ob, cost in tops)
                 print(f"      by object: {share_of}")
+                if kind == "relay":
+                    continue  # the floor's functions are the event loop's, not ours
                 for where, cost in sorted(by_fn.items(), key=lambda kv: -kv[1])[:top]:
                     print(f"      {cost / result.transactions:>8,.0f}  {where[:100]}")
 
